@@ -1,0 +1,94 @@
+"""``python -m api serve``: everything ``make run`` needs, in the foreground.
+
+Starts the embedded PostgreSQL when DATABASE_URL is unset, migrates, creates the upcoming
+partitions, then runs gunicorn (gevent workers). Ctrl-C or SIGTERM stops gunicorn and then the
+embedded database it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from config.admin_key import admin_key_path, ensure_admin_key
+from config.settings import Settings
+from db.engine import embedded_cluster, make_engine
+from db.migrate import upgrade
+from db.partitions import ensure_partitions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepare_database(settings: Settings, url: str) -> list[str]:
+    """Migrate and make today's and the upcoming partitions; returns the partitions created."""
+    upgrade(url)
+    engine = make_engine(settings.with_overrides(db_pool_size=1, db_max_overflow=0), url)
+    try:
+        with engine.begin() as conn:
+            return ensure_partitions(conn, datetime.now(UTC).date(), settings.partition_premake_days)
+    finally:
+        engine.dispose()
+
+
+def serve(settings: Settings) -> int:
+    """Run the whole service in the foreground until interrupted; returns gunicorn's exit code."""
+    cluster = None
+    url = settings.database_url
+    if not url:
+        cluster = embedded_cluster(settings)
+        print(f"nexmdm: starting the embedded PostgreSQL in {cluster.data_dir} ...", flush=True)
+        url = cluster.start()
+        print(f"nexmdm: embedded PostgreSQL ready at {url}", flush=True)
+    try:
+        created = prepare_database(settings, url)
+        print(f"nexmdm: schema migrated; partitions created: {len(created)}", flush=True)
+        key, from_file = ensure_admin_key(settings)
+        if from_file:
+            print(f"nexmdm: admin key (x-admin header) is in {admin_key_path(settings)}", flush=True)
+        env = dict(os.environ, DATABASE_URL=url, ADMIN_KEY=key)
+        cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.conf.py"), "wsgi:app"]
+        print(
+            f"nexmdm: serving on http://{settings.host}:{settings.port} "
+            f"({settings.web_concurrency} gevent workers); Ctrl-C stops", flush=True,
+        )
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+
+        def _forward(signum: int, _frame: object) -> None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+
+        signal.signal(signal.SIGTERM, _forward)
+        signal.signal(signal.SIGINT, _forward)
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        return code
+    finally:
+        if cluster is not None:
+            print("nexmdm: stopping the embedded PostgreSQL", flush=True)
+            cluster.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m api", description="Run the NexMDM API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="embedded DB (if DATABASE_URL is unset) + migrations + gunicorn")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(Settings.from_env())
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

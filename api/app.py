@@ -1,0 +1,48 @@
+"""create_app(settings): the table of contents of the API, one configure_* step per concern."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+from sqlalchemy import Engine
+
+from api.auth import TokenCache
+from api.errors import configure_errors
+from api.state import AppState
+from config.settings import Settings
+from db.engine import make_engine
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: str | None = None) -> Flask:
+    """Build the Flask app. ``settings.database_url`` must be resolved (see db.engine)."""
+    app = Flask("nexmdm")
+    app.config["MAX_CONTENT_LENGTH"] = None  # limits are per route (api/body.py)
+    key = admin_key or settings.admin_key
+    if not key:
+        raise ValueError("create_app needs an admin key (ADMIN_KEY, or config.admin_key.ensure_admin_key)")
+    app.config["NEXMDM_ADMIN_KEY"] = key
+    engine = engine or make_engine(settings)
+    app.extensions["nexmdm"] = AppState(
+        settings=settings, engine=engine, admin_key=key,
+        tokens=TokenCache(engine, settings.token_cache_ttl_s),
+    )
+    configure_logging(settings)
+    configure_errors(app)
+    configure_routes(app)
+    return app
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def configure_routes(app: Flask) -> None:
+    from api.openapi import bp as openapi_bp
+    from api.routes.devices import bp as devices_bp
+    from api.routes.fleet import bp as fleet_bp
+    from api.routes.health import bp as health_bp
+    from api.routes.heartbeats import bp as heartbeats_bp
+
+    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp):
+        app.register_blueprint(bp)

@@ -1,0 +1,103 @@
+"""Who is calling: the operator (x-admin key) or a device (bearer token, cached in-process)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import current_app, request
+from sqlalchemy import Engine
+
+from api.errors import ApiError
+from db.devices import find_token_owner, hash_token
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def check_admin_key(provided: str | None, expected: str) -> None:
+    """401 when the key is missing, 403 when wrong; compared in constant time."""
+    if not provided:
+        raise ApiError(401, "admin_key_required", "send the operator key in the x-admin header")
+    if not hmac.compare_digest(provided.encode(), expected.encode()):
+        raise ApiError(403, "admin_key_invalid", "the x-admin key is not valid")
+
+
+def admin_required(view: F) -> F:
+    """Decorator for operator-only endpoints."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check_admin_key(request.headers.get("x-admin"), current_app.config["NEXMDM_ADMIN_KEY"])
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class _Entry:
+    device_id: int | None  # None caches a negative answer (unknown token)
+    expires_mono: float
+
+
+class TokenCache:
+    """Token hash → device id, for ``ttl_s`` seconds, so steady-state authentication costs
+    no database round trip. A revocation takes effect at once on the worker that served it
+    and within ``ttl_s`` on the others. Unknown tokens are cached briefly too, so a flood of
+    bad tokens does not become a flood of queries."""
+
+    NEGATIVE_TTL_S = 2.0
+    MAX_ENTRIES = 500_000
+
+    def __init__(self, engine: Engine, ttl_s: float) -> None:
+        self._engine = engine
+        self._ttl_s = ttl_s
+        self._entries: dict[bytes, _Entry] = {}
+
+    def authenticate(self, token: str) -> int:
+        """The device id a token belongs to; raises 401 ApiError otherwise."""
+        digest = hash_token(token)
+        now = time.monotonic()
+        entry = self._entries.get(digest)
+        if entry is None or entry.expires_mono <= now:
+            entry = self._load(digest, now)
+        if entry.device_id is None:
+            raise ApiError(401, "token_invalid", "the bearer token is unknown, expired or revoked")
+        return entry.device_id
+
+    def _load(self, digest: bytes, now: float) -> _Entry:
+        with self._engine.connect() as conn:
+            owner = find_token_owner(conn, digest)
+            conn.rollback()
+        if owner is None:
+            entry = _Entry(None, now + self.NEGATIVE_TTL_S)
+        else:
+            ttl = self._ttl_s
+            if owner.valid_until is not None:
+                ttl = min(ttl, max(0.0, (owner.valid_until - datetime.now(UTC)).total_seconds()))
+            entry = _Entry(owner.device_id, now + ttl)
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[digest] = entry
+        return entry
+
+    def evict(self, digests: list[bytes]) -> None:
+        """Forget these token hashes (after a rotation or revocation on this worker)."""
+        for digest in digests:
+            self._entries.pop(digest, None)
+
+
+def bearer_token() -> str:
+    """The bearer token of the request; 401 when absent or malformed."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "token_required", "send the device token as 'Authorization: Bearer <token>'")
+    token = token.strip()
+    if len(token) > 256:
+        raise ApiError(401, "token_invalid", "the bearer token is unknown, expired or revoked")
+    return token

@@ -1,0 +1,108 @@
+"""Every exception → JSON answer mapping, in one place.
+
+Bad input is a 4xx naming what was wrong; a database fault is a 503 with Retry-After; an
+unexpected exception is a JSON 500 without a stack trace (and, under testing, re-raised so a
+hidden 500 cannot pass a test).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from flask import Flask, Response
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException
+
+from db.errors import DatabaseUnavailable, DeviceNotFound, DuplicateDevice, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answer: status, machine-readable code, detail."""
+
+    def __init__(self, status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> Response:
+    """A JSON error body ``{"error": code, "detail": detail}``."""
+    body = msgspec.json.encode({"error": code, "detail": detail})
+    response = Response(body, status=status, mimetype="application/json")
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+def configure_errors(app: Flask) -> None:
+    """Register the handlers that turn every exception into a JSON answer."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.errorhandler(DeviceNotFound)
+    def _not_found(exc: DeviceNotFound) -> Response:
+        return error_response(404, "device_not_found", str(exc))
+
+    @app.errorhandler(DuplicateDevice)
+    def _duplicate(exc: DuplicateDevice) -> Response:
+        return error_response(409, "device_already_enrolled", {"device_uids": exc.device_uids[:100]})
+
+    @app.errorhandler(Overloaded)
+    def _overloaded(exc: Overloaded) -> Response:
+        return error_response(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    @app.errorhandler(DatabaseUnavailable)
+    def _unavailable(exc: DatabaseUnavailable) -> Response:
+        return error_response(503, "database_unavailable", str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    @app.errorhandler(PoolTimeout)
+    def _pool_timeout(exc: PoolTimeout) -> Response:
+        return error_response(503, "pool_exhausted", "no database connection free in time", {"Retry-After": "1"})
+
+    @app.errorhandler(OperationalError)
+    def _db_down(exc: OperationalError) -> Response:
+        log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
+        return error_response(503, "database_unavailable", "the database cannot be reached", {"Retry-After": "2"})
+
+    @app.errorhandler(DBAPIError)
+    def _db_error(exc: DBAPIError) -> Response:
+        if exc.connection_invalidated:
+            return error_response(503, "database_unavailable", "the database connection was lost", {"Retry-After": "2"})
+        log.exception("database error")
+        if app.testing:
+            raise exc
+        return error_response(500, "internal_error", "database error")
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        return error_response(status, code, exc.description)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        if app.testing:
+            raise exc
+        return error_response(500, "internal_error", "unexpected error; see the server log")

@@ -1,0 +1,242 @@
+"""The heartbeat hot path: decode and validate, choose the dedup bucket, write.
+
+Two writers share one contract, ``write(row) -> stored``, answered only after COMMIT:
+- DirectWriter: one transaction per heartbeat (plain threads, the Flask test client);
+- GroupCommitWriter: under gevent, a few flusher greenlets per worker drain a bounded queue of
+  concurrent heartbeats into one multi-row statement and one COMMIT, then wake every waiting
+  request. A full queue answers 503 + Retry-After instead of letting latency grow unbounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from psycopg2 import errors as pg_errors
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from api.errors import ApiError
+from api.schemas import HeartbeatIn
+from config.settings import Settings
+from db.errors import DatabaseUnavailable, Overloaded
+from db.heartbeats import HeartbeatRow, insert_heartbeats
+from db.partitions import ensure_partitions
+
+log = logging.getLogger(__name__)
+
+_KNOWN_FIELDS = frozenset(HeartbeatIn.__struct_fields__)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def floor_to_bucket(ts: datetime, bucket_s: int) -> datetime:
+    """``ts`` floored to a multiple of ``bucket_s`` seconds since the epoch (UTC)."""
+    seconds = int((ts - _EPOCH).total_seconds() // bucket_s) * bucket_s
+    return _EPOCH + timedelta(seconds=seconds)
+
+
+def choose_bucket(sent_at: datetime, now: datetime, bucket_s: int, max_skew_s: int) -> tuple[datetime, float, bool]:
+    """(bucket, skew in seconds, corrected?). The device clock decides the bucket, so a retry
+    lands in the same bucket, unless it is more than ``max_skew_s`` off the server's clock;
+    then the server's time is used and the skew is recorded."""
+    skew_s = (now - sent_at).total_seconds()
+    if abs(skew_s) <= max_skew_s:
+        return floor_to_bucket(sent_at, bucket_s), skew_s, False
+    return floor_to_bucket(now, bucket_s), skew_s, True
+
+
+def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: datetime) -> tuple[HeartbeatRow, bool]:
+    """Validate a heartbeat body into a row; raises a 400/422 ApiError naming the problem."""
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "malformed_json", str(exc)) from None
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ApiError(422, "validation_failed", "the body must be a JSON object")
+    try:
+        hb = msgspec.convert(raw, HeartbeatIn)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "validation_failed", str(exc)) from None
+    extra_json = None
+    if len(raw) > len(_KNOWN_FIELDS) or not _KNOWN_FIELDS.issuperset(raw):
+        extra = {k: v for k, v in raw.items() if k not in _KNOWN_FIELDS}
+        if extra:
+            encoded = msgspec.json.encode(extra)
+            if len(encoded) > settings.max_extra_bytes:
+                raise ApiError(
+                    422, "extra_too_large",
+                    f"fields beyond the schema take {len(encoded)} bytes; at most {settings.max_extra_bytes}",
+                )
+            extra_json = encoded.decode()
+    bucket, skew_s, corrected = choose_bucket(
+        hb.sent_at, now, settings.dedup_bucket_seconds, settings.max_clock_skew_seconds
+    )
+    row = HeartbeatRow(
+        device_id=device_id,
+        bucket_ts=bucket,
+        sent_at=hb.sent_at,
+        received_at=now,
+        clock_skew_s=round(skew_s, 3),
+        battery_pct=hb.battery_pct,
+        charging=hb.charging,
+        network_type=hb.network_type,
+        signal_dbm=hb.signal_dbm,
+        app_version=hb.app_version,
+        os_version=hb.os_version,
+        uptime_s=hb.uptime_s,
+        free_storage_mb=hb.free_storage_mb,
+        extra_json=extra_json,
+    )
+    return row, corrected
+
+
+def _is_missing_partition(exc: DBAPIError) -> bool:
+    return isinstance(exc.orig, pg_errors.CheckViolation) and "no partition" in str(exc.orig)
+
+
+def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) -> list[bool]:
+    """Store rows in one transaction and return per-row stored flags, after COMMIT.
+
+    A row outside every partition (the partition job has not run for days) makes the writer
+    create the missing daily partitions and try once more. Database faults become
+    DatabaseUnavailable (503 + Retry-After): nothing was acknowledged, the device retries.
+    """
+    try:
+        try:
+            with engine.begin() as conn:
+                return insert_heartbeats(conn, rows)
+        except DBAPIError as exc:
+            if not _is_missing_partition(exc):
+                raise
+            days = {r.bucket_ts.date() for r in rows}
+            with engine.begin() as conn:
+                for day in sorted(days):
+                    ensure_partitions(conn, day, 0)
+                ensure_partitions(conn, datetime.now(UTC).date(), settings.partition_premake_days)
+            with engine.begin() as conn:
+                return insert_heartbeats(conn, rows)
+    except PoolTimeout:
+        raise DatabaseUnavailable("no database connection free in time", retry_after_s=1) from None
+    except OperationalError as exc:
+        raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise DatabaseUnavailable("the database connection was lost", retry_after_s=2) from exc
+        raise
+
+
+FlushListener = Callable[[int, float], None]
+
+
+class DirectWriter:
+    """One transaction per heartbeat."""
+
+    def __init__(self, engine: Engine, settings: Settings, on_flush: FlushListener | None = None) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._on_flush = on_flush
+
+    def write(self, row: HeartbeatRow) -> bool:
+        """Store one heartbeat; True if stored, False if a duplicate. After COMMIT."""
+        started = time.perf_counter()
+        stored = write_batch(self._engine, [row], self._settings)[0]
+        if self._on_flush:
+            self._on_flush(1, time.perf_counter() - started)
+        return stored
+
+    def stats(self) -> dict[str, Any]:
+        return {"mode": "direct"}
+
+
+class GroupCommitWriter:
+    """Group commit under gevent (see the module docstring)."""
+
+    def __init__(self, engine: Engine, settings: Settings, on_flush: FlushListener | None = None) -> None:
+        import gevent
+        from gevent.queue import Queue
+
+        self._engine = engine
+        self._settings = settings
+        self._on_flush = on_flush
+        self._queue: Queue = Queue(maxsize=settings.ingest_queue_max)
+        self._flushers = [gevent.spawn(self._run) for _ in range(max(1, settings.ingest_flushers))]
+        self.flushes = 0
+        self.rows = 0
+
+    def write(self, row: HeartbeatRow) -> bool:
+        """Queue one heartbeat and wait until its batch has committed."""
+        from gevent.event import AsyncResult
+        from gevent.queue import Full
+        from gevent.timeout import Timeout
+
+        result = AsyncResult()
+        try:
+            self._queue.put_nowait((row, result))
+        except Full:
+            raise Overloaded("the ingest queue is full; retry shortly", retry_after_s=1) from None
+        try:
+            return result.get(timeout=self._settings.ingest_timeout_s)
+        except Timeout:
+            raise DatabaseUnavailable("the write did not complete in time; retry (it is deduplicated)") from None
+
+    def _run(self) -> None:
+        import gevent
+        from gevent.queue import Empty
+
+        while True:
+            batch = [self._queue.get()]
+            gevent.sleep(0)  # let requests that are ready join this batch
+            while len(batch) < self._settings.ingest_batch_max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except Empty:
+                    break
+            started = time.perf_counter()
+            try:
+                stored = write_batch(self._engine, [row for row, _ in batch], self._settings)
+            except Exception as exc:  # every waiter learns the outcome; the flusher lives on
+                if not isinstance(exc, DatabaseUnavailable):
+                    log.exception("heartbeat flush failed")
+                for _, result in batch:
+                    result.set_exception(exc)
+                continue
+            self.flushes += 1
+            self.rows += len(batch)
+            if self._on_flush:
+                self._on_flush(len(batch), time.perf_counter() - started)
+            for (_, result), flag in zip(batch, stored, strict=True):
+                result.set(flag)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mode": "group_commit",
+            "queued": self._queue.qsize(),
+            "flushes": self.flushes,
+            "rows": self.rows,
+            "mean_batch": round(self.rows / self.flushes, 2) if self.flushes else 0.0,
+        }
+
+
+def gevent_active() -> bool:
+    """True when the process runs under gevent's monkey-patching (gunicorn -k gevent)."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("socket"))
+
+
+def make_writer(
+    engine: Engine, settings: Settings, on_flush: FlushListener | None = None
+) -> DirectWriter | GroupCommitWriter:
+    """GroupCommitWriter under gevent, else DirectWriter."""
+    if gevent_active():
+        return GroupCommitWriter(engine, settings, on_flush)
+    return DirectWriter(engine, settings, on_flush)

@@ -1,0 +1,121 @@
+"""GET /openapi.json: the OpenAPI 3.1 document, its schemas generated from api/schemas.py
+(the same msgspec types that validate requests), its paths from the table below."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from flask import Blueprint, Response
+
+from api import schemas as s
+from api.responses import json_response
+
+bp = Blueprint("openapi", __name__)
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    summary: str
+    auth: str | None  # "admin" | "device" | None
+    request: Any = None
+    response: Any = None
+    status: int = 200
+    params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type)
+    errors: tuple[int, ...] = field(default_factory=tuple)
+
+
+OPERATIONS: list[Operation] = [
+    Operation("get", "/healthz", "Liveness", None, response=s.Health),
+    Operation("get", "/readyz", "Readiness: the database answers", None, response=s.Health, errors=(503,)),
+    Operation("post", "/v1/heartbeat", "Store a heartbeat (answered after COMMIT)", "device",
+              request=s.HeartbeatIn, response=s.HeartbeatAck, errors=(400, 401, 413, 415, 422, 503)),
+    Operation("post", "/v1/devices/enroll", "Enroll one device or a batch (up to 10,000)", "admin",
+              request=s.DeviceIn | s.EnrollBatchIn, response=s.EnrollOut, status=201,
+              errors=(400, 401, 403, 409, 413, 415, 422)),
+    Operation("post", "/v1/devices/{device_id}/token", "Rotate a device's token", "admin",
+              response=s.TokenOut, status=201, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
+    Operation("post", "/v1/devices/{device_id}/revoke", "Revoke a device", "admin",
+              response=s.RevokeOut, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
+    Operation("get", "/v1/devices/{device_id}", "Current status of one device", "admin",
+              response=s.DeviceStatus, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
+    Operation("get", "/v1/devices", "Fleet list with filters and keyset pagination", "admin",
+              response=s.DeviceList,
+              params=(("status", "query", "string"), ("battery_below", "query", "integer"),
+                      ("app_version", "query", "string"), ("label", "query", "string"),
+                      ("after", "query", "integer"), ("limit", "query", "integer")),
+              errors=(400, 401, 403)),
+    Operation("get", "/v1/fleet/summary", "Counts for the whole fleet", "admin",
+              response=s.FleetSummary, errors=(401, 403)),
+    Operation("get", "/v1/devices/{device_id}/heartbeats", "A device's heartbeat history", "admin",
+              response=s.HeartbeatHistory,
+              params=(("device_id", "path", "integer"), ("since", "query", "string"),
+                      ("until", "query", "string"), ("limit", "query", "integer")),
+              errors=(400, 401, 403, 404)),
+]
+
+
+def register(op: Operation) -> None:
+    """Add an operation to the document (other blueprints describe theirs this way)."""
+    OPERATIONS.append(op)
+
+
+def build_document() -> dict[str, Any]:
+    """The whole OpenAPI document."""
+    types: list[Any] = [s.Error]
+    for op in OPERATIONS:
+        if op.request is not None:
+            types.append(op.request)
+        if op.response is not None:
+            types.append(op.response)
+    refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    lookup = dict(zip(map(id, types), refs, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        entry: dict[str, Any] = {"summary": op.summary, "responses": {}}
+        if op.auth == "admin":
+            entry["security"] = [{"adminKey": []}]
+        elif op.auth == "device":
+            entry["security"] = [{"deviceToken": []}]
+        if op.params:
+            entry["parameters"] = [
+                {"name": n, "in": where, "required": where == "path", "schema": {"type": t}}
+                for n, where, t in op.params
+            ]
+        if op.request is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": lookup[id(op.request)]}},
+            }
+        ok: dict[str, Any] = {"description": "OK"}
+        if op.response is not None:
+            ok["content"] = {"application/json": {"schema": lookup[id(op.response)]}}
+        entry["responses"][str(op.status)] = ok
+        for code in op.errors:
+            entry["responses"][str(code)] = {
+                "description": "error",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+        paths.setdefault(op.path, {})[op.method] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "NexMDM", "version": "1.0.0",
+                 "description": "Fleet heartbeat backend. Errors are JSON {error, detail}."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "adminKey": {"type": "apiKey", "in": "header", "name": "x-admin"},
+                "deviceToken": {"type": "http", "scheme": "bearer"},
+            },
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI document (no auth: it holds no secrets)."""
+    return json_response(build_document())

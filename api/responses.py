@@ -1,0 +1,18 @@
+"""JSON answers encoded with msgspec (fast, and datetimes as RFC 3339)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from flask import Response
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON Response of any msgspec-encodable payload."""
+    response = Response(_encoder.encode(payload), status=status, mimetype="application/json")
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response

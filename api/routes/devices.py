@@ -1,0 +1,120 @@
+"""Enrollment, token rotation, revocation, one device's status, the fleet list (admin)."""
+
+from __future__ import annotations
+
+import msgspec
+from flask import Blueprint, Response, request
+
+from api.auth import admin_required
+from api.body import read_json_body
+from api.errors import ApiError
+from api.responses import json_response
+from api.routes.heartbeats import int_arg
+from api.schemas import DeviceIn, EnrollBatchIn
+from api.state import current_state
+from db.devices import NewDevice, enroll_devices, revoke_device, rotate_token, token_hashes_of
+from db.fleet import FleetFilter, get_device_status, list_devices
+
+bp = Blueprint("devices", __name__)
+
+ENROLL_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@bp.post("/v1/devices/enroll")
+@admin_required
+def enroll() -> Response:
+    """Enroll one device (a DeviceIn object) or a batch ({"devices": [...]}); tokens shown once."""
+    state = current_state()
+    body = read_json_body(ENROLL_MAX_BODY_BYTES)
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "malformed_json", str(exc)) from None
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+    try:
+        if isinstance(raw, dict) and "devices" in raw:
+            batch = msgspec.convert(raw, EnrollBatchIn).devices
+        else:
+            batch = [msgspec.convert(raw, DeviceIn)]
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, "validation_failed", str(exc)) from None
+    if len(batch) > state.settings.max_enroll_batch:
+        raise ApiError(422, "validation_failed", f"at most {state.settings.max_enroll_batch} devices per request")
+    uids = [d.device_uid for d in batch]
+    if len(set(uids)) != len(uids):
+        raise ApiError(422, "validation_failed", "device_uid appears more than once in the batch")
+    new = [NewDevice(d.device_uid, d.name, tuple(d.labels)) for d in batch]
+    with state.engine.begin() as conn:
+        enrolled = enroll_devices(conn, new)
+    return json_response(
+        {"devices": [{"id": e.id, "device_uid": e.device_uid, "token": e.token} for e in enrolled]},
+        status=201,
+    )
+
+
+@bp.post("/v1/devices/<int:device_id>/token")
+@admin_required
+def rotate(device_id: int) -> Response:
+    """A new token; the old one keeps working for TOKEN_ROTATION_OVERLAP_S seconds."""
+    state = current_state()
+    with state.engine.begin() as conn:
+        old_hashes = token_hashes_of(conn, device_id)
+        token, old_valid_until = rotate_token(conn, device_id, state.settings.token_rotation_overlap_s)
+    state.tokens.evict(old_hashes)
+    return json_response(
+        {"device_id": device_id, "token": token, "previous_token_valid_until": old_valid_until}, status=201
+    )
+
+
+@bp.post("/v1/devices/<int:device_id>/revoke")
+@admin_required
+def revoke(device_id: int) -> Response:
+    """Revoke every token of a device (idempotent)."""
+    state = current_state()
+    with state.engine.begin() as conn:
+        hashes = token_hashes_of(conn, device_id)
+        revoked_at = revoke_device(conn, device_id)
+    state.tokens.evict(hashes)
+    return json_response({"device_id": device_id, "revoked_at": revoked_at})
+
+
+@bp.get("/v1/devices/<int:device_id>")
+@admin_required
+def device_status(device_id: int) -> Response:
+    """The current status of one device (one indexed row of device_last_status)."""
+    state = current_state()
+    with state.engine.connect() as conn:
+        status = get_device_status(
+            conn, device_id,
+            offline_after_s=state.settings.offline_after_seconds,
+            from_heartbeats=not state.settings.read_from_last_status,
+        )
+        conn.rollback()
+    return json_response(status)
+
+
+@bp.get("/v1/devices")
+@admin_required
+def fleet_list() -> Response:
+    """The fleet, filtered (status, battery_below, app_version, label), keyset-paginated."""
+    state = current_state()
+    status = request.args.get("status")
+    if status not in (None, "", "online", "offline"):
+        raise ApiError(400, "invalid_parameter", "status must be 'online' or 'offline'")
+    flt = FleetFilter(
+        status=status or None,
+        battery_below=int_arg("battery_below", -1, 0, 101) if request.args.get("battery_below") else None,
+        app_version=request.args.get("app_version") or None,
+        label=request.args.get("label") or None,
+    )
+    after = int_arg("after", 0, 0, 2**63 - 1)
+    limit = int_arg("limit", 100, 1, 1000)
+    with state.engine.connect() as conn:
+        rows, next_after = list_devices(
+            conn, flt, after_id=after, limit=limit,
+            offline_after_s=state.settings.offline_after_seconds,
+            from_heartbeats=not state.settings.read_from_last_status,
+        )
+        conn.rollback()
+    return json_response({"devices": rows, "next_after": next_after})

@@ -1,0 +1,144 @@
+"""Request and response schemas (msgspec). They validate requests and generate /openapi.json."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
+Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/=-]+$")]
+DeviceUid = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+NetworkType = Literal["wifi", "cellular", "ethernet", "none"]
+
+
+class HeartbeatIn(Struct, forbid_unknown_fields=False):
+    """A device heartbeat. Fields not listed here are kept (as JSON) up to a size limit."""
+
+    sent_at: Annotated[datetime, Meta(tz=True, description="device clock, ISO 8601 with zone")]
+    battery_pct: Annotated[int, Meta(ge=0, le=100)]
+    charging: bool
+    network_type: NetworkType
+    app_version: ShortText
+    os_version: ShortText
+    uptime_s: Annotated[int, Meta(ge=0, le=10**10)]
+    free_storage_mb: Annotated[int, Meta(ge=0, le=2**31 - 1)]
+    signal_dbm: Annotated[int, Meta(ge=-150, le=0)] | None = None
+
+
+class HeartbeatAck(Struct):
+    status: Literal["stored", "duplicate"]
+    device_id: int
+    bucket_ts: datetime
+    clock_skew_s: float
+    skew_corrected: bool
+
+
+class DeviceIn(Struct, forbid_unknown_fields=True):
+    device_uid: DeviceUid
+    name: Annotated[str, Meta(max_length=200)] | None = None
+    labels: Annotated[list[Label], Meta(max_length=32)] = []
+
+
+class EnrollBatchIn(Struct, forbid_unknown_fields=True):
+    devices: Annotated[list[DeviceIn], Meta(min_length=1, max_length=10_000)]
+
+
+class EnrolledOut(Struct):
+    id: int
+    device_uid: str
+    token: Annotated[str, Meta(description="bearer token, shown once; only its hash is stored")]
+
+
+class EnrollOut(Struct):
+    devices: list[EnrolledOut]
+
+
+class TokenOut(Struct):
+    device_id: int
+    token: str
+    previous_token_valid_until: datetime
+
+
+class RevokeOut(Struct):
+    device_id: int
+    revoked_at: datetime
+
+
+class DeviceStatus(Struct):
+    id: int
+    device_uid: str
+    name: str | None
+    labels: list[str]
+    enrolled_at: datetime
+    revoked_at: datetime | None
+    online: bool
+    last_seen_at: datetime | None
+    sent_at: datetime | None
+    bucket_ts: datetime | None
+    clock_skew_s: float | None
+    battery_pct: int | None
+    charging: bool | None
+    network_type: str | None
+    signal_dbm: int | None
+    app_version: str | None
+    os_version: str | None
+    uptime_s: int | None
+    free_storage_mb: int | None
+
+
+class DeviceList(Struct):
+    devices: list[DeviceStatus]
+    next_after: Annotated[int | None, Meta(description="pass as ?after= for the next page")]
+
+
+class FleetSummary(Struct):
+    total: int
+    online: int
+    offline: int
+    never_seen: int
+    revoked: int
+    charging: int
+    battery: dict[str, int]
+    app_versions: dict[str, int]
+    as_of: datetime
+
+
+class HeartbeatRecord(Struct):
+    device_id: int
+    bucket_ts: datetime
+    sent_at: datetime
+    received_at: datetime
+    clock_skew_s: float
+    battery_pct: int
+    charging: bool
+    network_type: str
+    signal_dbm: int | None
+    app_version: str
+    os_version: str
+    uptime_s: int
+    free_storage_mb: int
+    extra: dict[str, Any] | None
+
+
+class HeartbeatHistory(Struct):
+    device_id: int
+    since: datetime
+    until: datetime
+    heartbeats: list[HeartbeatRecord]
+
+
+class Error(Struct):
+    error: Annotated[str, Meta(description="machine-readable code")]
+    detail: Any
+
+
+class Health(Struct):
+    status: str
+    database: str | None = None
+
+
+encoder = msgspec.json.Encoder()
+json_decoder = msgspec.json.Decoder()

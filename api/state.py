@@ -1,0 +1,37 @@
+"""What one worker holds for the app's lifetime: settings, engine, caches, the writer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import Engine
+
+from api.auth import TokenCache
+from api.ingest import DirectWriter, GroupCommitWriter, make_writer
+from config.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    admin_key: str
+    tokens: TokenCache
+    _writer: DirectWriter | GroupCommitWriter | None = None
+    summary_cache: tuple[float, Any] | None = None
+    started_mono: float = field(default_factory=time.monotonic)
+
+    @property
+    def writer(self) -> DirectWriter | GroupCommitWriter:
+        # Created on first use, inside the worker, so its greenlets belong to the worker's hub.
+        if self._writer is None:
+            self._writer = make_writer(self.engine, self.settings)
+        return self._writer
+
+
+def current_state() -> AppState:
+    """The AppState of the running app."""
+    return current_app.extensions["nexmdm"]

@@ -1,0 +1,99 @@
+"""The one typed Settings object. Nothing else in NexMDM reads os.environ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of NexMDM, with units in the names.
+
+    Build it once with ``Settings.from_env()`` (wsgi.py, CLIs) or directly in tests.
+    """
+
+    # None means the embedded default: a private PostgreSQL cluster under var_dir.
+    database_url: str | None = None
+    # None in development: generated once and stored under var_dir.
+    admin_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    web_concurrency: int = 2
+    db_pool_size: int = 50
+    db_max_overflow: int = 50
+    db_pool_timeout_s: float = 5.0
+    db_statement_timeout_ms: int = 15_000
+    read_from_last_status: bool = True
+    dedup_bucket_seconds: int = 10
+    max_clock_skew_seconds: int = 300
+    offline_after_seconds: int = 180
+    retention_days: int = 90
+    partition_premake_days: int = 7
+    archive_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var" / "archive")
+    var_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var")
+    token_cache_ttl_s: float = 30.0
+    token_rotation_overlap_s: int = 3600
+    max_body_bytes: int = 16_384
+    max_extra_bytes: int = 4_096
+    max_enroll_batch: int = 10_000
+    summary_cache_ttl_s: float = 2.0
+    ingest_batch_max: int = 500
+    ingest_queue_max: int = 5_000
+    ingest_flushers: int = 2
+    ingest_timeout_s: float = 10.0
+    scheduler_enabled: bool = True
+    nightly_cron: str = "0 3 * * *"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every setting from the environment (upper-case field names); overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(f.name, f.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with some fields replaced."""
+        return replace(self, **overrides)
+
+    @property
+    def pool_capacity(self) -> int:
+        """Connections one worker may hold at most (pool size + overflow)."""
+        return self.db_pool_size + self.db_max_overflow
+
+
+def _convert(name: str, type_name: Any, raw: str) -> Any:
+    text = str(type_name)
+    try:
+        if text.startswith("bool"):
+            return _parse_bool(raw)
+        if text.startswith("int"):
+            return int(raw)
+        if text.startswith("float"):
+            return float(raw)
+        if text.startswith("Path"):
+            return Path(raw).expanduser().resolve()
+    except ValueError as exc:
+        raise ValueError(f"setting {name.upper()}={raw!r}: {exc}") from None
+    return raw

@@ -1,0 +1,1 @@
+"""Data layer shared by the API and the scheduler. Imports no Flask."""

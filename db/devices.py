@@ -1,0 +1,156 @@
+"""Queries on the devices table: enrollment, token look-up, rotation, revocation.
+
+Every function takes the connection first and never commits: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from db.errors import DeviceNotFound, DuplicateDevice
+
+TOKEN_PREFIX = "nxm_"
+
+
+def new_token() -> str:
+    """A fresh bearer token: 256 bits of randomness, URL-safe."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> bytes:
+    """SHA-256 of a token. Tokens are random, so a fast hash is enough (no password KDF)."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True)
+class NewDevice:
+    device_uid: str
+    name: str | None = None
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EnrolledDevice:
+    id: int
+    device_uid: str
+    token: str
+
+
+@dataclass(frozen=True)
+class TokenOwner:
+    """Who a token belongs to, and until when it is valid (None: until rotated or revoked)."""
+
+    device_id: int
+    valid_until: datetime | None
+
+
+def enroll_devices(conn: Connection, devices: list[NewDevice]) -> list[EnrolledDevice]:
+    """Insert devices with fresh tokens in one statement; raises DuplicateDevice if any
+    device_uid is already enrolled (then nothing is inserted once the caller rolls back)."""
+    if not devices:
+        return []
+    tokens = [new_token() for _ in devices]
+    cursor = conn.exec_driver_sql(
+        """
+        INSERT INTO devices (device_uid, name, labels, token_hash)
+        SELECT uid, name, COALESCE(string_to_array(labels, E'\\x1f'), '{}'), token_hash
+        FROM unnest(%(uids)s::text[], %(names)s::text[], %(labels)s::text[], %(hashes)s::bytea[])
+             WITH ORDINALITY AS t(uid, name, labels, token_hash, ord)
+        ORDER BY ord
+        ON CONFLICT (device_uid) DO NOTHING
+        RETURNING id, device_uid
+        """,
+        {
+            "uids": [d.device_uid for d in devices],
+            "names": [d.name for d in devices],
+            "labels": ["\x1f".join(d.labels) if d.labels else None for d in devices],
+            "hashes": [hash_token(t) for t in tokens],
+        },
+    )
+    ids = {uid: device_id for device_id, uid in cursor.fetchall()}
+    missing = [d.device_uid for d in devices if d.device_uid not in ids]
+    if missing:
+        raise DuplicateDevice(missing)
+    return [EnrolledDevice(ids[d.device_uid], d.device_uid, t) for d, t in zip(devices, tokens, strict=True)]
+
+
+def find_token_owner(conn: Connection, token_hash: bytes) -> TokenOwner | None:
+    """The device a token hash authenticates (current token, or previous one within its
+    overlap), or None for an unknown, expired or revoked token."""
+    row = conn.exec_driver_sql(
+        """
+        SELECT id, CASE WHEN token_hash = %(h)s THEN NULL ELSE prev_token_expires_at END
+        FROM devices
+        WHERE revoked_at IS NULL
+          AND (token_hash = %(h)s OR (prev_token_hash = %(h)s AND prev_token_expires_at > now()))
+        LIMIT 1
+        """,
+        {"h": token_hash},
+    ).first()
+    return TokenOwner(row[0], row[1]) if row else None
+
+
+def rotate_token(conn: Connection, device_id: int, overlap_s: int) -> tuple[str, datetime]:
+    """Give a device a new token; the old one keeps working for ``overlap_s`` seconds.
+    Returns the new token and when the old one stops."""
+    token = new_token()
+    row = conn.exec_driver_sql(
+        """
+        UPDATE devices
+        SET prev_token_hash = token_hash,
+            prev_token_expires_at = now() + make_interval(secs => %(overlap)s),
+            token_hash = %(h)s
+        WHERE id = %(id)s AND revoked_at IS NULL
+        RETURNING prev_token_expires_at
+        """,
+        {"h": hash_token(token), "id": device_id, "overlap": overlap_s},
+    ).first()
+    if row is None:
+        raise DeviceNotFound(device_id)
+    return token, row[0]
+
+
+def revoke_device(conn: Connection, device_id: int) -> datetime:
+    """Revoke every token of a device (idempotent); returns when it was revoked."""
+    row = conn.exec_driver_sql(
+        "UPDATE devices SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %(id)s RETURNING revoked_at",
+        {"id": device_id},
+    ).first()
+    if row is None:
+        raise DeviceNotFound(device_id)
+    return row[0]
+
+
+def token_hashes_of(conn: Connection, device_id: int) -> list[bytes]:
+    """Both token hashes of a device (to evict them from caches)."""
+    row = conn.exec_driver_sql(
+        "SELECT token_hash, prev_token_hash FROM devices WHERE id = %(id)s", {"id": device_id}
+    ).first()
+    if row is None:
+        return []
+    return [bytes(h) for h in row if h is not None]
+
+
+def count_devices(conn: Connection) -> int:
+    """How many devices are enrolled (revoked ones included)."""
+    return conn.exec_driver_sql("SELECT count(*) FROM devices").scalar_one()
+
+
+__all__ = [
+    "EnrolledDevice",
+    "NewDevice",
+    "TokenOwner",
+    "count_devices",
+    "enroll_devices",
+    "find_token_owner",
+    "hash_token",
+    "new_token",
+    "revoke_device",
+    "rotate_token",
+    "token_hashes_of",
+]

@@ -1,0 +1,70 @@
+"""Engine and pool construction, and where the database URL comes from."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from sqlalchemy import Engine, create_engine
+
+from config.settings import Settings
+from db.embedded import EmbeddedCluster
+
+
+def embedded_cluster(settings: Settings) -> EmbeddedCluster:
+    """The embedded cluster of this checkout (``var/pg``)."""
+    return EmbeddedCluster(settings.var_dir / "pg")
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL if set, else the embedded cluster's URL (started if it is not running)."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded_cluster(settings).start()
+
+
+@contextlib.contextmanager
+def database_url_for_cli(settings: Settings) -> Iterator[str]:
+    """For command-line tools: the URL to use, stopping the embedded cluster afterwards
+    only when this call was the one that started it."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    cluster = embedded_cluster(settings)
+    was_running = cluster.initialized() and cluster.running()
+    url = cluster.start()
+    try:
+        yield url
+    finally:
+        if not was_running:
+            cluster.stop()
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A PostgreSQL URL with the psycopg2 driver named (SQLAlchemy 2.1 defaults to psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "nexmdm") -> Engine:
+    """The pooled engine of one process. Create it after gunicorn forks, never before."""
+    url = url or settings.database_url
+    if not url:
+        raise ValueError("make_engine needs a database URL (resolve_database_url first)")
+    return create_engine(
+        sqlalchemy_url(url),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_s,
+        pool_recycle=1800,
+        # No pre-ping: it costs a round trip per checkout on the hot path. A dead connection
+        # is detected on use; SQLAlchemy then invalidates the pool and the caller answers 503.
+        pool_pre_ping=False,
+        connect_args={
+            "application_name": application_name,
+            "connect_timeout": 5,
+            "options": f"-c statement_timeout={settings.db_statement_timeout_ms} -c timezone=UTC",
+        },
+    )

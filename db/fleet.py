@@ -1,0 +1,159 @@
+"""Fleet reads: one device's status, the filtered fleet list, the fleet summary.
+
+``from_heartbeats=False`` (the default, READ_FROM_LAST_STATUS=true) reads device_last_status,
+one row per device. ``from_heartbeats=True`` answers the same from the heartbeats table — the
+fallback before device_last_status has been backfilled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection
+
+from db.errors import DeviceNotFound
+
+_STATUS_FIELDS = """
+    s.received_at AS last_seen_at, s.sent_at, s.bucket_ts, s.clock_skew_s, s.battery_pct,
+    s.charging, s.network_type, s.signal_dbm, s.app_version, s.os_version, s.uptime_s,
+    s.free_storage_mb,
+    COALESCE(s.received_at >= now() - make_interval(secs => %(offline_after)s), false) AS online
+"""
+_FROM_LAST_STATUS = "devices d LEFT JOIN device_last_status s ON s.device_id = d.id"
+_FROM_HEARTBEATS = """devices d LEFT JOIN LATERAL (
+    SELECT * FROM heartbeats h WHERE h.device_id = d.id ORDER BY h.bucket_ts DESC LIMIT 1
+) s ON true"""
+_DEVICE_FIELDS = "d.id, d.device_uid, d.name, d.labels, d.enrolled_at, d.revoked_at"
+
+BATTERY_BANDS = (("critical", 0, 10), ("low", 10, 20), ("medium", 20, 50), ("high", 50, 101))
+
+
+def _source(from_heartbeats: bool) -> str:
+    return _FROM_HEARTBEATS if from_heartbeats else _FROM_LAST_STATUS
+
+
+def get_device_status(
+    conn: Connection, device_id: int, *, offline_after_s: int, from_heartbeats: bool = False
+) -> dict[str, Any]:
+    """The current status of one device; raises DeviceNotFound."""
+    row = conn.exec_driver_sql(
+        f"SELECT {_DEVICE_FIELDS}, {_STATUS_FIELDS} FROM {_source(from_heartbeats)} WHERE d.id = %(id)s",
+        {"id": device_id, "offline_after": offline_after_s},
+    ).first()
+    if row is None:
+        raise DeviceNotFound(device_id)
+    return dict(row._mapping)
+
+
+@dataclass(frozen=True)
+class FleetFilter:
+    """Filters of the fleet list. None means "any"."""
+
+    status: str | None = None  # "online" | "offline"
+    battery_below: int | None = None
+    app_version: str | None = None
+    label: str | None = None
+
+
+def list_devices(
+    conn: Connection,
+    flt: FleetFilter,
+    *,
+    after_id: int = 0,
+    limit: int = 100,
+    offline_after_s: int,
+    from_heartbeats: bool = False,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """One page of the fleet, ordered by device id (keyset pagination).
+
+    Returns the rows and the cursor of the next page (None on the last page).
+    """
+    where = ["d.id > %(after)s"]
+    params: dict[str, Any] = {"after": after_id, "limit": limit + 1, "offline_after": offline_after_s}
+    cutoff = "now() - make_interval(secs => %(offline_after)s)"
+    if flt.status == "online":
+        where.append(f"s.received_at >= {cutoff}")
+    elif flt.status == "offline":
+        where.append(f"(s.received_at IS NULL OR s.received_at < {cutoff})")
+    if flt.battery_below is not None:
+        where.append("s.battery_pct < %(battery_below)s")
+        params["battery_below"] = flt.battery_below
+    if flt.app_version is not None:
+        where.append("s.app_version = %(app_version)s")
+        params["app_version"] = flt.app_version
+    if flt.label is not None:
+        where.append("d.labels @> ARRAY[%(label)s]::text[]")
+        params["label"] = flt.label
+    rows = conn.exec_driver_sql(
+        f"""
+        SELECT {_DEVICE_FIELDS}, {_STATUS_FIELDS}
+        FROM {_source(from_heartbeats)}
+        WHERE {" AND ".join(where)}
+        ORDER BY d.id
+        LIMIT %(limit)s
+        """,
+        params,
+    ).fetchall()
+    page = [dict(r._mapping) for r in rows[:limit]]
+    next_after = page[-1]["id"] if len(rows) > limit and page else None
+    return page, next_after
+
+
+def fleet_summary(conn: Connection, *, offline_after_s: int, from_heartbeats: bool = False) -> dict[str, Any]:
+    """Counts for the whole fleet: total, online, offline, never seen, revoked, battery bands
+    and app versions. Two aggregate statements."""
+    bands = ",\n".join(
+        f"count(*) FILTER (WHERE s.battery_pct >= {lo} AND s.battery_pct < {hi}) AS battery_{name}"
+        for name, lo, hi in BATTERY_BANDS
+    )
+    row = conn.exec_driver_sql(
+        f"""
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE s.received_at >= now() - make_interval(secs => %(offline_after)s)) AS online,
+               count(*) FILTER (WHERE s.device_id IS NULL) AS never_seen,
+               count(*) FILTER (WHERE d.revoked_at IS NOT NULL) AS revoked,
+               count(*) FILTER (WHERE s.charging) AS charging,
+               {bands}
+        FROM {_source(from_heartbeats)}
+        """,
+        {"offline_after": offline_after_s},
+    ).one()
+    m = row._mapping
+    versions = conn.exec_driver_sql(
+        f"""
+        SELECT s.app_version, count(*) FROM {_source(from_heartbeats)}
+        WHERE s.app_version IS NOT NULL
+        GROUP BY s.app_version ORDER BY count(*) DESC, s.app_version LIMIT 50
+        """,
+        {"offline_after": offline_after_s},
+    ).fetchall()
+    return {
+        "total": m["total"],
+        "online": m["online"],
+        "offline": m["total"] - m["online"],
+        "never_seen": m["never_seen"],
+        "revoked": m["revoked"],
+        "charging": m["charging"],
+        "battery": {name: m[f"battery_{name}"] for name, _, _ in BATTERY_BANDS},
+        "app_versions": {v: n for v, n in versions},
+    }
+
+
+def backfill_last_status(conn: Connection) -> int:
+    """Build device_last_status from heartbeats, set-based: insert missing rows and move
+    stale ones forward. Idempotent; returns how many rows changed. Caller commits."""
+    cols = (
+        "device_id, bucket_ts, sent_at, received_at, clock_skew_s, battery_pct, charging, network_type, "
+        "signal_dbm, app_version, os_version, uptime_s, free_storage_mb"
+    )
+    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols.split(", ")[1:])
+    result = conn.exec_driver_sql(
+        f"""
+        INSERT INTO device_last_status ({cols})
+        SELECT DISTINCT ON (device_id) {cols} FROM heartbeats ORDER BY device_id, bucket_ts DESC
+        ON CONFLICT (device_id) DO UPDATE SET {sets}
+        WHERE device_last_status.bucket_ts < EXCLUDED.bucket_ts
+        """
+    )
+    return result.rowcount

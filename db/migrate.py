@@ -1,0 +1,23 @@
+"""Apply the Alembic migrations to a database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic Config pointing at migrations/ and at ``url``."""
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.attributes["url"] = url
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema at ``url`` up to ``revision`` (idempotent)."""
+    command.upgrade(alembic_config(url), revision)

@@ -1,0 +1,132 @@
+"""The schema, in SQLAlchemy 2.0 style. This file doubles as the schema document.
+
+The migrations in ``migrations/versions`` create exactly this (plus the partitioning DDL that
+SQLAlchemy cannot express); ``tests/integration/test_schema.py`` checks they agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    REAL,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    SmallInteger,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Device(Base):
+    """An enrolled device. Tokens are stored only as SHA-256 hashes."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    device_uid: Mapped[str] = mapped_column(Text, unique=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    labels: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))
+    token_hash: Mapped[bytes] = mapped_column(unique=True)
+    prev_token_hash: Mapped[bytes | None]
+    prev_token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enrolled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_devices_prev_token_hash", "prev_token_hash", postgresql_where=text("prev_token_hash IS NOT NULL")),
+        Index("ix_devices_labels", "labels", postgresql_using="gin"),
+    )
+
+
+class Heartbeat(Base):
+    """One stored heartbeat. Partitioned by RANGE (bucket_ts), one partition a day
+    (``heartbeats_pYYYYMMDD``); the primary key makes retries in one bucket a conflict."""
+
+    __tablename__ = "heartbeats"
+
+    device_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    bucket_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    clock_skew_s: Mapped[float] = mapped_column(REAL)
+    battery_pct: Mapped[int] = mapped_column(SmallInteger)
+    charging: Mapped[bool] = mapped_column(Boolean)
+    network_type: Mapped[str] = mapped_column(Text)
+    signal_dbm: Mapped[int | None] = mapped_column(SmallInteger)
+    app_version: Mapped[str] = mapped_column(Text)
+    os_version: Mapped[str] = mapped_column(Text)
+    uptime_s: Mapped[int] = mapped_column(BigInteger)
+    free_storage_mb: Mapped[int] = mapped_column(Integer)
+    extra: Mapped[dict | None] = mapped_column(JSONB)
+
+    __table_args__ = ({"postgresql_partition_by": "RANGE (bucket_ts)"},)
+
+
+class DeviceLastStatus(Base):
+    """The newest stored heartbeat of each device: fleet reads are O(1) per device."""
+
+    __tablename__ = "device_last_status"
+
+    device_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    bucket_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    clock_skew_s: Mapped[float] = mapped_column(REAL)
+    battery_pct: Mapped[int] = mapped_column(SmallInteger)
+    charging: Mapped[bool] = mapped_column(Boolean)
+    network_type: Mapped[str] = mapped_column(Text)
+    signal_dbm: Mapped[int | None] = mapped_column(SmallInteger)
+    app_version: Mapped[str] = mapped_column(Text)
+    os_version: Mapped[str] = mapped_column(Text)
+    uptime_s: Mapped[int] = mapped_column(BigInteger)
+    free_storage_mb: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        Index("ix_last_status_received_at", "received_at"),
+        Index("ix_last_status_battery", "battery_pct"),
+        Index("ix_last_status_app_version", "app_version"),
+    )
+
+
+class HbPartition(Base):
+    """Every daily partition the jobs know of, and what became of it."""
+
+    __tablename__ = "hb_partitions"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    range_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    range_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    state: Mapped[str] = mapped_column(Text, server_default=text("'active'"))  # active|archived|dropped
+    row_count: Mapped[int | None] = mapped_column(BigInteger)
+    archive_path: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobRun(Base):
+    """One run (or skipped run) of a scheduled job."""
+
+    __tablename__ = "job_runs"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(Text)  # running|succeeded|failed|skipped
+    rows_affected: Mapped[int | None] = mapped_column(BigInteger)
+    detail: Mapped[dict | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+    trigger: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)

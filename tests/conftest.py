@@ -1,0 +1,103 @@
+"""Fixtures: a real PostgreSQL (the embedded cluster, under var/test-pg), migrated once per
+session and emptied between tests; the Flask app and a live gunicorn server on top of it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from config.settings import PROJECT_ROOT, Settings
+from db.embedded import EmbeddedCluster
+from db.engine import make_engine
+from db.migrate import upgrade
+from db.partitions import ensure_partitions
+
+ADMIN_KEY = "test-admin-key-0123456789"
+TABLES = "devices, heartbeats, device_last_status, hb_partitions, job_runs"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[EmbeddedCluster]:
+    """A PostgreSQL cluster of the tests' own; DATABASE_URL from outside is never touched."""
+    cluster = EmbeddedCluster(PROJECT_ROOT / "var" / "test-pg")
+    cluster.start()
+    cluster.recreate_database()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_cluster: EmbeddedCluster) -> str:
+    upgrade(pg_cluster.url)
+    return pg_cluster.url
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        admin_key=ADMIN_KEY,
+        var_dir=tmp_path,
+        archive_dir=tmp_path / "archive",
+        db_pool_size=5,
+        db_max_overflow=5,
+        scheduler_enabled=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def session_engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(Settings(database_url=database_url, db_pool_size=5, db_max_overflow=5), database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(session_engine: Engine) -> Engine:
+    """The test database, emptied, with today's and the next 7 days' partitions."""
+    with session_engine.begin() as conn:
+        conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY")
+        for name in [r[0] for r in conn.exec_driver_sql(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'heartbeats'"
+        )]:
+            conn.exec_driver_sql(f"DROP TABLE {name}")
+        ensure_partitions(conn, datetime.now(UTC).date(), 7)
+    return session_engine
+
+
+@pytest.fixture
+def app(settings: Settings, engine: Engine):
+    from api.app import create_app
+
+    app = create_app(settings, engine=engine)
+    app.testing = True
+    return app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def admin() -> dict[str, str]:
+    return {"x-admin": ADMIN_KEY}
+
+
+@pytest.fixture
+def live_server(database_url: str, engine: Engine, tmp_path: Path):
+    from tests.live import start_server
+
+    server = start_server(database_url, ADMIN_KEY, tmp_path)
+    yield server
+    server.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -1,0 +1,20 @@
+"""The WSGI entry point for gunicorn (``wsgi:app``), imported in each worker after the fork.
+
+Order matters: gevent patches the standard library first, then psycogreen makes psycopg2
+cooperative, and only then is anything that may create an engine imported.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+from psycogreen.gevent import patch_psycopg  # noqa: E402
+
+patch_psycopg()
+
+from api.app import create_app  # noqa: E402
+from config.admin_key import ensure_admin_key  # noqa: E402
+from config.settings import Settings  # noqa: E402
+
+settings = Settings.from_env()
+app = create_app(settings, admin_key=ensure_admin_key(settings)[0])
