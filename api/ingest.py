@@ -4,7 +4,8 @@ Two writers share one contract, ``write(row) -> stored``, answered only after CO
 - DirectWriter: one transaction per heartbeat (plain threads, the Flask test client);
 - GroupCommitWriter: under gevent, a few flusher greenlets per worker drain a bounded queue of
   concurrent heartbeats into one multi-row statement and one COMMIT, then wake every waiting
-  request. A full queue answers 503 + Retry-After instead of letting latency grow unbounded.
+  request. A full queue, or one whose oldest heartbeat has waited INGEST_MAX_QUEUE_DELAY_MS,
+  answers 503 + Retry-After instead of letting latency grow unbounded.
 """
 
 from __future__ import annotations
@@ -167,8 +168,10 @@ class GroupCommitWriter:
         self._on_flush = on_flush
         self._queue: Queue = Queue(maxsize=settings.ingest_queue_max)
         self._flushers = [gevent.spawn(self._run) for _ in range(max(1, settings.ingest_flushers))]
+        self._max_queue_delay_s = settings.ingest_max_queue_delay_ms / 1000
         self.flushes = 0
         self.rows = 0
+        self.shed = 0
 
     def write(self, row: HeartbeatRow) -> bool:
         """Queue one heartbeat and wait until its batch has committed."""
@@ -177,9 +180,16 @@ class GroupCommitWriter:
         from gevent.timeout import Timeout
 
         result = AsyncResult()
+        now = time.monotonic()
+        if self._queue.qsize():
+            head_enqueued = self._queue.peek_nowait()[2]
+            if now - head_enqueued > self._max_queue_delay_s:
+                self.shed += 1
+                raise Overloaded("heartbeats wait too long to be written; retry shortly", retry_after_s=1)
         try:
-            self._queue.put_nowait((row, result))
+            self._queue.put_nowait((row, result, now))
         except Full:
+            self.shed += 1
             raise Overloaded("the ingest queue is full; retry shortly", retry_after_s=1) from None
         try:
             return result.get(timeout=self._settings.ingest_timeout_s)
@@ -200,18 +210,18 @@ class GroupCommitWriter:
                     break
             started = time.perf_counter()
             try:
-                stored = write_batch(self._engine, [row for row, _ in batch], self._settings)
+                stored = write_batch(self._engine, [row for row, _, _ in batch], self._settings)
             except Exception as exc:  # every waiter learns the outcome; the flusher lives on
                 if not isinstance(exc, DatabaseUnavailable):
                     log.exception("heartbeat flush failed")
-                for _, result in batch:
+                for _, result, _ in batch:
                     result.set_exception(exc)
                 continue
             self.flushes += 1
             self.rows += len(batch)
             if self._on_flush:
                 self._on_flush(len(batch), time.perf_counter() - started)
-            for (_, result), flag in zip(batch, stored, strict=True):
+            for (_, result, _), flag in zip(batch, stored, strict=True):
                 result.set(flag)
 
     def stats(self) -> dict[str, Any]:
@@ -220,6 +230,7 @@ class GroupCommitWriter:
             "queued": self._queue.qsize(),
             "flushes": self.flushes,
             "rows": self.rows,
+            "shed": self.shed,
             "mean_batch": round(self.rows / self.flushes, 2) if self.flushes else 0.0,
         }
 

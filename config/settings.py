@@ -56,6 +56,9 @@ class Settings:
     ingest_queue_max: int = 5_000
     ingest_flushers: int = 2
     ingest_timeout_s: float = 10.0
+    # Shed (503 + Retry-After) when the oldest queued heartbeat has waited this long: under
+    # overload, latency stays bounded instead of growing until the queue is full.
+    ingest_max_queue_delay_ms: int = 500
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
     log_level: str = "INFO"
