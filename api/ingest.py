@@ -4,8 +4,10 @@ Two writers share one contract, ``write(row) -> stored``, answered only after CO
 - DirectWriter: one transaction per heartbeat (plain threads, the Flask test client);
 - GroupCommitWriter: under gevent, a few flusher greenlets per worker drain a bounded queue of
   concurrent heartbeats into one multi-row statement and one COMMIT, then wake every waiting
-  request. A full queue, or one whose oldest heartbeat has waited INGEST_MAX_QUEUE_DELAY_MS,
-  answers 503 + Retry-After instead of letting latency grow unbounded.
+  request. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
+  bound: before any work when the worker's event loop runs INGEST_MAX_LOOP_LAG_MS late (CPU
+  saturated) or the oldest queued heartbeat has waited INGEST_MAX_QUEUE_DELAY_MS (database
+  slow), and when the queue is full.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) ->
 
 
 FlushListener = Callable[[int, float], None]
+_LAG_PROBE_S = 0.05
 
 
 class DirectWriter:
@@ -152,6 +155,9 @@ class DirectWriter:
             self._on_flush(1, time.perf_counter() - started)
         return stored
 
+    def check_admission(self, now: float | None = None) -> None:
+        """Always admits: without gevent every request has its own thread and connection."""
+
     def stats(self) -> dict[str, Any]:
         return {"mode": "direct"}
 
@@ -167,7 +173,13 @@ class GroupCommitWriter:
         self._settings = settings
         self._on_flush = on_flush
         self._queue: Queue = Queue(maxsize=settings.ingest_queue_max)
-        self._flushers = [gevent.spawn(self._run) for _ in range(max(1, settings.ingest_flushers))]
+        flushers = max(1, settings.ingest_flushers)
+        # Per flusher: when the oldest heartbeat of the batch it is writing was queued (or None).
+        self._flushing: list[float | None] = [None] * flushers
+        self._flushers = [gevent.spawn(self._run, i) for i in range(flushers)]
+        self._max_loop_lag_s = settings.ingest_max_loop_lag_ms / 1000
+        self.loop_lag_s = 0.0
+        self._lag_watcher = gevent.spawn(self._watch_loop_lag)
         self._max_queue_delay_s = settings.ingest_max_queue_delay_ms / 1000
         self.flushes = 0
         self.rows = 0
@@ -181,11 +193,7 @@ class GroupCommitWriter:
 
         result = AsyncResult()
         now = time.monotonic()
-        if self._queue.qsize():
-            head_enqueued = self._queue.peek_nowait()[2]
-            if now - head_enqueued > self._max_queue_delay_s:
-                self.shed += 1
-                raise Overloaded("heartbeats wait too long to be written; retry shortly", retry_after_s=1)
+        self.check_admission(now)
         try:
             self._queue.put_nowait((row, result, now))
         except Full:
@@ -196,7 +204,32 @@ class GroupCommitWriter:
         except Timeout:
             raise DatabaseUnavailable("the write did not complete in time; retry (it is deduplicated)") from None
 
-    def _run(self) -> None:
+    def check_admission(self, now: float | None = None) -> None:
+        """Raise Overloaded (503 + Retry-After) when this worker is behind: its event loop
+        runs late (CPU-bound: too many requests at once) or its oldest queued heartbeat has
+        waited too long (the database is slow). Cheap; called before a request does any work."""
+        now = time.monotonic() if now is None else now
+        if self.loop_lag_s > self._max_loop_lag_s:
+            self.shed += 1
+            raise Overloaded("the server is busy; retry shortly", retry_after_s=1)
+        limit = self._max_queue_delay_s
+        queue_stale = self._queue.qsize() and now - self._queue.peek_nowait()[2] > limit
+        flushers_stuck = all(t is not None and now - t > limit for t in self._flushing)
+        if queue_stale or flushers_stuck:
+            self.shed += 1
+            raise Overloaded("heartbeats wait too long to be written; retry shortly", retry_after_s=1)
+
+    def _watch_loop_lag(self) -> None:
+        import gevent
+
+        while True:
+            started = time.monotonic()
+            gevent.sleep(_LAG_PROBE_S)
+            late = time.monotonic() - started - _LAG_PROBE_S
+            # Rise at once, fall gradually: one quick tick does not reopen the gates.
+            self.loop_lag_s = late if late > self.loop_lag_s else 0.5 * self.loop_lag_s + 0.5 * late
+
+    def _run(self, index: int) -> None:
         import gevent
         from gevent.queue import Empty
 
@@ -209,14 +242,17 @@ class GroupCommitWriter:
                 except Empty:
                     break
             started = time.perf_counter()
+            self._flushing[index] = batch[0][2]
             try:
                 stored = write_batch(self._engine, [row for row, _, _ in batch], self._settings)
             except Exception as exc:  # every waiter learns the outcome; the flusher lives on
+                self._flushing[index] = None
                 if not isinstance(exc, DatabaseUnavailable):
                     log.exception("heartbeat flush failed")
                 for _, result, _ in batch:
                     result.set_exception(exc)
                 continue
+            self._flushing[index] = None
             self.flushes += 1
             self.rows += len(batch)
             if self._on_flush:
@@ -231,6 +267,7 @@ class GroupCommitWriter:
             "flushes": self.flushes,
             "rows": self.rows,
             "shed": self.shed,
+            "loop_lag_ms": round(self.loop_lag_s * 1000, 1),
             "mean_batch": round(self.rows / self.flushes, 2) if self.flushes else 0.0,
         }
 

@@ -59,6 +59,8 @@ class Settings:
     # Shed (503 + Retry-After) when the oldest queued heartbeat has waited this long: under
     # overload, latency stays bounded instead of growing until the queue is full.
     ingest_max_queue_delay_ms: int = 500
+    # Shed when the worker's event loop runs this late (CPU saturated by too many requests).
+    ingest_max_loop_lag_ms: int = 200
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
     log_level: str = "INFO"

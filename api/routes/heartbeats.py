@@ -25,6 +25,7 @@ HISTORY_MAX_LIMIT = 10_000
 def post_heartbeat() -> Response:
     """Store one heartbeat; answered only after its transaction has committed."""
     state = current_state()
+    state.writer.check_admission()  # shed before doing any work when the worker is behind
     device_id = state.tokens.authenticate(bearer_token())
     body = read_json_body(state.settings.max_body_bytes)
     row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))

@@ -85,7 +85,7 @@ class LoadDriver:
     def __init__(
         self, url: str, devices: list[Device], *, duration_s: float, concurrency: int = 64,
         rate_per_s: float | None = None, max_in_flight: int = 2000, drain_s: float = 15.0,
-        timeout_s: float = 10.0,
+        timeout_s: float = 10.0, skip_rounds: int = 0,
     ) -> None:
         self.url = url
         self.devices = devices
@@ -102,7 +102,7 @@ class LoadDriver:
         self.anchor = datetime.fromtimestamp(epoch_s - epoch_s % BUCKET_S, UTC)
         self.t0 = time.monotonic()
         self.result = LoadResult(self.t0, duration_s)
-        self._next = 0
+        self._next = skip_rounds * len(devices)  # rounds already sent by an earlier driver
         self._http = _client(url, max(concurrency, max_in_flight if rate_per_s else concurrency), timeout_s)
 
     def now(self) -> float:
