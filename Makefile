@@ -1,10 +1,10 @@
-# NexMDM. `make run` serves the API; `make test` runs the whole suite. Both set up .venv first.
+# NexMDM. `make run` serves the API; `make test` runs the suite but the slow scenarios (`make test-faults`). Both set up .venv first.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test lint bench-ingest venv clean-var
+.PHONY: run test test-faults lint bench-ingest venv clean-var
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "NexMDM needs Python 3.11+"'
@@ -19,7 +19,11 @@ run: $(STAMP)
 	$(PY) -m api serve
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+# The slow tests (fault and overload scenarios, a few minutes); prints the fault table at the end.
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
