@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 
 def read_json_body(limit_bytes: int) -> bytes:
-    """The raw body; 415 unless JSON, 413 when over ``limit_bytes``, 400 when empty."""
+    """The raw body; 415 unless JSON, 413 when over ``limit_bytes``, 400 when empty, 422 with NUL."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
     if request.content_length is not None and request.content_length > limit_bytes:
@@ -23,6 +23,10 @@ def read_json_body(limit_bytes: int) -> bytes:
         raise ApiError(413, "body_too_large", f"the body is over {limit_bytes} bytes")
     if not body:
         raise ApiError(400, "malformed_json", "the body is empty")
+    # JSON can carry NUL only as the escape \u0000; PostgreSQL stores it in neither text nor
+    # jsonb, so refuse it here rather than fail at INSERT time.
+    if b"\\u0000" in body:
+        raise ApiError(422, "validation_failed", "strings must not contain NUL (\\u0000)")
     return body
 
 

@@ -37,6 +37,20 @@ _KNOWN_FIELDS = frozenset(HeartbeatIn.__struct_fields__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+MAX_EXTRA_DEPTH = 8
+
+
+def _nesting_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (a scalar is 0, {} is 1)."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [child for v in containers for child in (v.values() if isinstance(v, dict) else v)]
+
+
 def floor_to_bucket(ts: datetime, bucket_s: int) -> datetime:
     """``ts`` floored to a multiple of ``bucket_s`` seconds since the epoch (UTC)."""
     seconds = int((ts - _EPOCH).total_seconds() // bucket_s) * bucket_s
@@ -71,6 +85,8 @@ def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: dateti
     if len(raw) > len(_KNOWN_FIELDS) or not _KNOWN_FIELDS.issuperset(raw):
         extra = {k: v for k, v in raw.items() if k not in _KNOWN_FIELDS}
         if extra:
+            if _nesting_depth(extra) > MAX_EXTRA_DEPTH:
+                raise ApiError(422, "extra_too_deep", f"fields beyond the schema nest deeper than {MAX_EXTRA_DEPTH}")
             encoded = msgspec.json.encode(extra)
             if len(encoded) > settings.max_extra_bytes:
                 raise ApiError(
