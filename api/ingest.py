@@ -94,13 +94,18 @@ def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: dateti
                     f"fields beyond the schema take {len(encoded)} bytes; at most {settings.max_extra_bytes}",
                 )
             extra_json = encoded.decode()
+    try:
+        # In UTC: PostgreSQL refuses zone offsets beyond 15:59 that Python accepts.
+        sent_at = hb.sent_at.astimezone(UTC)
+    except OverflowError:
+        raise ApiError(422, "validation_failed", "sent_at is out of range") from None
     bucket, skew_s, corrected = choose_bucket(
-        hb.sent_at, now, settings.dedup_bucket_seconds, settings.max_clock_skew_seconds
+        sent_at, now, settings.dedup_bucket_seconds, settings.max_clock_skew_seconds
     )
     row = HeartbeatRow(
         device_id=device_id,
         bucket_ts=bucket,
-        sent_at=hb.sent_at,
+        sent_at=sent_at,
         received_at=now,
         clock_skew_s=round(skew_s, 3),
         battery_pct=hb.battery_pct,

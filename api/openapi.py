@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import types as types_module
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,16 +65,26 @@ def register(op: Operation) -> None:
     OPERATIONS.append(op)
 
 
+def _members(t: Any) -> list[Any]:
+    """The members of a union (msgspec cannot describe a union of untagged Structs as one
+    type, e.g. DeviceIn | EnrollBatchIn), else the type itself."""
+    return list(typing.get_args(t)) if isinstance(t, types_module.UnionType) else [t]
+
+
 def build_document() -> dict[str, Any]:
     """The whole OpenAPI document."""
     types: list[Any] = [s.Error]
     for op in OPERATIONS:
-        if op.request is not None:
-            types.append(op.request)
-        if op.response is not None:
-            types.append(op.response)
+        for t in (op.request, op.response):
+            if t is not None:
+                types.extend(_members(t))
     refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
-    lookup = dict(zip(map(id, types), refs, strict=True))
+    by_id = dict(zip(map(id, types), refs, strict=True))
+
+    def schema_of(t: Any) -> dict[str, Any]:
+        members = _members(t)
+        return by_id[id(t)] if len(members) == 1 else {"oneOf": [by_id[id(m)] for m in members]}
+
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         entry: dict[str, Any] = {"summary": op.summary, "responses": {}}
@@ -88,11 +100,11 @@ def build_document() -> dict[str, Any]:
         if op.request is not None:
             entry["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": lookup[id(op.request)]}},
+                "content": {"application/json": {"schema": schema_of(op.request)}},
             }
         ok: dict[str, Any] = {"description": "OK"}
         if op.response is not None:
-            ok["content"] = {"application/json": {"schema": lookup[id(op.response)]}}
+            ok["content"] = {"application/json": {"schema": schema_of(op.response)}}
         entry["responses"][str(op.status)] = ok
         for code in op.errors:
             entry["responses"][str(code)] = {
