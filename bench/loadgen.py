@@ -18,7 +18,7 @@ from collections import Counter  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
 
 import gevent  # noqa: E402
-from geventhttpclient import HTTPClient, URL  # noqa: E402
+from geventhttpclient import URL, HTTPClient  # noqa: E402
 from hdrh.histogram import HdrHistogram  # noqa: E402
 
 

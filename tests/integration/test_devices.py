@@ -76,3 +76,22 @@ def test_revoked_device_is_refused_at_once_on_this_worker(client, admin):
 def test_rotate_or_revoke_unknown_device_is_404(client, admin):
     assert client.post("/v1/devices/999999/token", headers=admin).status_code == 404
     assert client.post("/v1/devices/999999/revoke", headers=admin).get_json()["error"] == "device_not_found"
+
+
+def test_revocation_reaches_other_workers_within_the_sync_interval(client, admin, engine):
+    """Another worker's cache (its own TokenCache) drops a revoked token at its next sync."""
+    from api.auth import TokenCache
+    from api.errors import ApiError
+
+    dev = enroll(client, admin)[0]
+    other_worker = TokenCache(engine, ttl_s=900, sync_interval_s=0.2)
+    assert other_worker.authenticate(dev["token"]) == dev["id"]
+    assert client.post(f"/v1/devices/{dev['id']}/revoke", headers=admin).status_code == 200
+    assert other_worker.authenticate(dev["token"]) == dev["id"]  # still cached before the sync
+    time.sleep(0.25)
+    try:
+        other_worker.authenticate(dev["token"])
+        raise AssertionError("revoked token still accepted after the sync interval")
+    except ApiError as exc:
+        assert exc.status == 401
+    assert other_worker.syncs >= 1
