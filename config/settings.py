@@ -55,7 +55,7 @@ class Settings:
     summary_cache_ttl_s: float = 2.0
     ingest_batch_max: int = 500
     ingest_queue_max: int = 5_000
-    ingest_flushers: int = 2
+    ingest_flushers: int = 1
     ingest_timeout_s: float = 10.0
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
