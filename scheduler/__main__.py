@@ -45,26 +45,14 @@ def _engine(settings: Settings, url: str):  # noqa: ANN202
                        application_name="nexmdm-scheduler")
 
 
-def cmd_export(settings: Settings, partition: str) -> int:
-    """The child process of a nightly run: export one partition, print its manifest."""
-    from scheduler.jobs.archive import ArchiveError, export_partition
+def cmd_export(settings: Settings, partitions: list[str]) -> int:
+    """The child process of a nightly run: export partitions, one result line each."""
+    from scheduler.jobs.archive import export_for_parent
 
     if not settings.database_url:
         print("export needs DATABASE_URL", file=sys.stderr)
         return 2
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    try:
-        manifest = export_partition(
-            settings.database_url, partition, settings.archive_dir, gzip_level=settings.archive_gzip_level,
-            statement_timeout_ms=settings.job_statement_timeout_ms, progress=progress)
-    except (ArchiveError, OSError, Exception) as exc:  # the parent shows the last stderr line
-        print(f"export failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return 1
-    print(manifest.to_json().replace("\n", " "), flush=True)
-    return 0
+    return export_for_parent(settings, partitions)
 
 
 def cmd_verify(manifest_path: Path) -> int:
@@ -115,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--job", choices=JOBS + ("restore",))
     jobs.add_argument("--limit", type=int, default=20)
     export = sub.add_parser("export", help=argparse.SUPPRESS)
-    export.add_argument("partition")
+    export.add_argument("partitions", nargs="+")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "export":
-        return cmd_export(settings, args.partition)
+        return cmd_export(settings, args.partitions)
     if args.command == "verify":
         return cmd_verify(args.manifest)
     with database_url_for_cli(settings) as url:

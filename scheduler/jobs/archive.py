@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,8 @@ COMPRESSION = "gzip"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
 _PROGRESS_EVERY_S = 5.0
+EXPORTED = "exported"
+EXPORT_FAILED = "export-failed"
 
 
 class ArchiveError(Exception):
@@ -367,9 +370,12 @@ def dsn_of(engine: Engine) -> str:
     return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def export_in_child(dsn: str, name: str, settings: Settings, progress: Progress) -> Manifest:
-    """Run ``export_partition`` in a child process (works inside the gevent server: the
-    standard library's subprocess is cooperative once gevent has patched it)."""
+def export_in_child(
+    dsn: str, names: list[str], settings: Settings, progress: Progress
+) -> Iterator[tuple[str, Manifest | ArchiveError]]:
+    """Export partitions in one child process (``python -m scheduler export NAME...``), yielding
+    each partition's manifest, or its error, as soon as the child has verified it. Works inside
+    the gevent server: the standard library's subprocess is cooperative once gevent patched it."""
     env = dict(
         os.environ,
         DATABASE_URL=dsn,
@@ -378,33 +384,56 @@ def export_in_child(dsn: str, name: str, settings: Settings, progress: Progress)
         JOB_STATEMENT_TIMEOUT_MS=str(settings.job_statement_timeout_ms),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler", "export", name],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "scheduler", "export", *names],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     timer = threading.Timer(settings.archive_export_timeout_s, proc.kill)
     timer.start()
-    tail: list[str] = []
+    pending = list(names)
+    last = ""
     try:
-        assert proc.stderr is not None and proc.stdout is not None
-        for raw_line in proc.stderr:
-            line = raw_line.decode(errors="replace").rstrip()
-            if line:
-                tail = (tail + [line])[-20:]
+        assert proc.stdout is not None
+        for raw_line in proc.stdout:
+            line = raw_line.decode(errors="replace").rstrip("\n")
+            kind, _, rest = line.partition(": ")
+            if kind == EXPORTED:
+                manifest = Manifest.from_json(rest)
+                pending.remove(manifest.partition)
+                yield manifest.partition, manifest
+            elif kind == EXPORT_FAILED:
+                name, _, error = rest.partition(": ")
+                pending.remove(name)
+                yield name, ArchiveError(error, partition=name)
+            elif line:
+                last = line
                 progress(line)
-        out = proc.stdout.read().decode(errors="replace")
         code = proc.wait()
     finally:
         timer.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if code != 0:
-        reason = tail[-1] if tail else f"exit code {code}"
-        raise ArchiveError(f"export of {name} failed: {reason}", partition=name, exit_code=code)
-    try:
-        return Manifest.from_json(out.strip().splitlines()[-1])
-    except (RestoreRefused, IndexError):
-        raise ArchiveError(f"export of {name} printed no manifest", partition=name) from None
+    for name in pending:  # the child died (or was killed on timeout) before reaching these
+        yield name, ArchiveError(f"export child exited with code {code} before {name}: {last}", partition=name)
+
+
+def export_for_parent(settings: Settings, names: list[str]) -> int:
+    """The child's side of ``export_in_child``: export each partition, print one result line
+    per partition; 0 when all were exported."""
+    failures = 0
+    for name in names:
+        try:
+            manifest = export_partition(
+                settings.database_url or "", name, settings.archive_dir, gzip_level=settings.archive_gzip_level,
+                statement_timeout_ms=settings.job_statement_timeout_ms,
+                progress=lambda line: print(line, flush=True))
+        except Exception as exc:  # reported to the parent, which keeps that partition
+            failures += 1
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            print(f"{EXPORT_FAILED}: {name}: {message}", flush=True)
+        else:
+            print(f"{EXPORTED}: {json.dumps(asdict(manifest))}", flush=True)
+    return 1 if failures else 0
 
 
 # ---- detach and drop (the parent, under the job lock) ---------------------------------------
@@ -463,9 +492,12 @@ def run_nightly(engine: Engine, settings: Settings, *, now: datetime, progress: 
     dsn = dsn_of(engine)
     archived: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for name in plan:
+    exports = export_in_child(dsn, plan, settings, progress) if plan else iter(())
+    for name, exported in exports:
         try:
-            manifest = export_in_child(dsn, name, settings, progress)
+            if isinstance(exported, Exception):
+                raise exported
+            manifest = exported
             path = settings.archive_dir / manifest.file
             drop_archived_partition(engine, manifest, path, settings)
         except Exception as exc:  # keep going: one bad partition must not block the others
