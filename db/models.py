@@ -115,7 +115,7 @@ class HbPartition(Base):
     sha256: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    restored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # 0002
+    restored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # 0003
 
 
 class JobRun(Base):
