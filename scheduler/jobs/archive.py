@@ -571,6 +571,7 @@ def restore_archive(engine: Engine, manifest_path: Path, progress: Progress) -> 
             {"name": name, "start": spec.range_start, "end": spec.range_end, "rows": loaded,
              "path": str(data), "sha": manifest.sha256},
         )
+        conn.exec_driver_sql(f'ANALYZE "{name}"')  # attaching leaves the planner without statistics
     progress(f"{name}: restored ({loaded:,} rows); kept until nightly archives it again after RESTORE_KEEP_DAYS")
     return JobOutcome(rows_affected=loaded, detail={"partition": name, "rows": loaded, "file": str(data),
                                                     "sha256": manifest.sha256})

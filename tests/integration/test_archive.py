@@ -155,3 +155,30 @@ def test_restore_refuses_when_the_partition_exists(engine, settings, old_days):
         restore_archive(engine, manifest_path, progress=lambda line: None)
     manifest = json.loads(manifest_path.read_text())
     assert manifest["schema_version"] and manifest["columns"][0] == "device_id"
+
+
+def test_copy_is_refused_under_psycogreen_which_is_why_export_runs_in_a_child(engine, settings, old_days):
+    """In a gevent + psycogreen process (as in each API worker) psycopg2's COPY raises; the
+    export says so clearly instead of half-writing a file."""
+    _, days, _ = old_days
+    script = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "from psycogreen.gevent import patch_psycopg; patch_psycopg()\n"
+        "import sys, psycopg2\n"
+        "from pathlib import Path\n"
+        "from scheduler.jobs.archive import ArchiveError, export_partition\n"
+        "conn = psycopg2.connect(sys.argv[1]); cur = conn.cursor()\n"
+        "try:\n"
+        "    cur.copy_expert('COPY (SELECT 1) TO STDOUT', sys.stdout)\n"
+        "except psycopg2.ProgrammingError as exc:\n"
+        "    print('copy raised:', exc)\n"
+        "try:\n"
+        "    export_partition(sys.argv[1], sys.argv[2], Path(sys.argv[3]), gzip_level=1,\n"
+        "                     statement_timeout_ms=1000, progress=print)\n"
+        "except ArchiveError as exc:\n"
+        "    print('export refused:', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, settings.database_url, partition_name(days[0]),
+                          str(settings.archive_dir)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert "copy raised:" in out.stdout and "export refused:" in out.stdout, out.stdout + out.stderr
+    assert not settings.archive_dir.exists() or not any(settings.archive_dir.iterdir())
