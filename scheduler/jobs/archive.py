@@ -37,7 +37,9 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
+from psycopg2 import errors as pg_errors
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from config.settings import PROJECT_ROOT, Settings
 from db.heartbeats import COLUMNS
@@ -439,35 +441,48 @@ def export_for_parent(settings: Settings, names: list[str]) -> int:
 # ---- detach and drop (the parent, under the job lock) ---------------------------------------
 
 
-def drop_archived_partition(engine: Engine, manifest: Manifest, archive_path: Path, settings: Settings) -> None:
-    """Detach the partition, check it still holds exactly the archived rows, drop it and mark
-    it archived — one transaction; nothing changes when the count differs."""
+def drop_archived_partition(
+    engine: Engine, manifest: Manifest, archive_path: Path, settings: Settings, attempts: int = 3,
+    lock_timeout_s: float = 3.0,
+) -> None:
+    """Check the partition still holds exactly the archived rows, then detach and drop it and
+    mark it archived — one transaction; nothing changes when the count differs.
+
+    The count runs under a SHARE lock on that day only; the exclusive lock on ``heartbeats``
+    that detaching needs is taken last and held only for catalog changes, and waited for at most
+    ``lock_timeout`` (then tried again), so heartbeats never queue behind the job for long."""
     name = manifest.partition
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(settings.job_statement_timeout_ms)}")
-        # Detaching takes a brief ACCESS EXCLUSIVE lock on heartbeats: never queue behind a long
-        # query (and stall every write behind us); fail and retry next night instead.
-        conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
-        conn.exec_driver_sql(f'ALTER TABLE heartbeats DETACH PARTITION "{name}"')
-        rows = conn.exec_driver_sql(f'SELECT count(*) FROM "{name}"').scalar_one()
-        if rows != manifest.row_count:
-            raise ArchiveError(
-                f"{name} holds {rows} rows but its archive has {manifest.row_count}; not dropped",
-                partition=name, table_rows=rows, archived_rows=manifest.row_count)
-        conn.exec_driver_sql(f'DROP TABLE "{name}"')
-        conn.exec_driver_sql(
-            """
-            INSERT INTO hb_partitions (name, range_start, range_end, state, row_count, archive_path,
-                                       sha256, archived_at)
-            VALUES (%(name)s, %(start)s, %(end)s, 'archived', %(rows)s, %(path)s, %(sha)s, now())
-            ON CONFLICT (name) DO UPDATE SET state = 'archived', row_count = EXCLUDED.row_count,
-                archive_path = EXCLUDED.archive_path, sha256 = EXCLUDED.sha256,
-                archived_at = now(), restored_at = NULL
-            """,
-            {"name": name, "start": manifest.spec.range_start, "end": manifest.spec.range_end,
-             "rows": manifest.row_count, "path": str(archive_path), "sha": manifest.sha256},
-        )
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(settings.job_statement_timeout_ms)}")
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_s * 1000)}")
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
+                conn.exec_driver_sql(f'LOCK TABLE "{name}" IN SHARE MODE')
+                rows = conn.exec_driver_sql(f'SELECT count(*) FROM "{name}"').scalar_one()
+                if rows != manifest.row_count:
+                    raise ArchiveError(
+                        f"{name} holds {rows} rows but its archive has {manifest.row_count}; not dropped",
+                        partition=name, table_rows=rows, archived_rows=manifest.row_count)
+                conn.exec_driver_sql(f'ALTER TABLE heartbeats DETACH PARTITION "{name}"')
+                conn.exec_driver_sql(f'DROP TABLE "{name}"')
+                conn.exec_driver_sql(
+                    """
+                    INSERT INTO hb_partitions (name, range_start, range_end, state, row_count, archive_path,
+                                               sha256, archived_at)
+                    VALUES (%(name)s, %(start)s, %(end)s, 'archived', %(rows)s, %(path)s, %(sha)s, now())
+                    ON CONFLICT (name) DO UPDATE SET state = 'archived', row_count = EXCLUDED.row_count,
+                        archive_path = EXCLUDED.archive_path, sha256 = EXCLUDED.sha256,
+                        archived_at = now(), restored_at = NULL
+                    """,
+                    {"name": name, "start": manifest.spec.range_start, "end": manifest.spec.range_end,
+                     "rows": manifest.row_count, "path": str(archive_path), "sha": manifest.sha256},
+                )
+            return
+        except DBAPIError as exc:
+            if not isinstance(exc.orig, pg_errors.LockNotAvailable) or attempt == attempts:
+                raise
+            time.sleep(2.0 * attempt)  # busy table: let the queue drain, then try again
 
 
 def prune_job_runs(engine: Engine, keep_days: int, now: datetime) -> int:

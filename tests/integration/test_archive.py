@@ -182,3 +182,35 @@ def test_copy_is_refused_under_psycogreen_which_is_why_export_runs_in_a_child(en
                           str(settings.archive_dir)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert "copy raised:" in out.stdout and "export refused:" in out.stdout, out.stdout + out.stderr
     assert not settings.archive_dir.exists() or not any(settings.archive_dir.iterdir())
+
+
+def test_partition_that_changed_after_export_or_is_busy_is_not_dropped(engine, settings, old_days):
+    from sqlalchemy.exc import OperationalError
+
+    from scheduler.jobs.archive import ArchiveError, drop_archived_partition, dsn_of, export_in_child
+    from tests.jobdata import row
+
+    devices, days, counts = old_days
+    name = partition_name(days[0])
+    [(_, manifest)] = list(export_in_child(dsn_of(engine), [name], settings, progress=lambda line: None))
+    assert isinstance(manifest, Manifest) and manifest.row_count == counts[days[0]]
+    path = settings.archive_dir / manifest.file
+
+    # Busy: a transaction holds a lock on heartbeats; the drop gives up after its lock_timeout.
+    with engine.connect() as reader:
+        reader.exec_driver_sql("SELECT count(*) FROM heartbeats")
+        with pytest.raises(OperationalError, match="lock timeout"):
+            drop_archived_partition(engine, manifest, path, settings, attempts=1, lock_timeout_s=0.3)
+        reader.rollback()
+    assert name in attached(engine)
+
+    # Changed: a row arrived after the export; the counts differ and nothing is dropped.
+    from db.heartbeats import insert_heartbeats
+
+    with engine.begin() as conn:
+        insert_heartbeats(conn, [row(devices[0], datetime(*days[0].timetuple()[:3], 23, tzinfo=UTC))])
+    with pytest.raises(ArchiveError, match="not dropped"):
+        drop_archived_partition(engine, manifest, path, settings)
+    assert name in attached(engine)
+    assert scalar(engine, f"SELECT count(*) FROM {name}") == counts[days[0]] + 1
+    assert scalar(engine, "SELECT count(*) FROM hb_partitions WHERE state = 'archived'") == 0
