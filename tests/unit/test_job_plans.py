@@ -60,3 +60,24 @@ def test_manifest_round_trip_and_refusals():
         Manifest.from_json(m.to_json().replace("heartbeats_p20260801\"", "devices\"", 1))
     with pytest.raises(RestoreRefused, match="must not contain a path"):
         Manifest.from_json(m.to_json().replace('"heartbeats_p20260801.copy.gz"', '"../../etc/passwd"'))
+
+
+def test_jobs_are_registered_by_dotted_path_once_at_a_time():
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from config.settings import Settings
+    from scheduler.service import JOB_FUNC, add_jobs
+
+    scheduler = BackgroundScheduler(timezone=UTC)
+    add_jobs(scheduler, Settings(database_url="unused", nightly_cron="15 2 * * *"), engine=None, trigger="schedule")
+    scheduler.start(paused=True)
+    try:
+        jobs = {job.id: job for job in scheduler.get_jobs()}
+        assert set(jobs) == {"partitions", "nightly", "reconcile"}
+        for job in jobs.values():
+            assert job.func_ref == JOB_FUNC and job.max_instances == 1 and job.coalesce is True
+        assert jobs["nightly"].next_run_time.hour == 2 and jobs["nightly"].next_run_time.minute == 15
+        # partitions also runs at start-up
+        assert jobs["partitions"].next_run_time <= datetime.now(UTC) + timedelta(seconds=1)
+    finally:
+        scheduler.shutdown(wait=False)
