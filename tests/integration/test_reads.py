@@ -123,3 +123,13 @@ def test_history_plan_touches_only_partitions_in_range(engine):
     scanned = {w for w in plan.replace("(", " ").split() if w.startswith("heartbeats_p") and w[12:].isdigit()}
     expected = {f"heartbeats_p{(since + timedelta(days=d)).date():%Y%m%d}" for d in (0, 1)}
     assert scanned == expected, plan
+
+
+def test_fleet_summary_is_cached_then_refreshed(client, admin, app, settings, fleet):
+    first = client.get("/v1/fleet/summary", headers=admin).get_json()
+    assert first["never_seen"] == 4
+    client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(fleet[9]["token"]))
+    assert client.get("/v1/fleet/summary", headers=admin).get_json() == first  # within the TTL
+    app.extensions["nexmdm"].settings = settings.with_overrides(summary_cache_ttl_s=0)
+    refreshed = client.get("/v1/fleet/summary", headers=admin).get_json()
+    assert refreshed["never_seen"] == 3 and refreshed["as_of"] > first["as_of"]
