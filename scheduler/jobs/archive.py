@@ -312,6 +312,29 @@ def _require_plain_psycopg2(what: str) -> None:
 # ---- export (runs in the child process) -----------------------------------------------------
 
 
+def _copy_out(
+    conn: Any, name: str, tmp: Path, gzip_level: int, statement_timeout_ms: int, progress: Progress
+) -> tuple[int, _RowSink, _HashingFile, str]:
+    conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+    with conn.cursor() as cur:
+        cur.execute("SET statement_timeout = %s", (statement_timeout_ms,))
+        cur.execute("SELECT version_num FROM alembic_version")
+        schema_version = cur.fetchone()[0]
+        cols = ", ".join(ARCHIVE_COLUMNS)
+        with open(tmp, "wb") as raw:
+            hashing = _HashingFile(raw)
+            with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=gzip_level, mtime=0) as gz:
+                sink = _RowSink(gz, progress, name)
+                cur.copy_expert(
+                    f'COPY (SELECT {cols} FROM "{name}" ORDER BY device_id, bucket_ts) TO STDOUT', sink, size=_CHUNK)
+                sink.flush()
+            raw.flush()
+            os.fsync(raw.fileno())
+        copied = cur.rowcount
+    conn.rollback()
+    return copied, sink, hashing, schema_version
+
+
 def export_partition(
     dsn: str, name: str, archive_dir: Path, *, gzip_level: int, statement_timeout_ms: int, progress: Progress
 ) -> Manifest:
@@ -325,27 +348,14 @@ def export_partition(
     archive_dir.mkdir(parents=True, exist_ok=True)
     final = archive_dir / data_file_name(name)
     tmp = archive_dir / f".{final.name}.tmp"
+    progress(f"{name}: exporting to {final}")
     conn = psycopg2.connect(dsn, application_name="nexmdm-archive")
     try:
-        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        with conn.cursor() as cur:
-            cur.execute("SET statement_timeout = %s", (statement_timeout_ms,))
-            cur.execute("SELECT version_num FROM alembic_version")
-            schema_version = cur.fetchone()[0]
-            cols = ", ".join(ARCHIVE_COLUMNS)
-            progress(f"{name}: exporting to {final}")
-            with open(tmp, "wb") as raw:
-                hashing = _HashingFile(raw)
-                with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=gzip_level, mtime=0) as gz:
-                    sink = _RowSink(gz, progress, name)
-                    cur.copy_expert(
-                        f'COPY (SELECT {cols} FROM "{name}" ORDER BY device_id, bucket_ts) TO STDOUT',
-                        sink, size=_CHUNK)
-                    sink.flush()
-                raw.flush()
-                os.fsync(raw.fileno())
-            copied = cur.rowcount
-        conn.rollback()
+        copied, sink, hashing, schema_version = _copy_out(conn, name, tmp, gzip_level, statement_timeout_ms,
+                                                          progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave half a file that looks like an archive in progress
+        raise
     finally:
         conn.close()
     if copied != sink.rows:
