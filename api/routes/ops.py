@@ -6,10 +6,8 @@ from flask import Blueprint, Response, request
 
 from api.auth import admin_required
 from api.errors import ApiError, error_response
-from api.openapi import Operation, register
 from api.responses import json_response
 from api.routes.heartbeats import int_arg
-from api.schemas import JobRun, JobRunList
 from api.state import current_state
 from scheduler.locking import list_job_runs
 from scheduler.service import JOBS, run_job
@@ -59,11 +57,3 @@ def jobs() -> Response:
     limit = int_arg("limit", 50, 1, 500)
     return json_response({"runs": list_job_runs(current_state().engine, job, limit)})
 
-
-for _path, _summary in (("/ops/partitions", "Run the partitions job now"),
-                        ("/ops/nightly", "Run the nightly archive job now"),
-                        ("/ops/reconcile", "Run the reconcile job now")):
-    register(Operation("post", _path, _summary + " (409 when another runner holds its lock; 500 when it "
-                       "fails, with the report as detail)", "admin", response=JobRun, errors=(401, 403, 409, 500)))
-register(Operation("get", "/ops/jobs", "Recent job runs, newest first", "admin", response=JobRunList,
-                   params=(("job", "query", "string"), ("limit", "query", "integer")), errors=(400, 401, 403)))
