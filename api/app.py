@@ -43,6 +43,7 @@ def configure_routes(app: Flask) -> None:
     from api.routes.fleet import bp as fleet_bp
     from api.routes.health import bp as health_bp
     from api.routes.heartbeats import bp as heartbeats_bp
+    from api.routes.ops import bp as ops_bp
 
-    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp):
+    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp, ops_bp):
         app.register_blueprint(bp)

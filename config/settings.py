@@ -59,6 +59,13 @@ class Settings:
     ingest_timeout_s: float = 10.0
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
+    partitions_cron: str = "5 * * * *"
+    reconcile_cron: str = "35 * * * *"
+    job_statement_timeout_ms: int = 3_600_000
+    archive_gzip_level: int = 6
+    archive_export_timeout_s: float = 6 * 3600.0
+    restore_keep_days: int = 7
+    job_runs_keep_days: int = 30
     log_level: str = "INFO"
 
     @classmethod
