@@ -70,6 +70,18 @@ status AS (
 SELECT device_id, (extract(epoch FROM bucket_ts) * 1000000)::bigint FROM ins
 """
 _encoder = msgspec.json.Encoder()
+PREPARED_NAME = "nexmdm_insert_heartbeats"
+_EXECUTE_PREPARED = f"EXECUTE {PREPARED_NAME}(%(rows)s)"
+
+
+def prepare_insert(dbapi_conn: DBAPIConnection) -> None:
+    """PREPARE the insert statement on a connection that will run it many times: the CTE is
+    then planned once per connection instead of once per batch. Caller commits."""
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute(f"PREPARE {PREPARED_NAME}(json) AS " + _INSERT_SQL.replace("%(rows)s::json", "$1"))
+    finally:
+        cursor.close()
 
 
 def _payload(rows: list[HeartbeatRow]) -> str:
@@ -86,14 +98,17 @@ def _payload(rows: list[HeartbeatRow]) -> str:
     ]).decode()
 
 
-def insert_heartbeats(conn: Connection | DBAPIConnection, rows: list[HeartbeatRow]) -> list[bool]:
+def insert_heartbeats(
+    conn: Connection | DBAPIConnection, rows: list[HeartbeatRow], *, prepared: bool = False
+) -> list[bool]:
     """Store heartbeats and move device_last_status forward, in one statement.
 
     Returns, per row, True when it was stored and False when it duplicates a stored one (the
     same device and bucket, earlier or in this same batch). Caller commits.
     Rows are sorted by device so concurrent batches lock status rows in one order.
     ``conn`` is a SQLAlchemy Connection, or a DBAPI connection for the group-commit writer,
-    which keeps one of its own and skips SQLAlchemy's per-execution bookkeeping.
+    which keeps one of its own and skips SQLAlchemy's per-execution bookkeeping;
+    ``prepared=True`` runs the statement PREPAREd on it by ``prepare_insert``.
     """
     if not rows:
         return []
@@ -104,7 +119,7 @@ def insert_heartbeats(conn: Connection | DBAPIConnection, rows: list[HeartbeatRo
     else:
         cursor = conn.cursor()
         try:
-            cursor.execute(_INSERT_SQL, params)
+            cursor.execute(_EXECUTE_PREPARED if prepared else _INSERT_SQL, params)
             fetched = cursor.fetchall()
         finally:
             cursor.close()
