@@ -25,7 +25,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     engine = engine or make_engine(settings)
     app.extensions["nexmdm"] = AppState(
         settings=settings, engine=engine, admin_key=key,
-        tokens=TokenCache(engine, settings.token_cache_ttl_s),
+        tokens=TokenCache(engine, settings.token_cache_ttl_s, settings.token_sync_interval_s),
     )
     configure_logging(settings)
     configure_errors(app)
@@ -43,6 +43,7 @@ def configure_routes(app: Flask) -> None:
     from api.routes.fleet import bp as fleet_bp
     from api.routes.health import bp as health_bp
     from api.routes.heartbeats import bp as heartbeats_bp
+    from api.routes.ops import bp as ops_bp
 
-    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp):
+    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp, ops_bp):
         app.register_blueprint(bp)

@@ -6,8 +6,8 @@ Two writers share one contract, ``write(row) -> stored``, answered only after CO
   concurrent heartbeats into one multi-row statement and one COMMIT, then wake every waiting
   request. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
   bound: before any work when the worker's event loop runs INGEST_MAX_LOOP_LAG_MS late (CPU
-  saturated) or the oldest queued heartbeat has waited INGEST_MAX_QUEUE_DELAY_MS (database
-  slow), and when the queue is full.
+  saturated) or heartbeats have waited INGEST_MAX_QUEUE_DELAY_MS to be written (database slow),
+  and when the queue is full.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import psycopg2
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -28,7 +29,7 @@ from api.errors import ApiError
 from api.schemas import HeartbeatIn
 from config.settings import Settings
 from db.errors import DatabaseUnavailable, Overloaded
-from db.heartbeats import HeartbeatRow, insert_heartbeats
+from db.heartbeats import HeartbeatRow, insert_heartbeats, prepare_insert
 from db.partitions import ensure_partitions
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,17 @@ def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: dateti
     return row, corrected
 
 
-def _is_missing_partition(exc: DBAPIError) -> bool:
-    return isinstance(exc.orig, pg_errors.CheckViolation) and "no partition" in str(exc.orig)
+def _is_missing_partition(exc: BaseException) -> bool:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return isinstance(orig, pg_errors.CheckViolation) and "no partition" in str(orig)
+
+
+def create_missing_partitions(engine: Engine, rows: list[HeartbeatRow], settings: Settings) -> None:
+    """Create the daily partitions these rows need, and the usual ones ahead of today."""
+    with engine.begin() as conn:
+        for day in sorted({r.bucket_ts.date() for r in rows}):
+            ensure_partitions(conn, day, 0)
+        ensure_partitions(conn, datetime.now(UTC).date(), settings.partition_premake_days)
 
 
 def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) -> list[bool]:
@@ -139,11 +149,7 @@ def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) ->
         except DBAPIError as exc:
             if not _is_missing_partition(exc):
                 raise
-            days = {r.bucket_ts.date() for r in rows}
-            with engine.begin() as conn:
-                for day in sorted(days):
-                    ensure_partitions(conn, day, 0)
-                ensure_partitions(conn, datetime.now(UTC).date(), settings.partition_premake_days)
+            create_missing_partitions(engine, rows, settings)
             with engine.begin() as conn:
                 return insert_heartbeats(conn, rows)
     except PoolTimeout:
@@ -184,7 +190,14 @@ class DirectWriter:
 
 
 class GroupCommitWriter:
-    """Group commit under gevent (see the module docstring)."""
+    """Group commit under gevent (see the module docstring).
+
+    One flusher by default: while a batch is in flight the next one gathers, so batches grow
+    with load and the cost per heartbeat falls (measured: two flushers cost 2.3x the database
+    CPU per heartbeat of one). Each flusher keeps one pooled connection checked out for its
+    lifetime, PREPAREs the insert on it once, and uses its DBAPI cursor directly; a connection
+    that fails is invalidated and a fresh one taken for the next batch.
+    """
 
     def __init__(self, engine: Engine, settings: Settings, on_flush: FlushListener | None = None) -> None:
         import gevent
@@ -198,10 +211,11 @@ class GroupCommitWriter:
         # Per flusher: when the oldest heartbeat of the batch it is writing was queued (or None).
         self._flushing: list[float | None] = [None] * flushers
         self._flushers = [gevent.spawn(self._run, i) for i in range(flushers)]
+        self._conns: dict[int, Any] = {}
+        self._max_queue_delay_s = settings.ingest_max_queue_delay_ms / 1000
         self._max_loop_lag_s = settings.ingest_max_loop_lag_ms / 1000
         self.loop_lag_s = 0.0
         self._lag_watcher = gevent.spawn(self._watch_loop_lag)
-        self._max_queue_delay_s = settings.ingest_max_queue_delay_ms / 1000
         self.flushes = 0
         self.rows = 0
         self.shed = 0
@@ -227,8 +241,9 @@ class GroupCommitWriter:
 
     def check_admission(self, now: float | None = None) -> None:
         """Raise Overloaded (503 + Retry-After) when this worker is behind: its event loop
-        runs late (CPU-bound: too many requests at once) or its oldest queued heartbeat has
-        waited too long (the database is slow). Cheap; called before a request does any work."""
+        runs late (CPU-bound: too many requests at once), or heartbeats have waited too long
+        to be written (the oldest queued one, or every flusher stuck on an old batch: the
+        database is slow). Cheap; called before a request does any work."""
         now = time.monotonic() if now is None else now
         if self.loop_lag_s > self._max_loop_lag_s:
             self.shed += 1
@@ -265,7 +280,7 @@ class GroupCommitWriter:
             started = time.perf_counter()
             self._flushing[index] = batch[0][2]
             try:
-                stored = write_batch(self._engine, [row for row, _, _ in batch], self._settings)
+                stored = self._flush([row for row, _, _ in batch])
             except Exception as exc:  # every waiter learns the outcome; the flusher lives on
                 self._flushing[index] = None
                 if not isinstance(exc, DatabaseUnavailable):
@@ -281,15 +296,67 @@ class GroupCommitWriter:
             for (_, result, _), flag in zip(batch, stored, strict=True):
                 result.set(flag)
 
+    def _flush(self, rows: list[HeartbeatRow]) -> list[bool]:
+        """One transaction on this flusher's own connection; stored flags after COMMIT."""
+        import gevent
+
+        key = id(gevent.getcurrent())
+        for attempt in (1, 2):
+            conn = self._conns.get(key)
+            if conn is None:
+                try:
+                    conn = self._engine.raw_connection()
+                    prepare_insert(conn)
+                    conn.commit()
+                    self._conns[key] = conn
+                except PoolTimeout:
+                    raise DatabaseUnavailable("no database connection free in time", retry_after_s=1) from None
+                except DBAPIError as exc:
+                    raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
+            try:
+                flags = insert_heartbeats(conn, rows, prepared=True)
+                conn.commit()
+                return flags
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                # The connection is gone (database restart, network): outcome unknown, nothing
+                # acknowledged; a retry by the device is deduplicated.
+                self._discard(key)
+                # A lost connection usually means the database restarted: every idle pooled
+                # connection is stale too. Replace the pool (checked-out ones close on return)
+                # so the next requests connect afresh instead of failing one by one.
+                self._engine.dispose()
+                raise DatabaseUnavailable("the database connection was lost", retry_after_s=2) from exc
+            except psycopg2.Error as exc:
+                self._rollback(key)
+                if attempt == 1 and _is_missing_partition(exc):
+                    create_missing_partitions(self._engine, rows, self._settings)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _rollback(self, key: int) -> None:
+        try:
+            self._conns[key].rollback()
+        except psycopg2.Error:
+            self._discard(key)
+
+    def _discard(self, key: int) -> None:
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            try:
+                conn.invalidate()
+            except Exception:  # already broken; the pool forgets it either way
+                log.debug("invalidate failed", exc_info=True)
+
     def stats(self) -> dict[str, Any]:
         return {
             "mode": "group_commit",
             "queued": self._queue.qsize(),
             "flushes": self.flushes,
             "rows": self.rows,
+            "mean_batch": round(self.rows / self.flushes, 2) if self.flushes else 0.0,
             "shed": self.shed,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 1),
-            "mean_batch": round(self.rows / self.flushes, 2) if self.flushes else 0.0,
         }
 
 

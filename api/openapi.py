@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import types as types_module
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +21,7 @@ class Operation:
     path: str
     summary: str
     auth: str | None  # "admin" | "device" | None
-    request: Any = None
+    request: Any = None  # a schema type, or a tuple of them (oneOf)
     response: Any = None
     status: int = 200
     params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type)
@@ -32,11 +30,12 @@ class Operation:
 
 OPERATIONS: list[Operation] = [
     Operation("get", "/healthz", "Liveness", None, response=s.Health),
+    Operation("get", "/openapi.json", "This document", None),
     Operation("get", "/readyz", "Readiness: the database answers", None, response=s.Health, errors=(503,)),
     Operation("post", "/v1/heartbeat", "Store a heartbeat (answered after COMMIT)", "device",
               request=s.HeartbeatIn, response=s.HeartbeatAck, errors=(400, 401, 413, 415, 422, 503)),
     Operation("post", "/v1/devices/enroll", "Enroll one device or a batch (up to 10,000)", "admin",
-              request=s.DeviceIn | s.EnrollBatchIn, response=s.EnrollOut, status=201,
+              request=(s.DeviceIn, s.EnrollBatchIn), response=s.EnrollOut, status=201,
               errors=(400, 401, 403, 409, 413, 415, 422)),
     Operation("post", "/v1/devices/{device_id}/token", "Rotate a device's token", "admin",
               response=s.TokenOut, status=201, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
@@ -57,6 +56,16 @@ OPERATIONS: list[Operation] = [
               params=(("device_id", "path", "integer"), ("since", "query", "string"),
                       ("until", "query", "string"), ("limit", "query", "integer")),
               errors=(400, 401, 403, 404)),
+    # Operations: run a job now (409 while another runner holds its lock; 500 with the report as
+    # detail when it fails), and the recent runs.
+    Operation("post", "/ops/partitions", "Run the partitions job now", "admin",
+              response=s.JobRun, errors=(401, 403, 409, 500)),
+    Operation("post", "/ops/nightly", "Run the nightly archive job now", "admin",
+              response=s.JobRun, errors=(401, 403, 409, 500)),
+    Operation("post", "/ops/reconcile", "Run the reconcile job now", "admin",
+              response=s.JobRun, errors=(401, 403, 409, 500)),
+    Operation("get", "/ops/jobs", "Recent job runs, newest first", "admin", response=s.JobRunList,
+              params=(("job", "query", "string"), ("limit", "query", "integer")), errors=(400, 401, 403)),
 ]
 
 
@@ -65,26 +74,18 @@ def register(op: Operation) -> None:
     OPERATIONS.append(op)
 
 
-def _members(t: Any) -> list[Any]:
-    """The members of a union (msgspec cannot describe a union of untagged Structs as one
-    type, e.g. DeviceIn | EnrollBatchIn), else the type itself."""
-    return list(typing.get_args(t)) if isinstance(t, types_module.UnionType) else [t]
-
-
 def build_document() -> dict[str, Any]:
     """The whole OpenAPI document."""
     types: list[Any] = [s.Error]
     for op in OPERATIONS:
-        for t in (op.request, op.response):
-            if t is not None:
-                types.extend(_members(t))
+        if isinstance(op.request, tuple):
+            types.extend(op.request)
+        elif op.request is not None:
+            types.append(op.request)
+        if op.response is not None:
+            types.append(op.response)
     refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
-    by_id = dict(zip(map(id, types), refs, strict=True))
-
-    def schema_of(t: Any) -> dict[str, Any]:
-        members = _members(t)
-        return by_id[id(t)] if len(members) == 1 else {"oneOf": [by_id[id(m)] for m in members]}
-
+    lookup = dict(zip(map(id, types), refs, strict=True))  # same type twice → same ref
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         entry: dict[str, Any] = {"summary": op.summary, "responses": {}}
@@ -98,13 +99,14 @@ def build_document() -> dict[str, Any]:
                 for n, where, t in op.params
             ]
         if op.request is not None:
-            entry["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": schema_of(op.request)}},
-            }
+            if isinstance(op.request, tuple):
+                schema = {"oneOf": [lookup[id(t)] for t in op.request]}
+            else:
+                schema = lookup[id(op.request)]
+            entry["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         ok: dict[str, Any] = {"description": "OK"}
         if op.response is not None:
-            ok["content"] = {"application/json": {"schema": schema_of(op.response)}}
+            ok["content"] = {"application/json": {"schema": lookup[id(op.response)]}}
         entry["responses"][str(op.status)] = ok
         for code in op.errors:
             entry["responses"][str(code)] = {

@@ -46,7 +46,8 @@ class Settings:
     partition_premake_days: int = 7
     archive_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var" / "archive")
     var_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var")
-    token_cache_ttl_s: float = 30.0
+    token_cache_ttl_s: float = 900.0
+    token_sync_interval_s: float = 1.0
     token_rotation_overlap_s: int = 3600
     max_body_bytes: int = 16_384
     max_extra_bytes: int = 4_096
@@ -54,7 +55,7 @@ class Settings:
     summary_cache_ttl_s: float = 2.0
     ingest_batch_max: int = 500
     ingest_queue_max: int = 5_000
-    ingest_flushers: int = 2
+    ingest_flushers: int = 1
     ingest_timeout_s: float = 10.0
     # Shed (503 + Retry-After) when the oldest queued heartbeat has waited this long: under
     # overload, latency stays bounded instead of growing until the queue is full.
@@ -63,6 +64,13 @@ class Settings:
     ingest_max_loop_lag_ms: int = 200
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
+    partitions_cron: str = "5 * * * *"
+    reconcile_cron: str = "35 * * * *"
+    job_statement_timeout_ms: int = 3_600_000
+    archive_gzip_level: int = 6
+    archive_export_timeout_s: float = 6 * 3600.0
+    restore_keep_days: int = 7
+    job_runs_keep_days: int = 30
     log_level: str = "INFO"
 
     @classmethod

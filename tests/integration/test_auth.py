@@ -118,9 +118,10 @@ def test_tokens_are_stored_only_as_hashes(client, admin, engine):
         assert token.removeprefix("nxm_") not in dump
 
 
-@pytest.mark.parametrize("ttl_s", [2.0])
-def test_revoked_token_stops_on_every_worker_within_the_cache_ttl(database_url, engine, tmp_path, ttl_s):
-    """Another worker may keep a token in its cache for TOKEN_CACHE_TTL_S; no longer."""
+@pytest.mark.parametrize("sync_s", [1.0])
+def test_revoked_token_stops_on_every_worker_within_the_sync_interval(database_url, engine, tmp_path, sync_s):
+    """Every worker learns of a revocation within TOKEN_SYNC_INTERVAL_S (the documented delay),
+    however long TOKEN_CACHE_TTL_S keeps a token cached."""
     import json
     import urllib.error
     import urllib.request
@@ -129,7 +130,8 @@ def test_revoked_token_stops_on_every_worker_within_the_cache_ttl(database_url, 
     from tests.faults.conftest import enroll_fleet, stop_server
     from tests.live import start_server
 
-    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2, TOKEN_CACHE_TTL_S=str(ttl_s))
+    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2, TOKEN_CACHE_TTL_S="900",
+                          TOKEN_SYNC_INTERVAL_S=str(sync_s))
     try:
         (device,) = enroll_fleet(server, 1, prefix="revoke")
 
@@ -152,9 +154,7 @@ def test_revoked_token_stops_on_every_worker_within_the_cache_ttl(database_url, 
                                      headers={"x-admin": ADMIN_KEY})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
-        revoked_at = time.monotonic()
-        time.sleep(ttl_s + 0.3)
+        time.sleep(sync_s + 0.5)
         assert {heartbeat(20 + i) for i in range(20)} == {401}
-        assert time.monotonic() - revoked_at < ttl_s + 5
     finally:
         stop_server(server)
