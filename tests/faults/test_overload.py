@@ -15,7 +15,7 @@ from tests.faults.loadgen import LoadDriver, LoadResult
 from tests.faults.report import ScenarioRow, record
 from tests.faults.test_faults import assert_nothing_lost, http_status
 
-CALIBRATION_S = 4.0
+CALIBRATION_S = 3.0
 WARMUP_S = 3.0  # connections being opened; left out of the latency bound
 
 
@@ -40,7 +40,7 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(len(values) * p / 100))] if values else 0.0
 
 
-def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: str) -> None:
+def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: str, drain_s: float = 10) -> None:
     # The access log gives the server's own view of latency; the client's view also carries
     # the load driver's CPU starvation on a shared 2-core machine.
     access_log = tmp_path / "access.log"
@@ -54,7 +54,7 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     rounds = calibration.sent // len(devices) + 1
     driver = LoadDriver(
         server.url, devices, duration_s=duration_s, rate_per_s=2 * rate, max_in_flight=2000,
-        drain_s=10, timeout_s=15, skip_rounds=rounds,
+        drain_s=drain_s, timeout_s=15, skip_rounds=rounds,
     )
     result = driver.run()
     # Recovery: once the load has stopped, heartbeats are acknowledged promptly again.
@@ -101,7 +101,7 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
 
 
 def test_overload_short_sheds_and_recovers(fault_servers, engine, tmp_path):
-    overload(fault_servers, engine, tmp_path, 6.0, "overload 2x, 6 s")
+    overload(fault_servers, engine, tmp_path, 5.0, "overload 2x, 5 s", drain_s=4)
 
 
 @pytest.mark.slow

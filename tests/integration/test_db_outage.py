@@ -80,4 +80,5 @@ def test_group_commit_writer_across_a_restart(client, admin, engine, restore_clu
     assert max(seconds for _, seconds in out["down"]) < 5, out["down"]
     assert out["checked_out_down"] == 0
     assert out["after"] == "stored" and out["recovered_s"] < 10, out
-    assert out["checked_out_after"] == 0
+    # Nothing leaked: only the flusher's own long-lived connection is out (INGEST_FLUSHERS=1).
+    assert out["checked_out_after"] <= 1
