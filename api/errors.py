@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import msgspec
+import psycopg2
 from flask import Flask, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -83,6 +84,13 @@ def configure_errors(app: Flask) -> None:
     @app.errorhandler(OperationalError)
     def _db_down(exc: OperationalError) -> Response:
         log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
+        return error_response(503, "database_unavailable", "the database cannot be reached", {"Retry-After": "2"})
+
+    @app.errorhandler(psycopg2.OperationalError)
+    @app.errorhandler(psycopg2.InterfaceError)
+    def _driver_db_down(exc: psycopg2.Error) -> Response:
+        # The driver's own error, unwrapped (a raw pool connection): the database is unreachable.
+        log.warning("database unavailable: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
         return error_response(503, "database_unavailable", "the database cannot be reached", {"Retry-After": "2"})
 
     @app.errorhandler(DBAPIError)

@@ -304,15 +304,24 @@ class GroupCommitWriter:
         for attempt in (1, 2):
             conn = self._conns.get(key)
             if conn is None:
+                # raw_connection() goes straight to the pool, so a failed connect raises the
+                # driver's own error (psycopg2.OperationalError), not SQLAlchemy's DBAPIError.
                 try:
                     conn = self._engine.raw_connection()
-                    prepare_insert(conn)
-                    conn.commit()
-                    self._conns[key] = conn
                 except PoolTimeout:
                     raise DatabaseUnavailable("no database connection free in time", retry_after_s=1) from None
-                except DBAPIError as exc:
+                except (DBAPIError, psycopg2.Error) as exc:
                     raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
+                try:
+                    prepare_insert(conn)
+                    conn.commit()
+                except psycopg2.Error as exc:
+                    try:
+                        conn.invalidate()
+                    except Exception:  # already broken; the pool forgets it either way
+                        log.debug("invalidate failed", exc_info=True)
+                    raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
+                self._conns[key] = conn
             try:
                 flags = insert_heartbeats(conn, rows, prepared=True)
                 conn.commit()

@@ -53,6 +53,8 @@ def main() -> None:
     cluster.stop("fast")
     down = [gevent.spawn(attempt, writer, row(device_id, 1 + i)) for i in range(20)]
     out["down"] = [g.get() for g in down]
+    # Later batches while it is still down: the flusher has to connect afresh, and cannot.
+    out["down"] += [attempt(writer, row(device_id, 30 + i)) for i in range(3)]
     out["checked_out_down"] = engine.pool.checkedout()
     cluster.start()
     up = time.monotonic()
