@@ -44,8 +44,10 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     # The access log gives the server's own view of latency; the client's view also carries
     # the load driver's CPU starvation on a shared 2-core machine.
     access_log = tmp_path / "access.log"
+    # One worker: on a 2-core machine the load driver needs the other core to offer twice what
+    # the server sustains (with two workers it could not, and "overload" would not be one).
     server = fault_servers(
-        workers=2, GUNICORN_CMD_ARGS=f"--access-logfile {access_log} --access-logformat %(s)s,%(L)s",
+        workers=1, GUNICORN_CMD_ARGS=f"--access-logfile {access_log} --access-logformat %(s)s,%(L)s",
     )
     devices = enroll_fleet(server, 3000)
     # The sustainable rate: what the server stores with plenty of concurrent clients (group
@@ -80,22 +82,23 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     server_side = server_side_latencies(access_log)
     server_p99_ack = pct(server_side.get(200, []), 99)
     server_p50_shed = pct(server_side.get(503, []), 50)
-    note = (f"sustainable {rate:.0f}/s, offered {2 * rate:.0f}/s for {duration_s:.0f} s "
+    note = (f"1 worker: sustainable {rate:.0f}/s, offered {2 * rate:.0f}/s for {duration_s:.0f} s "
             f"(achieved {achieved:.0f}/s incl. retries); {shed} x 503; server-side p99 ack "
             f"{server_p99_ack * 1000:.0f} ms, p50 shed {server_p50_shed * 1000:.1f} ms; client-side p99 "
             f"{steady_p99 * 1000:.0f} ms, p50 {mid_p50 * 1000:.0f} -> {last_p50 * 1000:.0f} ms; "
             f"unacked at end {result.unacked}")
     print(f"\n{label}: {note}; statuses {statuses}")
-    # It stayed up: the master and both workers live, and every answer was a 200 or a 503;
+    # It stayed up: the master and its worker live, and every answer was a 200 or a 503;
     # a client-side timeout is tolerated for under 1 % of requests (the load driver shares 2
     # cores with the server and, here, other work).
-    assert server.proc.poll() is None and len(psutil.Process(server.proc.pid).children()) == 2
+    assert server.proc.poll() is None and len(psutil.Process(server.proc.pid).children()) == 1
     assert set(statuses) <= {0, 200, 503}, statuses
     assert statuses.get(0, 0) < 0.01 * result.sent, note
     assert shed > 0, f"nothing shed at {2 * rate:.0f}/s offered: {statuses}"
     assert result.missing_retry_after() == 0
-    # The server's own latency stays bounded, and a refusal costs next to nothing.
-    assert server_p99_ack < 3.0, note
+    # The server's own latency stays bounded (by the shedding thresholds plus the flush and CPU
+    # waits of a shared 2-core machine), and a refusal costs next to nothing.
+    assert server_p99_ack < 5.0, note
     assert server_p50_shed < 0.05, note
     assert recovered is not None, "no prompt acknowledgement within 10 s of the load dropping"
     assert http_status(server.url + "/readyz")[0] == 200
