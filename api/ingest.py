@@ -5,14 +5,15 @@ Two writers share one contract, ``write(row) -> stored``, answered only after CO
 - GroupCommitWriter: under gevent, a few flusher greenlets per worker drain a bounded queue of
   concurrent heartbeats into one multi-row statement and one COMMIT, then wake every waiting
   request. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
-  bound: before any work when the worker's event loop runs INGEST_MAX_LOOP_LAG_MS late (CPU
-  saturated) or heartbeats have waited INGEST_MAX_QUEUE_DELAY_MS to be written (database slow),
-  and when the queue is full.
+  bound, before any work: a growing fraction of requests while the worker's event loop runs
+  INGEST_MAX_LOOP_LAG_MS late (CPU saturated), all of them while heartbeats have waited
+  INGEST_MAX_QUEUE_DELAY_MS to be written (database slow), and when the queue is full.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -164,6 +165,7 @@ def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) ->
 
 FlushListener = Callable[[int, float], None]
 _LAG_PROBE_S = 0.05
+_SHED_UP, _SHED_DOWN, _SHED_MAX = 0.2, 0.05, 0.9  # per lag probe
 
 
 class DirectWriter:
@@ -215,6 +217,7 @@ class GroupCommitWriter:
         self._max_queue_delay_s = settings.ingest_max_queue_delay_ms / 1000
         self._max_loop_lag_s = settings.ingest_max_loop_lag_ms / 1000
         self.loop_lag_s = 0.0
+        self.shed_fraction = 0.0  # of new heartbeats refused because the loop runs late
         self._lag_watcher = gevent.spawn(self._watch_loop_lag)
         self.flushes = 0
         self.rows = 0
@@ -228,7 +231,7 @@ class GroupCommitWriter:
 
         result = AsyncResult()
         now = time.monotonic()
-        self.check_admission(now)
+        self._check_queue(now)  # check_admission ran before the request's work; the queue may have grown
         try:
             self._queue.put_nowait((row, result, now))
         except Full:
@@ -245,9 +248,14 @@ class GroupCommitWriter:
         to be written (the oldest queued one, or every flusher stuck on an old batch: the
         database is slow). Cheap; called before a request does any work."""
         now = time.monotonic() if now is None else now
-        if self.loop_lag_s > self._max_loop_lag_s:
+        if self.shed_fraction and random.random() < self.shed_fraction:
             self.shed += 1
-            raise Overloaded("the server is busy; retry shortly", retry_after_s=1)
+            # The harder it sheds, the later the devices come back: a retry storm of
+            # Retry-After: 1 would keep the loop busy with refusals alone.
+            raise Overloaded("the server is busy; retry later", retry_after_s=1 + round(8 * self.shed_fraction))
+        self._check_queue(now)
+
+    def _check_queue(self, now: float) -> None:
         limit = self._max_queue_delay_s
         queue_stale = self._queue.qsize() and now - self._queue.peek_nowait()[2] > limit
         flushers_stuck = all(t is not None and now - t > limit for t in self._flushing)
@@ -256,14 +264,19 @@ class GroupCommitWriter:
             raise Overloaded("heartbeats wait too long to be written; retry shortly", retry_after_s=1)
 
     def _watch_loop_lag(self) -> None:
+        """Steer the fraction of requests refused up while the loop runs late, down while it
+        keeps time (AIMD-like). Refusing all of them would be a collapse: under a retry storm
+        the refusals alone keep the loop late, and nothing would ever be admitted again."""
         import gevent
 
         while True:
             started = time.monotonic()
             gevent.sleep(_LAG_PROBE_S)
-            late = time.monotonic() - started - _LAG_PROBE_S
-            # Rise at once, fall gradually: one quick tick does not reopen the gates.
-            self.loop_lag_s = late if late > self.loop_lag_s else 0.5 * self.loop_lag_s + 0.5 * late
+            self.loop_lag_s = time.monotonic() - started - _LAG_PROBE_S
+            if self.loop_lag_s > self._max_loop_lag_s:
+                self.shed_fraction = min(_SHED_MAX, self.shed_fraction + _SHED_UP)
+            elif self.shed_fraction:
+                self.shed_fraction = max(0.0, self.shed_fraction - _SHED_DOWN)
 
     def _run(self, index: int) -> None:
         import gevent
@@ -366,6 +379,7 @@ class GroupCommitWriter:
             "mean_batch": round(self.rows / self.flushes, 2) if self.flushes else 0.0,
             "shed": self.shed,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 1),
+            "shed_fraction": round(self.shed_fraction, 2),
         }
 
 

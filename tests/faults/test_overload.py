@@ -81,10 +81,12 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     last_p50 = window_pct(result, WARMUP_S + 2 * third, duration_s, 50)
     server_side = server_side_latencies(access_log)
     server_p99_ack = pct(server_side.get(200, []), 99)
+    server_p50_ack = pct(server_side.get(200, []), 50)
     server_p50_shed = pct(server_side.get(503, []), 50)
     note = (f"1 worker: sustainable {rate:.0f}/s, offered {2 * rate:.0f}/s for {duration_s:.0f} s "
-            f"(achieved {achieved:.0f}/s incl. retries); {shed} x 503; server-side p99 ack "
-            f"{server_p99_ack * 1000:.0f} ms, p50 shed {server_p50_shed * 1000:.1f} ms; client-side p99 "
+            f"(achieved {achieved:.0f}/s incl. retries); {shed} x 503; server-side ack p50 "
+            f"{server_p50_ack * 1000:.0f} ms p99 {server_p99_ack * 1000:.0f} ms, p50 shed "
+            f"{server_p50_shed * 1000:.1f} ms; client-side p99 "
             f"{steady_p99 * 1000:.0f} ms, p50 {mid_p50 * 1000:.0f} -> {last_p50 * 1000:.0f} ms; "
             f"unacked at end {result.unacked}")
     print(f"\n{label}: {note}; statuses {statuses}")
@@ -97,8 +99,10 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     assert shed > 0, f"nothing shed at {2 * rate:.0f}/s offered: {statuses}"
     assert result.missing_retry_after() == 0
     # The server's own latency stays bounded (by the shedding thresholds plus the flush and CPU
-    # waits of a shared 2-core machine), and a refusal costs next to nothing.
-    assert server_p99_ack < 5.0, note
+    # waits of a shared 2-core machine: hence the generous p99), and a refusal costs next to
+    # nothing.
+    assert server_p50_ack < 1.0, note
+    assert server_p99_ack < 8.0, note
     assert server_p50_shed < 0.05, note
     assert recovered is not None, "no prompt acknowledgement within 10 s of the load dropping"
     assert http_status(server.url + "/readyz")[0] == 200

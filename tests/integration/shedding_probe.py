@@ -73,8 +73,16 @@ def main() -> None:
     gevent.spawn(hog).join()
     gevent.sleep(0.001)  # the lag watcher, due during the hog, now records how late it ran
     out["lag_ms"] = writer.loop_lag_s * 1000
-    out["busy"] = attempt(writer, row(device_id, 13))
-    gevent.sleep(0.3)
+    out["shed_fraction"] = writer.shed_fraction
+    refused = 0
+    for _ in range(400):  # no yield in between: the fraction stays as it is
+        try:
+            writer.check_admission()
+        except Overloaded:
+            refused += 1
+    out["refused_of_400"] = refused
+    gevent.sleep(1.5)  # the loop keeps time again: the fraction falls back to 0
+    out["shed_fraction_after"] = writer.shed_fraction
     out["after_busy"] = attempt(writer, row(device_id, 14))
     out["stats"] = writer.stats()
     print(json.dumps(out))

@@ -27,11 +27,15 @@ def test_group_commit_sheds_quickly_and_recovers(client, admin, engine, database
     # The queued ones were not dropped: they commit once the stall ends.
     assert [status for status, _ in out["stuck"]] == ["stored"] * 3, out
     assert out["after_stall"][0] == "stored", out
-    # Event loop 400 ms late: refused at once; admitted again once it catches up.
+    # Event loop 400 ms late: a fraction of new heartbeats is refused at once (not all: under
+    # a retry storm refusing everything would starve the loop of useful work for good) ...
     assert out["lag_ms"] > 200, out
-    assert out["busy"][0] == "shed" and out["busy"][1] < 0.05, out
+    assert out["shed_fraction"] > 0, out
+    assert 0 < out["refused_of_400"] < 400, out
+    # ... and none once it keeps time again.
+    assert out["shed_fraction_after"] == 0, out
     assert out["after_busy"][0] == "stored", out
-    assert out["stats"]["shed"] == 2
+    assert out["stats"]["shed"] == 1 + out["refused_of_400"]
     with engine.connect() as conn:
         count = conn.exec_driver_sql("SELECT count(*) FROM heartbeats WHERE device_id = %s", (device_id,)).scalar_one()
-    assert count == 6  # idle, 3 stuck, after_stall, after_busy; the shed ones were not written
+    assert count == 6  # idle, 3 stuck, after_stall, after_busy; the refused ones were not written
