@@ -1,0 +1,766 @@
+"""The load: enroll the fleet, pace it open-loop against the server, check nothing was lost.
+
+One scheduler greenlet pops due sends from a heap and hands them to worker greenlets, each
+owning one keep-alive connection (spawned on demand up to ``max_connections``). A device is a
+small object, not a greenlet, so 100,000 devices cost memory, not scheduling. Every request
+ends in one ``Stats.record`` call with its latency measured from the *intended* send time.
+
+Retries: a 503 (Retry-After honoured), a 5xx, a timeout or a dropped connection are retried
+with the same body after a jittered exponential backoff; the latency of the eventual answer
+still counts from the first intended send. A flaky device that "loses" an answer resends the
+same body shortly after, and the server must answer ``duplicate``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import gevent
+import msgspec
+from gevent.queue import Queue
+
+from config.settings import PROJECT_ROOT
+from simulator import report as rep
+from simulator.devices import Behaviour, Device, WallClock, first_send_offset_s, next_send_s, retry_delay_s
+from simulator.stats import Stats, new_histogram, percentiles_ms, record_us
+from simulator.transport import TransportError, connect, split_url
+
+
+class UsageError(Exception):
+    """A configuration, connection or authentication problem: exit code 2."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One run's settings (the CLI flags)."""
+
+    url: str
+    admin_key: str
+    devices: int
+    duration_s: float
+    interval_s: float = 60.0
+    jitter_s: float = 15.0
+    ramp_up_s: float = 0.0
+    read_rate: float = 0.0
+    flaky_pct: float = 5.0
+    max_connections: int = 512
+    timeout_s: float = 10.0
+    max_retries: int = 5
+    drain_s: float = 30.0
+    client: str = "raw"
+    seed: int = 1
+    token_cache: Path | None = None
+    enroll_batch: int = 1000
+    verify_sample: int = 0  # 0: check every device
+    progress_jsonl: bool = False
+    show_progress: bool = True
+
+    @property
+    def expected_per_s(self) -> float:
+        """Heartbeats per second the schedule offers once every device is active."""
+        return self.devices / self.interval_s
+
+    @property
+    def equivalent_fleet_at_60s(self) -> int:
+        """The fleet size that gives the same rate at one heartbeat per 60 s."""
+        return round(self.devices * 60.0 / self.interval_s)
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first bad setting."""
+        split_or_usage(self.url)
+        checks = [
+            (self.devices >= 1, "--devices must be at least 1"),
+            (self.duration_s > 0, "--duration must be positive"),
+            (self.interval_s > 0, "--interval must be positive"),
+            (0 <= self.jitter_s < self.interval_s, "--jitter must be at least 0 and smaller than --interval"),
+            (self.ramp_up_s >= 0, "--ramp-up must not be negative"),
+            (self.read_rate >= 0, "--read-rate must not be negative"),
+            (0 <= self.flaky_pct <= 100, "--flaky-pct must be between 0 and 100"),
+            (self.max_connections >= 1, "--connections must be at least 1"),
+            (self.timeout_s > 0, "--timeout must be positive"),
+            (self.client in ("raw", "ghc"), "--client must be raw or ghc"),
+            (bool(self.admin_key), "--admin-key is required"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+def split_or_usage(url: str) -> tuple[str, int, str]:
+    """split_url, with a usage error for a bad URL."""
+    try:
+        return split_url(url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+class AdminApi:
+    """Small blocking-style (gevent) JSON client for the operator endpoints."""
+
+    def __init__(self, url: str, admin_key: str, timeout_s: float = 30.0) -> None:
+        self.url = url
+        self._conn = connect("raw", url, timeout_s)
+        self._headers = f"x-admin: {admin_key}\r\nAccept: application/json\r\n".encode()
+        self._url = url
+        self._timeout_s = timeout_s
+
+    def clone(self) -> AdminApi:
+        """Another client on its own connection (for concurrent use)."""
+        api = AdminApi.__new__(AdminApi)
+        api.url = self.url
+        api._conn = connect("raw", self._url, self._timeout_s)
+        api._headers = self._headers
+        api._url = self._url
+        api._timeout_s = self._timeout_s
+        return api
+
+    def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+        """(status, decoded JSON body); UsageError when the server cannot be reached."""
+        body = None if payload is None else msgspec.json.encode(payload)
+        try:
+            answer = self._conn.request(method.encode(), path.encode(), self._headers, body)
+        except TransportError as exc:
+            raise UsageError(f"cannot reach the server at {self._url}: {exc}") from None
+        try:
+            data = msgspec.json.decode(answer.body) if answer.body else None
+        except msgspec.DecodeError:
+            data = answer.body[:200].decode(errors="replace")
+        return answer.status, data
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+
+def check_server(api: AdminApi) -> dict[str, Any]:
+    """The server answers and the admin key works; UsageError (exit 2) otherwise."""
+    status, body = api.call("GET", "/healthz")
+    if status != 200:
+        raise UsageError(f"{api.url}/healthz answered {status}: {body}")
+    status, body = api.call("GET", "/readyz")
+    if status != 200:
+        raise UsageError(f"{api.url}/readyz answered {status}: the server cannot reach its database ({body})")
+    status, body = api.call("GET", "/v1/devices?limit=1")
+    if status in (401, 403):
+        raise UsageError(f"the admin key was refused ({status}): {body}")
+    if status != 200:
+        raise UsageError(f"GET /v1/devices answered {status}: {body}")
+    return {"healthz": "ok", "readyz": "ok", "admin_key": "ok"}
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal stream (a plain line per 10 % elsewhere)."""
+
+    def __init__(self, label: str, total: int, stream: TextIO, enabled: bool = True) -> None:
+        self.label, self.total, self.stream, self.enabled = label, total, stream, enabled
+        self.started = time.monotonic()
+        self._last_decile = -1
+        self._tty = stream.isatty()
+
+    def update(self, done: int) -> None:
+        """Show ``done`` of ``total``."""
+        if not self.enabled or not self.total:
+            return
+        frac = min(1.0, done / self.total)
+        elapsed = time.monotonic() - self.started
+        if self._tty:
+            bar = "#" * int(frac * 30)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {done:,}/{self.total:,} {elapsed:5.1f} s")
+            if done >= self.total:
+                self.stream.write("\n")
+        elif int(frac * 10) != self._last_decile:
+            self._last_decile = int(frac * 10)
+            self.stream.write(f"{self.label}: {done:,}/{self.total:,} ({frac:.0%}, {elapsed:.1f} s)\n")
+        self.stream.flush()
+
+
+@dataclass
+class EnrolledDevice:
+    device_id: int
+    device_uid: str
+    token: str
+
+
+def default_token_cache(url: str) -> Path:
+    """var/simulator/tokens-HOST-PORT.json: one cache per server."""
+    host, port, _ = split_url(url)
+    return PROJECT_ROOT / "var" / "simulator" / f"tokens-{host}-{port}.json"
+
+
+def _load_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("devices"), list) and data.get("fleet_id"):
+            return data
+    except (OSError, ValueError):
+        pass
+    return {"fleet_id": f"{random.getrandbits(40):010x}", "devices": []}
+
+
+def _save_cache(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.chmod(0o600)  # bearer tokens of the simulated fleet
+    tmp.replace(path)
+
+
+def _cache_is_current(api: AdminApi, devices: list[list[Any]]) -> bool:
+    """The server still knows the cached devices (a reset database makes the cache stale)."""
+    sample = devices[:1] + devices[-1:] + random.Random(0).sample(devices, min(3, len(devices)))
+    for device_id, uid, _ in sample:
+        status, body = api.call("GET", f"/v1/devices/{device_id}")
+        if status != 200 or not isinstance(body, dict) or body.get("device_uid") != uid or body.get("revoked_at"):
+            return False
+    return True
+
+
+def enroll_fleet(api: AdminApi, n: int, cache_path: Path, batch: int, stream: TextIO,
+                 show_progress: bool = True) -> list[EnrolledDevice]:
+    """``n`` enrolled devices: reused from the token cache, the rest enrolled in batches."""
+    cache = _load_cache(cache_path)
+    if cache["devices"] and not _cache_is_current(api, cache["devices"]):
+        stream.write(f"token cache {cache_path} is stale (the server does not know its devices); re-enrolling\n")
+        cache = {"fleet_id": f"{random.getrandbits(40):010x}", "devices": []}
+    have = len(cache["devices"])
+    if have < n:
+        bar = ProgressBar("enrolling", n - have, stream, show_progress)
+        done = 0
+        fleet_id = cache["fleet_id"]
+        while have + done < n:
+            start = have + done
+            size = min(batch, n - start)
+            devices = [
+                {"device_uid": f"sim-{fleet_id}-{i}", "name": f"simulated {i}",
+                 "labels": ["simulator", f"fleet:{fleet_id}"]}
+                for i in range(start, start + size)
+            ]
+            status, body = api.call("POST", "/v1/devices/enroll", {"devices": devices})
+            if status != 201:
+                _save_cache(cache_path, cache)
+                raise UsageError(f"enrollment failed ({status}): {body}")
+            cache["devices"].extend([d["id"], d["device_uid"], d["token"]] for d in body["devices"])
+            done += size
+            bar.update(done)
+        _save_cache(cache_path, cache)
+    elif show_progress:
+        stream.write(f"reusing {n:,} enrolled devices from {cache_path}\n")
+    return [EnrolledDevice(i, u, t) for i, u, t in cache["devices"][:n]]
+
+
+class Ack(msgspec.Struct):
+    status: str
+    bucket_ts: datetime
+
+
+_decode_ack = msgspec.json.Decoder(Ack).decode
+
+
+class Job:
+    """One heartbeat (or read) on its way; a retry reuses the job and its body."""
+
+    __slots__ = ("device", "body", "intended_s", "due_s", "attempt", "lose_answer", "resend_of", "path")
+
+    def __init__(self, device: Device | None, intended_s: float, lose_answer: bool = False,
+                 body: bytes | None = None, resend_of: str | None = None, path: bytes = b"") -> None:
+        self.device = device
+        self.body = body
+        self.intended_s = intended_s
+        self.due_s = intended_s
+        self.attempt = 0
+        self.lose_answer = lose_answer
+        self.resend_of = resend_of  # the status the lost answer carried, for a lost-answer resend
+        self.path = path
+
+
+@dataclass
+class RunResult:
+    """What a load phase produced (input to the report)."""
+
+    stats: Stats
+    series: list[dict[str, Any]]
+    acked: dict[int, list[int]]
+    lag_ms: dict[str, float | None]
+    pool_samples: list[float]
+    cpu_s: float
+    wall_s: float
+    rss_mb: float
+    connections: int
+    abandoned: int
+    started_at: str
+    finished_at: str
+    versions: dict[str, int] = field(default_factory=dict)
+
+
+class LoadRun:
+    """Pace the fleet open-loop for ``duration_s`` seconds (then drain retries)."""
+
+    def __init__(self, cfg: SimConfig, fleet: list[EnrolledDevice], emit: Callable[[dict[str, Any]], None],
+                 admin_headers: bytes | None = None) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.behaviour = Behaviour(
+            interval_s=cfg.interval_s, jitter_s=cfg.jitter_s, flaky_share=cfg.flaky_pct / 100,
+            rollout_start_s=cfg.ramp_up_s + 0.2 * cfg.duration_s, rollout_end_s=cfg.ramp_up_s + 0.8 * cfg.duration_s,
+        )
+        self.devices = [
+            Device(i, d.device_id, d.device_uid, d.token, self.rng, self.rng.random() < self.behaviour.flaky_share,
+                   self.rng.random())
+            for i, d in enumerate(fleet)
+        ]
+        self.emit = emit
+        self.admin_headers = admin_headers or f"x-admin: {cfg.admin_key}\r\n".encode()
+        self.stats = Stats()
+        self.lag = new_histogram()
+        self.lag_window = new_histogram()
+        self.acked: dict[int, list[int]] = {}
+        self.heap: list[tuple[float, int, Device | None, Job | None]] = []
+        self.seq = 0
+        self.queue: Queue = Queue()
+        self.workers: list[gevent.Greenlet] = []
+        self.idle = 0
+        self.inflight = 0
+        self.clock = WallClock()
+        self.t0 = 0.0
+        self.series: list[dict[str, Any]] = []
+        self.pool_samples: list[float] = []
+        self.pool_latest: float | None = None
+        self.phase = "load"
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _push(self, due_s: float, device: Device | None, job: Job | None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (due_s, self.seq, device, job))
+
+    def _dispatch(self, job: Job) -> None:
+        self.inflight += 1
+        self.queue.put(job)
+        if self.queue.qsize() > self.idle and len(self.workers) < self.cfg.max_connections:
+            self.workers.append(gevent.spawn(self._worker))
+
+    def _tick(self, device: Device, due_s: float) -> None:
+        """A device's scheduled send comes due."""
+        if due_s >= self.cfg.duration_s:
+            return  # a first send planned past the end (long interval, short run)
+        nxt = next_send_s(due_s, self.cfg.interval_s, self.cfg.jitter_s, self.rng)
+        if nxt < self.cfg.duration_s:
+            self._push(nxt, device, None)
+        if device.is_offline(due_s):
+            self.stats.count("skipped_offline")
+            return
+        if device.maybe_go_offline(self.behaviour, due_s, self.rng):
+            self.stats.count("went_offline")
+            self.stats.count("skipped_offline")
+            return
+        device.advance(self.behaviour, due_s, self.rng)
+        self._dispatch(Job(device, due_s, device.loses_answer(self.behaviour, self.rng)))
+
+    def run(self) -> RunResult:
+        """The whole load phase; returns once every send is answered or abandoned."""
+        cfg = self.cfg
+        for i, device in enumerate(self.devices):
+            device.app_version = self.behaviour.base_version
+            self._push(first_send_offset_s(i, len(self.devices), cfg.interval_s, cfg.ramp_up_s, self.rng), device, None)
+        read_period = 1.0 / cfg.read_rate if cfg.read_rate > 0 else None
+        next_read = 0.0
+        started_at = datetime.now(UTC).isoformat()
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.t0 = time.perf_counter()
+        sampler = gevent.spawn(self._sampler)
+        pool = gevent.spawn(self._pool_poller)
+        deadline = cfg.duration_s + cfg.drain_s
+        heap = self.heap
+        perf = time.perf_counter
+        while True:
+            now = perf() - self.t0
+            while heap and heap[0][0] <= now:
+                due, _, device, job = heapq.heappop(heap)
+                if job is None:
+                    self._tick(device, due)
+                else:
+                    self._dispatch(job)
+            while read_period is not None and next_read <= now and next_read < cfg.duration_s:
+                self._dispatch(self._read_job(next_read))
+                next_read += read_period
+            if now >= cfg.duration_s:
+                self.phase = "drain"
+                if (not heap and self.inflight == 0) or now >= deadline:
+                    break
+            wake = heap[0][0] if heap else now + 0.05
+            if read_period is not None and next_read < cfg.duration_s:
+                wake = min(wake, next_read)
+            gevent.sleep(max(0.0, min(wake - now, 0.05)))
+        abandoned = len(heap)
+        if abandoned:
+            self.stats.count("abandoned_retries", abandoned)
+        wait_until = perf() + cfg.timeout_s + 1
+        while self.inflight and perf() < wait_until:
+            gevent.sleep(0.05)
+        wall_s = perf() - self.t0
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in self.workers:
+            self.queue.put(None)
+        gevent.joinall(self.workers, timeout=2)
+        gevent.killall(self.workers, block=False)
+        sampler.kill()
+        pool.kill()
+        self._sample(final=True)
+        versions: dict[str, int] = {}
+        for d in self.devices:
+            versions[d.app_version] = versions.get(d.app_version, 0) + 1
+        self.lag.add(self.lag_window)
+        return RunResult(
+            stats=self.stats, series=self.series, acked=self.acked,
+            lag_ms=percentiles_ms(self.lag), pool_samples=self.pool_samples,
+            cpu_s=(usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
+            wall_s=wall_s, rss_mb=round(usage1.ru_maxrss / 1024, 1), connections=len(self.workers),
+            abandoned=abandoned, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
+            versions=versions,
+        )
+
+    def _read_job(self, intended_s: float) -> Job:
+        device = self.devices[self.rng.randrange(len(self.devices))]
+        if self.rng.random() < 0.8:
+            path = f"/v1/devices/{device.device_id}".encode()
+        else:
+            path = b"/v1/devices?limit=50&status=online"
+        return Job(None, intended_s, path=path)
+
+    # -- sending ----------------------------------------------------------------------------
+    def _worker(self) -> None:
+        conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s)
+        queue = self.queue
+        try:
+            while True:
+                self.idle += 1
+                job = queue.get()
+                self.idle -= 1
+                if job is None:
+                    return
+                try:
+                    if job.device is None:
+                        self._send_read(conn, job)
+                    else:
+                        self._send_heartbeat(conn, job)
+                except Exception as exc:  # a generator bug must show in the report, not kill the worker
+                    self.stats.record("heartbeat" if job.device else "read", 0, f"generator:{type(exc).__name__}")
+                finally:
+                    self.inflight -= 1
+        finally:
+            conn.close()
+
+    def _send_heartbeat(self, conn: Any, job: Job) -> None:
+        t0 = self.t0
+        start = time.perf_counter()
+        record_us(self.lag_window, int((start - t0 - job.due_s) * 1e6))
+        device = job.device
+        if job.body is None:
+            job.body = device.body(self.clock.now_iso())
+        self.stats.sent_one()
+        try:
+            answer = conn.request(b"POST", b"/v1/heartbeat", device.auth_header, job.body)
+        except TransportError as exc:
+            self._failed(job, exc.kind, None, time.perf_counter())
+            return
+        end = time.perf_counter()
+        if answer.status != 200:
+            self._failed(job, f"http_{answer.status}", answer.retry_after_s, end)
+            return
+        try:
+            ack = _decode_ack(answer.body)
+        except msgspec.MsgspecError:
+            self._failed(job, "bad_answer", None, end)
+            return
+        stats = self.stats
+        stats.record("heartbeat", int((end - t0 - job.intended_s) * 1e6))
+        acked = self.acked.get(device.device_id)
+        if acked is None:
+            acked = self.acked[device.device_id] = []
+        acked.append(int(ack.bucket_ts.timestamp()))
+        stats.count(ack.status)
+        if job.resend_of is not None:
+            stats.count(f"resend_answered_{ack.status}")
+            if job.resend_of == "stored" and ack.status == "stored":
+                stats.count("stored_twice")
+        elif ack.status == "duplicate":
+            stats.count("first_send_duplicate")
+        if job.lose_answer:
+            stats.count("lost_answer_resends")
+            delay = min(2.0, self.cfg.interval_s / 4) * (0.5 + self.rng.random())
+            resend = Job(device, end - t0 + delay, body=job.body, resend_of=ack.status)
+            self._push(resend.intended_s, device, resend)
+
+    def _failed(self, job: Job, kind: str, retry_after_s: float | None, end: float) -> None:
+        kind_of = "heartbeat" if job.device is not None else "read"
+        self.stats.record(kind_of, int((end - self.t0 - job.intended_s) * 1e6), kind)
+        retryable = kind in ("timeout", "connection", "bad_answer") or kind.startswith("http_5")
+        if job.device is None or not retryable:
+            return
+        job.attempt += 1
+        if job.attempt > self.cfg.max_retries:
+            self.stats.count("gave_up")
+            return
+        self.stats.count("retries")
+        job.due_s = end - self.t0 + retry_delay_s(job.attempt, retry_after_s, self.rng)
+        self._push(job.due_s, job.device, job)
+
+    def _send_read(self, conn: Any, job: Job) -> None:
+        start = time.perf_counter()
+        record_us(self.lag_window, int((start - self.t0 - job.due_s) * 1e6))
+        try:
+            answer = conn.request(b"GET", job.path, self.admin_headers, None)
+        except TransportError as exc:
+            self._failed(job, exc.kind, None, time.perf_counter())
+            return
+        end = time.perf_counter()
+        if answer.status != 200:
+            self._failed(job, f"http_{answer.status}", answer.retry_after_s, end)
+            return
+        self.stats.record("read", int((end - self.t0 - job.intended_s) * 1e6))
+
+    # -- once a second ------------------------------------------------------------------------
+    def _sampler(self) -> None:
+        k = 1
+        while True:
+            gevent.sleep(max(0.0, self.t0 + k - time.perf_counter()))
+            self._sample()
+            k += 1
+
+    def _sample(self, final: bool = False) -> None:
+        stats = self.stats
+        hb = stats.kinds["heartbeat"]
+        rd = stats.kinds["read"]
+        window = hb.roll_window()
+        read_window = rd.roll_window()
+        lag_window = percentiles_ms(self.lag_window)
+        self.lag.add(self.lag_window)
+        self.lag_window = new_histogram()
+        sent_window, stats.window_sent = stats.window_sent, 0
+        cumulative = percentiles_ms(hb.total)
+        read_cumulative = percentiles_ms(rd.total) if rd.ok or rd.errors else None
+        attempts = hb.ok + hb.errors + rd.ok + rd.errors
+        error_rate = round(100.0 * (hb.errors + rd.errors) / attempts, 3) if attempts else None
+        checks = rep.check_slis(cumulative, read_cumulative, error_rate, None, None,
+                                rep.sustained_pool_pct(self.pool_samples))
+        all_met, failed = rep.verdict(checks)
+        snapshot = {
+            "type": "progress",
+            "t_s": round(time.perf_counter() - self.t0, 3),
+            "phase": "final" if final else self.phase,
+            "sent": stats.sent,
+            "acked": hb.ok,
+            "errors": hb.errors + rd.errors,
+            "rate_per_s": window["ok"],
+            "sent_per_s": sent_window,
+            "expected_per_s": round(self.cfg.expected_per_s, 1),
+            "p50_ms": cumulative["p50"], "p95_ms": cumulative["p95"], "p99_ms": cumulative["p99"],
+            "p999_ms": cumulative["p999"], "max_ms": cumulative["max"],
+            "window": {k: window[k] for k in ("ok", "errors", "p50", "p95", "p99", "p999", "max")},
+            "reads": {"ok": rd.ok, "errors": rd.errors, "rate_per_s": read_window["ok"],
+                      "p95_ms": read_cumulative["p95"] if read_cumulative else None},
+            "error_rate_pct": error_rate,
+            "in_flight": self.inflight,
+            "connections": len(self.workers),
+            "lag_p99_ms": lag_window["p99"],
+            "pool_utilisation_pct": self.pool_latest,
+            "verdict_so_far": "PASS" if all_met else "FAIL",
+            "failing": failed,
+        }
+        if not final:
+            self.series.append(snapshot)
+            self.emit(snapshot)
+
+    def _pool_poller(self) -> None:
+        api = AdminApi(self.cfg.url, self.cfg.admin_key, timeout_s=5)
+        try:
+            while True:
+                gevent.sleep(1.0)
+                try:
+                    status, body = api.call("GET", "/ops/pool_health")
+                except UsageError:
+                    continue
+                if status == 404:
+                    return  # this server has no pool figures: the SLI shows N/A
+                pct = _utilisation_pct(body) if status == 200 else None
+                if pct is not None:
+                    self.pool_latest = pct
+                    self.pool_samples.append(pct)
+        finally:
+            api.close()
+
+
+def _utilisation_pct(body: Any) -> float | None:
+    """The pool utilisation in % from a /ops/pool_health answer (first key naming it)."""
+    if not isinstance(body, dict):
+        return None
+    for key, value in body.items():
+        if "utili" in key and isinstance(value, int | float):
+            return float(value) * (100.0 if value <= 1.0 and "pct" not in key and "percent" not in key else 1.0)
+    for value in body.values():
+        if isinstance(value, dict):
+            found = _utilisation_pct(value)
+            if found is not None:
+                return found
+    return None
+
+
+def verify_no_loss(api: AdminApi, acked: dict[int, list[int]], sample: int, stream: TextIO,
+                   show_progress: bool = True, concurrency: int = 16) -> dict[str, Any]:
+    """Ask the server what it stored for the run's devices and compare with every acknowledged
+    bucket. ``lost``: acknowledged but not stored. ``duplicates_stored``: one sent heartbeat
+    (device, sent_at) stored in more than one row."""
+    device_ids = sorted(acked)
+    sampled = bool(sample) and sample < len(device_ids)
+    if sampled:
+        device_ids = sorted(random.Random(7).sample(device_ids, sample))
+    result = {"devices_checked": len(device_ids), "sampled": sampled, "acknowledged_buckets": 0,
+              "stored_rows": 0, "lost": 0, "duplicates_stored": 0, "stored_unacknowledged": 0,
+              "lost_examples": [], "errors": 0}
+    bar = ProgressBar("checking stored heartbeats", len(device_ids), stream, show_progress)
+    done = [0]
+    queue = list(device_ids)
+
+    def check(client: AdminApi) -> None:
+        while queue:
+            device_id = queue.pop()
+            buckets = set(acked[device_id])
+            since = datetime.fromtimestamp(min(buckets), UTC).isoformat()
+            until_ts = max(buckets) + 1
+            stored: set[int] = set()
+            sent_ats: dict[str, int] = {}
+            while True:
+                until = datetime.fromtimestamp(until_ts, UTC).isoformat()
+                path = f"/v1/devices/{device_id}/heartbeats?since={since}&until={until}&limit=10000"
+                status, body = client.call("GET", path.replace("+00:00", "Z"))
+                if status != 200:
+                    result["errors"] += 1
+                    break
+                rows = body["heartbeats"]
+                for row in rows:
+                    stored.add(int(datetime.fromisoformat(row["bucket_ts"]).timestamp()))
+                    sent_ats[row["sent_at"]] = sent_ats.get(row["sent_at"], 0) + 1
+                if len(rows) < 10000:
+                    break
+                until_ts = min(int(datetime.fromisoformat(r["bucket_ts"]).timestamp()) for r in rows)
+            missing = buckets - stored
+            result["acknowledged_buckets"] += len(buckets)
+            result["stored_rows"] += len(stored)
+            result["lost"] += len(missing)
+            result["stored_unacknowledged"] += len(stored - buckets)
+            result["duplicates_stored"] += sum(n - 1 for n in sent_ats.values() if n > 1)
+            if missing and len(result["lost_examples"]) < 10:
+                result["lost_examples"].append({"device_id": device_id, "bucket_ts": sorted(missing)[:3]})
+            done[0] += 1
+            bar.update(done[0])
+
+    clients = [api.clone() for _ in range(min(concurrency, max(1, len(device_ids))))]
+    try:
+        gevent.joinall([gevent.spawn(check, c) for c in clients], raise_error=True)
+    finally:
+        for c in clients:
+            c.close()
+    if result["errors"]:
+        result["lost"] = None if result["errors"] == len(device_ids) else result["lost"]
+    return result
+
+
+def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dict[str, Any]:
+    """The report dict (also what --output writes and the final --progress-jsonl line carries)."""
+    stats = run.stats
+    hb, rd = stats.kinds["heartbeat"], stats.kinds["read"]
+    hb_pct = percentiles_ms(hb.total)
+    read_pct = percentiles_ms(rd.total) if cfg.read_rate > 0 else None
+    attempts = hb.ok + hb.errors + rd.ok + rd.errors
+    errors = hb.errors + rd.errors
+    error_rate = round(100.0 * errors / attempts, 3) if attempts else None
+    pool_pct = rep.sustained_pool_pct(run.pool_samples)
+    checks = rep.check_slis(hb_pct, read_pct, error_rate, no_loss.get("lost"), no_loss.get("duplicates_stored"),
+                            pool_pct)
+    all_met, failed = rep.verdict(checks)
+    c = stats.counters
+    load_s = min(run.wall_s, cfg.duration_s) or 1.0
+    warnings = []
+    if run.lag_ms.get("p99") is not None and run.lag_ms["p99"] > 50:
+        warnings.append(
+            f"the generator ran behind its own schedule (lag p99 {run.lag_ms['p99']} ms): latencies include "
+            "that delay; use fewer devices per process or a less loaded machine")
+    if c.get("first_send_duplicate"):
+        warnings.append(
+            f"{c['first_send_duplicate']:,} first sends were answered 'duplicate': the interval "
+            f"({cfg.interval_s:g} s) is shorter than the server's dedup bucket (DEDUP_BUCKET_SECONDS), so "
+            "sends of one device share a bucket and the server stores fewer rows than a real fleet would")
+    if no_loss.get("errors"):
+        warnings.append(f"{no_loss['errors']} history reads failed during the no-loss check")
+    if c.get("stored_twice"):
+        warnings.append(f"{c['stored_twice']} resends of a stored heartbeat were answered 'stored' again")
+    new_version = sum(n for v, n in run.versions.items() if v != "1.0.0")
+    return {
+        "type": "report",
+        "config": {
+            "url": cfg.url, "devices": cfg.devices, "duration_s": cfg.duration_s, "interval_s": cfg.interval_s,
+            "jitter_s": cfg.jitter_s, "ramp_up_s": cfg.ramp_up_s, "flaky_pct": cfg.flaky_pct,
+            "read_rate_per_s": cfg.read_rate, "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
+            "equivalent_fleet_at_60s": cfg.equivalent_fleet_at_60s, "client": cfg.client,
+            "max_connections": cfg.max_connections, "timeout_s": cfg.timeout_s, "seed": cfg.seed,
+        },
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "throughput": {
+            "sent": stats.sent, "acknowledged": hb.ok, "stored": c.get("stored", 0),
+            "duplicate": c.get("duplicate", 0), "achieved_per_s": round(hb.ok / load_s, 1),
+            "lost_answer_retries": c.get("lost_answer_resends", 0),
+            "retries_answered_duplicate": c.get("resend_answered_duplicate", 0),
+            "first_sends_answered_duplicate": c.get("first_send_duplicate", 0),
+            "retries": c.get("retries", 0), "gave_up": c.get("gave_up", 0),
+            "abandoned_retries": c.get("abandoned_retries", 0),
+            "skipped_offline": c.get("skipped_offline", 0), "went_offline": c.get("went_offline", 0),
+            "reads": rd.ok,
+        },
+        "latency_ms": {"heartbeat": {**hb_pct, "count": hb.ok},
+                       "read": {**percentiles_ms(rd.total), "count": rd.ok}},
+        "errors": {"total": errors, "attempts": attempts, "rate_pct": error_rate,
+                   "by_kind": {**{f"heartbeat:{k}": v for k, v in hb.errors_by_kind.items()},
+                               **{f"read:{k}": v for k, v in rd.errors_by_kind.items()}}},
+        "no_loss": no_loss,
+        "generator": {
+            "lag_p99_ms": run.lag_ms.get("p99"), "lag_max_ms": run.lag_ms.get("max"),
+            "cpu_s": round(run.cpu_s, 2),
+            "cpu_us_per_request": round(run.cpu_s * 1e6 / attempts, 1) if attempts else None,
+            "rss_mb": run.rss_mb, "connections": run.connections, "wall_s": round(run.wall_s, 2),
+        },
+        "pool": {"samples": len(run.pool_samples), "sustained_pct": pool_pct,
+                 "max_pct": max(run.pool_samples) if run.pool_samples else None},
+        "rollout": {"from": "1.0.0", "to": "1.1.0", "devices": cfg.devices, "devices_on_new": new_version},
+        "slis": rep.checks_as_json(checks),
+        "verdict": "PASS" if all_met else "FAIL",
+        "failed": failed,
+        "warnings": warnings,
+        "summary": rep.summary_line(all_met, failed),
+        "timeseries": run.series,
+    }
+
+
+def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream: TextIO = sys.stderr
+                  ) -> dict[str, Any]:
+    """Check the server, enroll, run the load, check for loss; the report dict."""
+    cfg.validate()
+    api = AdminApi(cfg.url, cfg.admin_key)
+    try:
+        check_server(api)
+        cache = cfg.token_cache or default_token_cache(cfg.url)
+        fleet = enroll_fleet(api, cfg.devices, cache, cfg.enroll_batch, stream, cfg.show_progress)
+        run = LoadRun(cfg, fleet, emit).run()
+        no_loss = verify_no_loss(api, run.acked, cfg.verify_sample, stream, cfg.show_progress)
+    finally:
+        api.close()
+    return build_report(cfg, run, no_loss)
