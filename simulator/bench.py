@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,8 +30,10 @@ RESPONSE_404 = (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nCo
                 % (len(NOT_FOUND), NOT_FOUND))
 
 
-def run_sink(port: int) -> None:
-    """The sink: answer each HTTP/1.1 request on a keep-alive connection with a canned ack."""
+def run_sink(port: int, delay_ms: float = 0.0) -> None:
+    """The sink: answer each HTTP/1.1 request on a keep-alive connection with a canned ack
+    (after ``delay_ms``, to play a slow server in tests)."""
+    import gevent
     from gevent.server import StreamServer
 
     def handle(sock: Any, _addr: Any) -> None:
@@ -54,20 +57,27 @@ def run_sink(port: int) -> None:
                     return
                 buf += data
             buf = buf[end + 4 + length:]
+            if delay_ms:
+                gevent.sleep(delay_ms / 1000)
             sock.sendall(RESPONSE if head.startswith(b"POST /v1/heartbeat") else RESPONSE_404)
 
     server = StreamServer(("127.0.0.1", port), handle, backlog=2048)
     server.serve_forever()
 
 
-def start_sink() -> tuple[subprocess.Popen, int]:
-    """The sink in its own process (so its CPU is not the generator's); returns (proc, port)."""
-    from tests.live import free_port
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
+
+def start_sink(delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
+    """The sink in its own process (so its CPU is not the generator's); returns (proc, port).
+    The caller stops it by PID (proc.terminate())."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "simulator.bench", "--sink", str(port)],
-                            cwd=Path(__file__).resolve().parent.parent)
-    import socket
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.bench", "--sink", str(port), "--sink-delay-ms",
+                             str(delay_ms)], cwd=Path(__file__).resolve().parent.parent)
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -115,6 +125,7 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
         "cpu_pct_of_one_core": round(100 * run.cpu_s / run.wall_s, 1),
         "p50_ms": latency["p50"], "p99_ms": latency["p99"], "p999_ms": latency["p999"], "max_ms": latency["max"],
         "lag_p99_ms": run.lag_ms["p99"],
+        "gc_max_pause_ms": run.gc_max_pause_ms,
         "connections": run.connections,
         "rss_mb": round(rss_after / 2**20, 1),
         "rss_growth_mb": round((rss_after - rss_before) / 2**20, 1),
@@ -131,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=512)
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     p.add_argument("--sink", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--sink-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.sink:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-        run_sink(args.sink)
+        run_sink(args.sink, args.sink_delay_ms)
         return 0
     figures = bench(args.devices, args.rate, args.duration, args.client, args.connections)
     if args.json:
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  CPU per request   {figures['cpu_us_per_request']} µs  "
             f"({figures['cpu_pct_of_one_core']} % of one core)\n"
             f"  own latency       p50 {figures['p50_ms']} ms  p99 {figures['p99_ms']} ms  p999 {figures['p999_ms']} ms"
-            f"  max {figures['max_ms']} ms  (schedule lag p99 {figures['lag_p99_ms']} ms)\n"
+            f"  max {figures['max_ms']} ms  (schedule lag p99 {figures['lag_p99_ms']} ms, "
+            f"longest GC pause {figures['gc_max_pause_ms']} ms)\n"
             f"  RSS               {figures['rss_mb']} MB  (+{figures['rss_growth_mb']} MB for the fleet and run), "
             f"{figures['connections']} connections"
         )

@@ -64,9 +64,12 @@ def percentiles_ms(hist: HdrHistogram) -> dict[str, float | None]:
 
 
 def merge(into: HdrHistogram, other: HdrHistogram) -> HdrHistogram:
-    """Add ``other``'s counts to ``into`` (C-level array add) and return ``into``."""
+    """Add ``other``'s counts to ``into`` (C-level array add) and return ``into``. The exact
+    min and max survive (the package's add rounds them to their bucket's edge)."""
     if other.total_count:
+        low, high = min(into.min_value, other.min_value), max(into.max_value, other.max_value)
         into.add(other)
+        into.min_value, into.max_value = low, high
     return into
 
 
