@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from simulator.report import render_text
+from simulator.report import SEED_TARGETS, Targets, render_text
 from simulator.runner import AdminApi, SimConfig, UsageError, check_server, default_token_cache, run_load_test
 
 EXIT_OK, EXIT_SLI_FAILED, EXIT_USAGE = 0, 1, 2
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-cache", type=Path, help="token cache file (default var/simulator/tokens-HOST-PORT.json)")
     p.add_argument("--verify-sample", type=int, default=0, help="no-loss check on N random devices (0 = all)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the fleet's behaviour")
+    seed = SEED_TARGETS
+    p.add_argument("--target-p95-ms", type=float, default=seed.heartbeat_p95_ms, help="heartbeat p95 target (150)")
+    p.add_argument("--target-p99-ms", type=float, default=seed.heartbeat_p99_ms, help="heartbeat p99 target (300)")
+    p.add_argument("--target-read-p95-ms", type=float, default=seed.read_p95_ms, help="fast read p95 target (20)")
+    p.add_argument("--target-error-pct", type=float, default=seed.error_rate_pct, help="error rate target (0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress line")
     return p
 
@@ -73,6 +78,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         flaky_pct=args.flaky_pct, max_connections=args.connections, timeout_s=args.timeout, client=args.client,
         seed=args.seed, token_cache=args.token_cache, verify_sample=args.verify_sample,
         progress_jsonl=args.progress_jsonl, show_progress=not args.quiet,
+        targets=Targets(heartbeat_p95_ms=args.target_p95_ms, heartbeat_p99_ms=args.target_p99_ms,
+                        read_p95_ms=args.target_read_p95_ms, error_rate_pct=args.target_error_pct),
     )
 
 

@@ -21,7 +21,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -65,6 +65,7 @@ class SimConfig:
     verify_sample: int = 0  # 0: check every device
     progress_jsonl: bool = False
     show_progress: bool = True
+    targets: rep.Targets = rep.SEED_TARGETS
 
     @property
     def expected_per_s(self) -> float:
@@ -575,7 +576,7 @@ class LoadRun:
         attempts = hb.ok + hb.errors + rd.ok + rd.errors
         error_rate = round(100.0 * (hb.errors + rd.errors) / attempts, 3) if attempts else None
         checks = rep.check_slis(cumulative, read_cumulative, error_rate, None, None,
-                                rep.sustained_pool_pct(self.pool_samples))
+                                rep.sustained_pool_pct(self.pool_samples), self.cfg.targets)
         all_met, failed = rep.verdict(checks)
         snapshot = {
             "type": "progress",
@@ -709,7 +710,7 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
     error_rate = round(100.0 * errors / attempts, 3) if attempts else None
     pool_pct = rep.sustained_pool_pct(run.pool_samples)
     checks = rep.check_slis(hb_pct, read_pct, error_rate, no_loss.get("lost"), no_loss.get("duplicates_stored"),
-                            pool_pct)
+                            pool_pct, cfg.targets)
     all_met, failed = rep.verdict(checks)
     c = stats.counters
     load_s = min(run.wall_s, cfg.duration_s) or 1.0
@@ -737,6 +738,7 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
             "equivalent_fleet_at_60s": cfg.equivalent_fleet_at_60s, "client": cfg.client,
             "max_connections": cfg.max_connections, "timeout_s": cfg.timeout_s, "seed": cfg.seed,
         },
+        "targets": asdict(cfg.targets),
         "started_at": run.started_at,
         "finished_at": run.finished_at,
         "throughput": {
