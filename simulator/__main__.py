@@ -13,13 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from simulator.report import SEED_TARGETS, Targets, render_text
-from simulator.runner import AdminApi, SimConfig, UsageError, check_server, default_token_cache, run_load_test
+from simulator.runner import (
+    AdminApi,
+    LoadRun,
+    SimConfig,
+    UsageError,
+    check_server,
+    default_token_cache,
+    run_load_test,
+)
 
 EXIT_OK, EXIT_SLI_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -53,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-max", type=int, default=0, help="stop stepping at this many devices (0: 64 × start)")
     p.add_argument("--flaky-pct", type=float, default=5.0, help="share of flaky devices in %% (5)")
     p.add_argument("--connections", type=int, default=512, help="most keep-alive connections (512)")
+    p.add_argument("--max-retries", type=int, default=5, help="retries of a failed heartbeat before giving up (5)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as timed out")
     p.add_argument("--client", choices=("raw", "ghc"), default="raw", help="HTTP client (raw; ghc=geventhttpclient)")
     p.add_argument("--token-cache", type=Path, help="token cache file (default var/simulator/tokens-HOST-PORT.json)")
@@ -76,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         url=args.url.rstrip("/"), admin_key=args.admin_key, devices=args.devices, duration_s=args.duration,
         interval_s=args.interval, jitter_s=jitter, ramp_up_s=args.ramp_up, read_rate=args.read_rate,
         flaky_pct=args.flaky_pct, max_connections=args.connections, timeout_s=args.timeout, client=args.client,
+        max_retries=args.max_retries,
         seed=args.seed, token_cache=args.token_cache, verify_sample=args.verify_sample,
         progress_jsonl=args.progress_jsonl, show_progress=not args.quiet,
         targets=Targets(heartbeat_p95_ms=args.target_p95_ms, heartbeat_p99_ms=args.target_p99_ms,
@@ -160,7 +172,8 @@ def dry_run(cfg: SimConfig, console: Console) -> int:
     return EXIT_OK
 
 
-def find_capacity(cfg: SimConfig, args: argparse.Namespace, console: Console) -> tuple[dict[str, Any], int]:
+def find_capacity(cfg: SimConfig, args: argparse.Namespace, console: Console, stopper: StopOnSignal
+                  ) -> tuple[dict[str, Any], int]:
     """Step the fleet up by --capacity-factor until an SLI fails (or the cap); the summary report."""
     cap = args.capacity_max or cfg.devices * 64
     size = cfg.devices
@@ -169,15 +182,15 @@ def find_capacity(cfg: SimConfig, args: argparse.Namespace, console: Console) ->
     while size <= cap:
         console.human.write(f"\n--- capacity step: {size:,} devices ---\n")
         step_cfg = replace(cfg, devices=size)
-        report = run_load_test(step_cfg, console.progress)
+        report = run_load_test(step_cfg, console.progress, on_start=stopper.attach)
         console.end_progress()
         console.human.write(render_text(report) + "\n")
         steps.append({"devices": size, "equivalent_fleet_at_60s": step_cfg.equivalent_fleet_at_60s,
                       "verdict": report["verdict"], "failed": report["failed"],
                       "heartbeat_p99_ms": report["latency_ms"]["heartbeat"]["p99"],
                       "achieved_per_s": report["throughput"]["achieved_per_s"]})
-        if report["verdict"] != "PASS":
-            break
+        if stopper.stopping or report["verdict"] != "PASS":
+            break  # a step cut short by a signal proves nothing either way
         best = report
         size = max(size + 1, int(size * args.capacity_factor))
     summary = {
@@ -199,19 +212,50 @@ def find_capacity(cfg: SimConfig, args: argparse.Namespace, console: Console) ->
     return summary, EXIT_OK if best else EXIT_SLI_FAILED
 
 
+class StopOnSignal:
+    """SIGINT/SIGTERM: the first ends the load early (the run still drains, checks for loss and
+    reports); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.load: LoadRun | None = None
+        self.stopping = False
+
+    def install(self) -> None:
+        """Register the handlers with gevent's loop."""
+        import gevent
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            gevent.signal_handler(signum, self._handle)
+
+    def attach(self, load: LoadRun) -> None:
+        """The run that a signal stops."""
+        self.load = load
+        self.stopping = False
+
+    def _handle(self) -> None:
+        if self.stopping or self.load is None:
+            sys.stderr.write("\nsimulator: aborted\n")
+            os._exit(EXIT_USAGE)
+        self.stopping = True
+        sys.stderr.write("\nsimulator: stopping early; draining and checking for loss (again to abort)\n")
+        self.load.request_stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     console = Console(args.progress_jsonl, args.quiet)
+    stopper = StopOnSignal()
+    stopper.install()
     try:
         cfg = config_from_args(args)
         if args.dry_run:
             cfg.validate()
             return dry_run(cfg, console)
         if args.find_capacity:
-            result, code = find_capacity(cfg, args, console)
+            result, code = find_capacity(cfg, args, console, stopper)
         else:
-            result = run_load_test(cfg, console.progress)
+            result = run_load_test(cfg, console.progress, on_start=stopper.attach)
             console.end_progress()
             console.report(result)
             code = EXIT_OK if result["verdict"] == "PASS" else EXIT_SLI_FAILED

@@ -131,7 +131,8 @@ def render_text(report: dict[str, Any]) -> str:
         f"  interval            {cfg['interval_s']:g} s ± {cfg['jitter_s']:g} s  "
         f"→ {cfg['expected_heartbeats_per_s']:,.1f} heartbeats/s",
         f"  equivalent fleet    {cfg['equivalent_fleet_at_60s']:,} devices at one heartbeat per 60 s",
-        f"  duration            {cfg['duration_s']:g} s (ramp-up {cfg['ramp_up_s']:g} s)",
+        f"  duration            {cfg['duration_s']:g} s (ramp-up {cfg['ramp_up_s']:g} s)"
+        + (f", stopped early at {cfg['stopped_early_at_s']:g} s" if cfg.get("stopped_early_at_s") else ""),
         f"  read mix            {_fmt(cfg['read_rate_per_s'], 'reads/s') if cfg['read_rate_per_s'] else 'off'}",
         f"  client              {cfg['client']}, up to {cfg['max_connections']:,} connections",
         "",

@@ -90,6 +90,7 @@ class SimConfig:
             (0 <= self.flaky_pct <= 100, "--flaky-pct must be between 0 and 100"),
             (self.max_connections >= 1, "--connections must be at least 1"),
             (self.timeout_s > 0, "--timeout must be positive"),
+            (self.max_retries >= 0, "--max-retries must not be negative"),
             (self.client in ("raw", "ghc"), "--client must be raw or ghc"),
             (bool(self.admin_key), "--admin-key is required"),
         ]
@@ -303,6 +304,7 @@ class RunResult:
     finished_at: str
     versions: dict[str, int] = field(default_factory=dict)
     gc_max_pause_ms: float = 0.0
+    load_s: float = 0.0
 
 
 class _GcPauses:
@@ -353,6 +355,13 @@ class LoadRun:
         self.pool_samples: list[float] = []
         self.pool_latest: float | None = None
         self.phase = "load"
+        self.end_s = cfg.duration_s  # moves earlier when a stop is requested
+
+    def request_stop(self) -> None:
+        """End the load now (a signal, the console's Stop): in-flight sends and their retries
+        drain, then the run reports as usual."""
+        now = time.perf_counter() - self.t0 if self.t0 else 0.0
+        self.end_s = min(self.end_s, now)
 
     # -- scheduling -------------------------------------------------------------------------
     def _push(self, due_s: float, device: Device | None, job: Job | None) -> None:
@@ -367,10 +376,10 @@ class LoadRun:
 
     def _tick(self, device: Device, due_s: float) -> None:
         """A device's scheduled send comes due."""
-        if due_s >= self.cfg.duration_s:
-            return  # a first send planned past the end (long interval, short run)
+        if due_s >= self.end_s:
+            return  # planned past the end (a first send of a long interval, or a stop)
         nxt = next_send_s(due_s, self.cfg.interval_s, self.cfg.jitter_s, self.rng)
-        if nxt < self.cfg.duration_s:
+        if nxt < self.end_s:
             self._push(nxt, device, None)
         if device.is_offline(due_s):
             self.stats.count("skipped_offline")
@@ -401,7 +410,6 @@ class LoadRun:
         self.t0 = time.perf_counter()
         sampler = gevent.spawn(self._sampler)
         pool = gevent.spawn(self._pool_poller)
-        deadline = cfg.duration_s + cfg.drain_s
         heap = self.heap
         perf = time.perf_counter
         while True:
@@ -412,15 +420,15 @@ class LoadRun:
                     self._tick(device, due)
                 else:
                     self._dispatch(job)
-            while read_period is not None and next_read <= now and next_read < cfg.duration_s:
+            while read_period is not None and next_read <= now and next_read < self.end_s:
                 self._dispatch(self._read_job(next_read))
                 next_read += read_period
-            if now >= cfg.duration_s:
+            if now >= self.end_s:
                 self.phase = "drain"
-                if (not heap and self.inflight == 0) or now >= deadline:
+                if (not heap and self.inflight == 0) or now >= self.end_s + cfg.drain_s:
                     break
             wake = heap[0][0] if heap else now + 0.05
-            if read_period is not None and next_read < cfg.duration_s:
+            if read_period is not None and next_read < self.end_s:
                 wake = min(wake, next_read)
             gevent.sleep(max(0.0, min(wake - now, 0.05)))
         abandoned = len(heap)
@@ -451,6 +459,7 @@ class LoadRun:
             wall_s=wall_s, rss_mb=round(usage1.ru_maxrss / 1024, 1), connections=len(self.workers),
             abandoned=abandoned, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
             versions=versions, gc_max_pause_ms=round(gc_pause.max_s * 1000, 2),
+            load_s=min(self.end_s, cfg.duration_s),
         )
 
     def _read_job(self, intended_s: float) -> Job:
@@ -713,7 +722,7 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
                             pool_pct, cfg.targets)
     all_met, failed = rep.verdict(checks)
     c = stats.counters
-    load_s = min(run.wall_s, cfg.duration_s) or 1.0
+    load_s = run.load_s or 1.0
     warnings = []
     if run.lag_ms.get("p99") is not None and run.lag_ms["p99"] > 50:
         warnings.append(
@@ -737,6 +746,7 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
             "read_rate_per_s": cfg.read_rate, "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
             "equivalent_fleet_at_60s": cfg.equivalent_fleet_at_60s, "client": cfg.client,
             "max_connections": cfg.max_connections, "timeout_s": cfg.timeout_s, "seed": cfg.seed,
+            "stopped_early_at_s": round(run.load_s, 2) if run.load_s < cfg.duration_s else None,
         },
         "targets": asdict(cfg.targets),
         "started_at": run.started_at,
@@ -777,16 +787,20 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
     }
 
 
-def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream: TextIO = sys.stderr
-                  ) -> dict[str, Any]:
-    """Check the server, enroll, run the load, check for loss; the report dict."""
+def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream: TextIO = sys.stderr,
+                  on_start: Callable[[LoadRun], None] | None = None) -> dict[str, Any]:
+    """Check the server, enroll, run the load, check for loss; the report dict.
+    ``on_start`` receives the LoadRun (to stop it early from a signal handler)."""
     cfg.validate()
     api = AdminApi(cfg.url, cfg.admin_key)
     try:
         check_server(api)
         cache = cfg.token_cache or default_token_cache(cfg.url)
         fleet = enroll_fleet(api, cfg.devices, cache, cfg.enroll_batch, stream, cfg.show_progress)
-        run = LoadRun(cfg, fleet, emit).run()
+        load = LoadRun(cfg, fleet, emit)
+        if on_start:
+            on_start(load)
+        run = load.run()
         no_loss = verify_no_loss(api, run.acked, cfg.verify_sample, stream, cfg.show_progress)
     finally:
         api.close()

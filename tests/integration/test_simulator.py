@@ -92,3 +92,29 @@ def test_usage_and_connection_errors_exit_2(live_server, tmp_path: Path) -> None
     assert bad.returncode == 2 and "--jitter must be" in bad.stderr
     missing = simulator("--devices", "10")
     assert missing.returncode == 2 and "required" in missing.stderr
+
+
+def test_shedding_server_is_retried_after_retry_after_and_loses_nothing(database_url: str, engine: Engine,
+                                                                        tmp_path: Path) -> None:
+    from tests.conftest import ADMIN_KEY
+    from tests.live import start_server
+
+    # a tiny ingest queue makes the server answer 503 + Retry-After: 1 under a modest burst
+    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, INGEST_QUEUE_MAX="4",
+                          INGEST_FLUSHERS="1")
+    try:
+        out = tmp_path / "report.json"
+        proc = simulator("--devices", "200", "--duration", "2", "--interval", "0.5", "--jitter", "0.05",
+                         "--max-retries", "2",
+                         "--admin-key", ADMIN_KEY, "--url", server.url, "--output", str(out), "--quiet",
+                         "--token-cache", str(tmp_path / "t.json"), "--flaky-pct", "0", *LOOSE_LATENCY)
+    finally:
+        server.stop()
+    report = json.loads(out.read_text())
+    shed = report["errors"]["by_kind"].get("heartbeat:http_503", 0)
+    assert shed > 0, report["errors"]
+    assert report["throughput"]["retries"] >= shed - report["throughput"]["gave_up"]
+    assert report["no_loss"]["lost"] == 0 and report["no_loss"]["duplicates_stored"] == 0
+    # a retried heartbeat waited at least the server's Retry-After (1 s), counted from its first send
+    assert report["latency_ms"]["heartbeat"]["max"] >= 1000
+    assert "error rate" in report["failed"] and proc.returncode == 1
