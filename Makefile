@@ -30,3 +30,7 @@ bench-ingest: $(STAMP)
 clean-var:
 	$(PY) -m db stop || true
 	rm -rf var
+
+.PHONY: bench-simulator
+bench-simulator: $(STAMP)
+	$(PY) -m simulator.bench

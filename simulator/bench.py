@@ -90,6 +90,14 @@ def start_sink(delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("the sink did not start")
 
 
+def runqueue_wait_s() -> float | None:
+    """Seconds this process's main thread has spent runnable but waiting for a CPU (Linux)."""
+    try:
+        return int(Path("/proc/self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def bench(devices: int, rate: float, duration_s: float, client: str, connections: int) -> dict:
     """One paced run against the sink; the figures."""
     import psutil
@@ -99,12 +107,14 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
     proc, port = start_sink()
     try:
         rss_before = psutil.Process().memory_info().rss
+        waited_before = runqueue_wait_s()
         cfg = SimConfig(url=f"http://127.0.0.1:{port}", admin_key="bench", devices=devices, duration_s=duration_s,
                         interval_s=devices / rate, jitter_s=devices / rate / 4, client=client,
                         max_connections=connections, drain_s=5, show_progress=False)
         fleet = [EnrolledDevice(i + 1, f"bench-{i}", f"token-{i:032d}") for i in range(devices)]
         run = LoadRun(cfg, fleet, emit=lambda snap: None).run()
         rss_after = psutil.Process().memory_info().rss
+        waited_after = runqueue_wait_s()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
@@ -127,6 +137,8 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
         "lag_p99_ms": run.lag_ms["p99"],
         "gc_max_pause_ms": run.gc_max_pause_ms,
         "connections": run.connections,
+        "runqueue_wait_ms": round((waited_after - waited_before) * 1000, 1) if waited_before is not None else None,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "rss_mb": round(rss_after / 2**20, 1),
         "rss_growth_mb": round((rss_after - rss_before) / 2**20, 1),
     }
@@ -162,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  own latency       p50 {figures['p50_ms']} ms  p99 {figures['p99_ms']} ms  p999 {figures['p999_ms']} ms"
             f"  max {figures['max_ms']} ms  (schedule lag p99 {figures['lag_p99_ms']} ms, "
             f"longest GC pause {figures['gc_max_pause_ms']} ms)\n"
+            f"  CPU contention    waited {figures['runqueue_wait_ms']} ms for a CPU while runnable; "
+            f"load average {figures['load_avg_1m']} on {os.cpu_count()} cores\n"
             f"  RSS               {figures['rss_mb']} MB  (+{figures['rss_growth_mb']} MB for the fleet and run), "
             f"{figures['connections']} connections"
         )
