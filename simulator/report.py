@@ -163,6 +163,9 @@ def render_text(report: dict[str, Any]) -> str:
         for name in ("p50", "p95", "p99", "p999", "max"):
             suffix = f"   target < {targets['read_p95_ms']:g}" if name == "p95" else ""
             lines.append(f"  {name:<5} {_fmt(read.get(name)):>10}{suffix}")
+        for endpoint, figures in report["latency_ms"].get("read_endpoints", {}).items():
+            lines.append(f"  {endpoint:<14} p50 {_fmt(figures['p50'])}  p95 {_fmt(figures['p95'])}  "
+                         f"p99 {_fmt(figures['p99'])}  ({figures['count']:,} reads)")
     err = report["errors"]
     lines += ["", f"Errors: {err['total']:,} of {err['attempts']:,} requests ({_fmt(err['rate_pct'], '%')})"]
     for kind, n in sorted(err["by_kind"].items()):

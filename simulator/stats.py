@@ -123,8 +123,11 @@ class Stats:
 
     def record(self, kind: str, latency_us: int, error: str | None = None) -> None:
         """One finished request: its latency from the intended send time, and its error kind
-        (None when it succeeded). Errors count towards the error rate, not the histogram."""
-        stats = self.kinds[kind]
+        (None when it succeeded). Errors count towards the error rate, not the histogram.
+        Kinds: "heartbeat", "read", and per read endpoint "read:<endpoint>" (created on use)."""
+        stats = self.kinds.get(kind)
+        if stats is None:
+            stats = self.kinds[kind] = KindStats()
         if error is None:
             stats.ok += 1
             stats.window_ok += 1
