@@ -426,7 +426,12 @@ class LoadRun:
                 self._dispatch(self._read_job(next_read))
                 next_read += read_period
             if now >= self.end_s:
-                self.phase = "drain"
+                if self.phase == "load":
+                    self.phase = "drain"
+                    # scheduled sends past the end (a stop, or first sends beyond a short run)
+                    # are dropped at once; retries and resends stay and drain
+                    heap[:] = [entry for entry in heap if entry[3] is not None]
+                    heapq.heapify(heap)
                 if (not heap and self.inflight == 0) or now >= self.end_s + cfg.drain_s:
                     break
             wake = heap[0][0] if heap else now + 0.05

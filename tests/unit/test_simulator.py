@@ -273,3 +273,20 @@ def test_a_slow_server_does_not_slow_the_offered_load(slow_sink: str) -> None:
     assert 360 <= result.stats.sent <= 440 and hb.errors == 0
     assert percentiles_ms(hb.total)["p50"] >= 150
     assert len(result.series) >= 2 and result.series[0]["type"] == "progress"
+
+
+def test_a_stop_request_ends_the_load_promptly_and_still_accounts_for_everything(slow_sink: str) -> None:
+    import gevent
+
+    from simulator.runner import LoadRun, SimConfig
+
+    cfg = SimConfig(url=slow_sink, admin_key="k", devices=50, duration_s=60.0, interval_s=5.0, jitter_s=1.0,
+                    flaky_pct=0, drain_s=5)
+    load = LoadRun(cfg, _fleet(50), emit=lambda s: None)
+    gevent.spawn_later(1.0, load.request_stop)
+    started = time.perf_counter()
+    result = load.run()
+    assert time.perf_counter() - started < 4.0
+    assert 0.9 <= result.load_s <= 1.5
+    hb = result.stats.kinds["heartbeat"]
+    assert hb.ok == result.stats.sent > 0 and result.abandoned == 0
