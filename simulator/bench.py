@@ -133,6 +133,8 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
         "errors": hb.errors,
         "cpu_us_per_request": round(run.cpu_s * 1e6 / requests, 1) if requests else None,
         "cpu_pct_of_one_core": round(100 * run.cpu_s / run.wall_s, 1),
+        "cpu_user_us_per_request": round((run.cpu_s - run.cpu_sys_s) * 1e6 / requests, 1) if requests else None,
+        "cpu_sys_us_per_request": round(run.cpu_sys_s * 1e6 / requests, 1) if requests else None,
         "p50_ms": latency["p50"], "p99_ms": latency["p99"], "p999_ms": latency["p999"], "max_ms": latency["max"],
         "lag_p99_ms": run.lag_ms["p99"],
         "gc_max_pause_ms": run.gc_max_pause_ms,
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  achieved rate     {figures['achieved_rate_per_s']:,.1f}/s  ({figures['requests']:,} requests, "
             f"{figures['errors']} errors)\n"
             f"  CPU per request   {figures['cpu_us_per_request']} µs  "
-            f"({figures['cpu_pct_of_one_core']} % of one core)\n"
+            f"({figures['cpu_user_us_per_request']} user + {figures['cpu_sys_us_per_request']} kernel; "
+            f"{figures['cpu_pct_of_one_core']} % of one core)\n"
             f"  own latency       p50 {figures['p50_ms']} ms  p99 {figures['p99_ms']} ms  p999 {figures['p999_ms']} ms"
             f"  max {figures['max_ms']} ms  (schedule lag p99 {figures['lag_p99_ms']} ms, "
             f"longest GC pause {figures['gc_max_pause_ms']} ms)\n"
