@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-factor", type=float, default=1.5, help="fleet growth per step (1.5)")
     p.add_argument("--capacity-max", type=int, default=0, help="stop stepping at this many devices (0: 64 × start)")
     p.add_argument("--flaky-pct", type=float, default=5.0, help="share of flaky devices in %% (5)")
+    p.add_argument("--skewed-clock-pct", type=float, default=0.0,
+                   help="share of devices whose clock is 10-60 min off, in %% (0)")
     p.add_argument("--connections", type=int, default=512, help="most keep-alive connections (512)")
     p.add_argument("--max-retries", type=int, default=5, help="retries of a failed heartbeat before giving up (5)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as timed out")
@@ -87,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         url=args.url.rstrip("/"), admin_key=args.admin_key, devices=args.devices, duration_s=args.duration,
         interval_s=args.interval, jitter_s=jitter, ramp_up_s=args.ramp_up, read_rate=args.read_rate,
         flaky_pct=args.flaky_pct, max_connections=args.connections, timeout_s=args.timeout, client=args.client,
-        max_retries=args.max_retries,
+        max_retries=args.max_retries, skewed_clock_pct=args.skewed_clock_pct,
         seed=args.seed, token_cache=args.token_cache, verify_sample=args.verify_sample,
         progress_jsonl=args.progress_jsonl, show_progress=not args.quiet,
         targets=Targets(heartbeat_p95_ms=args.target_p95_ms, heartbeat_p99_ms=args.target_p99_ms,

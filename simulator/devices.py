@@ -61,7 +61,7 @@ class Device:
     __slots__ = (
         "index", "device_id", "device_uid", "auth_header", "battery_pct", "charging", "network",
         "signal_dbm", "app_version", "uptime_s", "free_storage_mb", "flaky", "offline_until_s",
-        "rollout_at", "os_version",
+        "rollout_at", "os_version", "clock_offset_s",
     )
 
     def __init__(self, index: int, device_id: int, device_uid: str, token: str, rng: random.Random,
@@ -81,6 +81,7 @@ class Device:
         self.offline_until_s = -1.0
         self.rollout_at = rollout_at  # rollout progress (0..1) at which this device updates
         self.os_version = rng.choice(("13", "14", "14", "15"))
+        self.clock_offset_s = 0.0  # a device whose clock is wrong (set by the runner)
 
     def advance(self, behaviour: Behaviour, run_s: float, rng: random.Random) -> None:
         """Move the device's state on by one heartbeat interval (one device-minute)."""

@@ -20,6 +20,7 @@ import random
 import resource
 import sys
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +55,7 @@ class SimConfig:
     ramp_up_s: float = 0.0
     read_rate: float = 0.0
     flaky_pct: float = 5.0
+    skewed_clock_pct: float = 0.0
     max_connections: int = 512
     timeout_s: float = 10.0
     max_retries: int = 5
@@ -88,6 +90,7 @@ class SimConfig:
             (self.ramp_up_s >= 0, "--ramp-up must not be negative"),
             (self.read_rate >= 0, "--read-rate must not be negative"),
             (0 <= self.flaky_pct <= 100, "--flaky-pct must be between 0 and 100"),
+            (0 <= self.skewed_clock_pct <= 100, "--skewed-clock-pct must be between 0 and 100"),
             (self.max_connections >= 1, "--connections must be at least 1"),
             (self.timeout_s > 0, "--timeout must be positive"),
             (self.max_retries >= 0, "--max-retries must not be negative"),
@@ -294,7 +297,7 @@ class RunResult:
 
     stats: Stats
     series: list[dict[str, Any]]
-    acked: dict[int, list[int]]
+    acked: dict[int, array]
     lag_ms: dict[str, float | None]
     pool_samples: list[float]
     cpu_s: float
@@ -340,12 +343,16 @@ class LoadRun:
                    self.rng.random())
             for i, d in enumerate(fleet)
         ]
+        skew_rng = random.Random(cfg.seed + 1)  # a separate stream: the rest of the fleet is unchanged
+        for device in self.devices:
+            if skew_rng.random() < cfg.skewed_clock_pct / 100:
+                device.clock_offset_s = skew_rng.choice((-1, 1)) * skew_rng.uniform(600, 3600)
         self.emit = emit
         self.admin_headers = admin_headers or f"x-admin: {cfg.admin_key}\r\n".encode()
         self.stats = Stats()
         self.lag = new_histogram()
         self.lag_window = new_histogram()
-        self.acked: dict[int, list[int]] = {}
+        self.acked: dict[int, array] = {}
         self.heap: list[tuple[float, int, Device | None, Job | None]] = []
         self.seq = 0
         self.queue: Queue = Queue()
@@ -353,6 +360,7 @@ class LoadRun:
         self.idle = 0
         self.inflight = 0
         self.clock = WallClock()
+        self.skewed_clock = WallClock()  # its own cache: offsets would thrash the shared one
         self.t0 = 0.0
         self.series: list[dict[str, Any]] = []
         self.pool_samples: list[float] = []
@@ -509,7 +517,10 @@ class LoadRun:
         record_us(self.lag_window, int((start - t0 - job.due_s) * 1e6))
         device = job.device
         if job.body is None:
-            job.body = device.body(self.clock.now_iso())
+            if device.clock_offset_s:
+                job.body = device.body(self.skewed_clock.now_iso(time.time() + device.clock_offset_s))
+            else:
+                job.body = device.body(self.clock.now_iso())
         self.stats.sent_one()
         try:
             answer = conn.request(b"POST", b"/v1/heartbeat", device.auth_header, job.body)
@@ -529,7 +540,7 @@ class LoadRun:
         stats.record("heartbeat", int((end - t0 - job.intended_s) * 1e6))
         acked = self.acked.get(device.device_id)
         if acked is None:
-            acked = self.acked[device.device_id] = []
+            acked = self.acked[device.device_id] = array("q")  # 8 bytes a bucket, for long runs
         acked.append(int(ack.bucket_ts.timestamp()))
         stats.count(ack.status)
         if job.resend_of is not None:
@@ -665,7 +676,7 @@ def _utilisation_pct(body: Any) -> float | None:
     return None
 
 
-def verify_no_loss(api: AdminApi, acked: dict[int, list[int]], sample: int, stream: TextIO,
+def verify_no_loss(api: AdminApi, acked: dict[int, array], sample: int, stream: TextIO,
                    show_progress: bool = True, concurrency: int = 16) -> dict[str, Any]:
     """Ask the server what it stored for the run's devices and compare with every acknowledged
     bucket. ``lost``: acknowledged but not stored. ``duplicates_stored``: one sent heartbeat
@@ -748,9 +759,10 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
             "that delay; use fewer devices per process or a less loaded machine")
     if c.get("first_send_duplicate"):
         warnings.append(
-            f"{c['first_send_duplicate']:,} first sends were answered 'duplicate': the interval "
-            f"({cfg.interval_s:g} s) is shorter than the server's dedup bucket (DEDUP_BUCKET_SECONDS), so "
-            "sends of one device share a bucket and the server stores fewer rows than a real fleet would")
+            f"{c['first_send_duplicate']:,} first sends were answered 'duplicate': two different heartbeats of "
+            "one device fell into one dedup bucket. Expected when interval - jitter "
+            f"({cfg.interval_s - cfg.jitter_s:g} s) is shorter than the server's DEDUP_BUCKET_SECONDS (10 s by "
+            "default): the server then stores fewer rows than a real fleet would make it store")
     if no_loss.get("errors"):
         warnings.append(f"{no_loss['errors']} history reads failed during the no-loss check")
     if c.get("stored_twice"):
@@ -761,6 +773,7 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
         "config": {
             "url": cfg.url, "devices": cfg.devices, "duration_s": cfg.duration_s, "interval_s": cfg.interval_s,
             "jitter_s": cfg.jitter_s, "ramp_up_s": cfg.ramp_up_s, "flaky_pct": cfg.flaky_pct,
+            "skewed_clock_pct": cfg.skewed_clock_pct,
             "read_rate_per_s": cfg.read_rate, "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
             "equivalent_fleet_at_60s": cfg.equivalent_fleet_at_60s, "client": cfg.client,
             "max_connections": cfg.max_connections, "timeout_s": cfg.timeout_s, "seed": cfg.seed,
