@@ -201,13 +201,12 @@ def find_capacity(cfg: SimConfig, args: argparse.Namespace, console: Console, st
         "largest_passing_devices": best["config"]["devices"] if best else None,
         "largest_passing_equivalent_fleet_at_60s": best["config"]["equivalent_fleet_at_60s"] if best else None,
         "best_report": best,
+        "verdict": "PASS" if best else "FAIL",
+        "summary": (f"CAPACITY: {best['config']['devices']:,} devices passed every SLI "
+                    f"(≈ {best['config']['equivalent_fleet_at_60s']:,} devices at 60 s)" if best
+                    else f"CAPACITY: even {cfg.devices:,} devices failed an SLI"),
     }
-    if best:
-        console.human.write(
-            f"\nCAPACITY: {best['config']['devices']:,} devices passed every SLI "
-            f"(≈ {best['config']['equivalent_fleet_at_60s']:,} devices at 60 s)\n")
-    else:
-        console.human.write(f"\nCAPACITY: even {cfg.devices:,} devices failed an SLI\n")
+    console.human.write(f"\n{summary['summary']}\n")
     if console.jsonl:
         sys.stdout.write(json.dumps({"type": "report", **{k: v for k, v in summary.items() if k != 'best_report'}})
                          + "\n")

@@ -118,3 +118,16 @@ def test_shedding_server_is_retried_after_retry_after_and_loses_nothing(database
     # a retried heartbeat waited at least the server's Retry-After (1 s), counted from its first send
     assert report["latency_ms"]["heartbeat"]["max"] >= 1000
     assert "error rate" in report["failed"] and proc.returncode == 1
+
+
+def test_find_capacity_steps_up_and_reports_the_largest_passing_fleet(live_server, tmp_path: Path) -> None:
+    out = tmp_path / "capacity.json"
+    proc = simulator("--devices", "20", "--duration", "1", "--interval", "1", "--find-capacity",
+                     "--capacity-factor", "2", "--capacity-max", "40", "--admin-key", live_server.admin_key,
+                     "--url", live_server.url, "--token-cache", str(tmp_path / "t.json"), "--quiet",
+                     "--output", str(out), *LOOSE_LATENCY)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [s["devices"] for s in result["steps"]] == [20, 40]
+    assert result["largest_passing_devices"] == 40 and result["largest_passing_equivalent_fleet_at_60s"] == 2400
+    assert "CAPACITY: 40 devices passed every SLI" in proc.stdout
