@@ -21,15 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from simulator.report import SEED_TARGETS, Targets, render_text
-from simulator.runner import (
-    AdminApi,
-    LoadRun,
-    SimConfig,
-    UsageError,
-    check_server,
-    default_token_cache,
-    run_load_test,
-)
+from simulator.runner import LoadRun, SimConfig, run_load_test
+from simulator.server import AdminApi, UsageError, check_server, default_token_cache
 
 EXIT_OK, EXIT_SLI_FAILED, EXIT_USAGE = 0, 1, 2
 

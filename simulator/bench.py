@@ -102,7 +102,8 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
     """One paced run against the sink; the figures."""
     import psutil
 
-    from simulator.runner import EnrolledDevice, LoadRun, SimConfig
+    from simulator.runner import LoadRun, SimConfig
+    from simulator.server import EnrolledDevice
 
     proc, port = start_sink()
     try:

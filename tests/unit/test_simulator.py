@@ -240,7 +240,7 @@ def slow_sink():
 
 
 def _fleet(n: int):
-    from simulator.runner import EnrolledDevice
+    from simulator.server import EnrolledDevice
 
     return [EnrolledDevice(i + 1, f"u-{i}", f"token-{i}") for i in range(n)]
 
