@@ -225,8 +225,11 @@ class LoadRun:
     def _dispatch(self, job: Job) -> None:
         self.inflight += 1
         self.queue.put(job)
-        if self.queue.qsize() > self.idle and len(self.workers) < self.cfg.max_connections:
-            self.workers.append(gevent.spawn(self._worker))
+        if self.queue.qsize() > self.idle:
+            if len(self.workers) < self.cfg.max_connections:
+                self.workers.append(gevent.spawn(self._worker))
+            else:
+                self.stats.count("queued_at_connection_limit")
 
     def _tick(self, device: Device, due_s: float) -> None:
         """A device's scheduled send comes due."""
@@ -523,10 +526,17 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
     c = stats.counters
     load_s = run.load_s or 1.0
     warnings = []
-    if run.lag_ms.get("p99") is not None and run.lag_ms["p99"] > 50:
+    queued = c.get("queued_at_connection_limit", 0)
+    if queued > 0.01 * max(1, attempts):
         warnings.append(
-            f"the generator ran behind its own schedule (lag p99 {run.lag_ms['p99']} ms): latencies include "
-            "that delay; use fewer devices per process or a less loaded machine")
+            f"{queued:,} sends waited because all {cfg.max_connections} connections were busy: the server "
+            "was not answering fast enough; the wait counts in the latencies (from the intended send time). "
+            "--connections raises the concurrency offered to the server")
+    elif run.lag_ms.get("p99") is not None and run.lag_ms["p99"] > 50:
+        warnings.append(
+            f"the generator ran behind its own schedule (lag p99 {run.lag_ms['p99']} ms) with connections to "
+            "spare: it was short of CPU; latencies include that delay; use fewer devices per process or a less "
+            "loaded machine")
     if c.get("first_send_duplicate"):
         warnings.append(
             f"{c['first_send_duplicate']:,} first sends were answered 'duplicate': two different heartbeats of "
@@ -576,7 +586,7 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
             "cpu_s": round(run.cpu_s, 2), "cpu_sys_s": round(run.cpu_sys_s, 2),
             "cpu_us_per_request": round(run.cpu_s * 1e6 / attempts, 1) if attempts else None,
             "rss_mb": run.rss_mb, "connections": run.connections, "wall_s": round(run.wall_s, 2),
-            "gc_max_pause_ms": run.gc_max_pause_ms,
+            "gc_max_pause_ms": run.gc_max_pause_ms, "sends_queued_at_connection_limit": queued,
         },
         "pool": {"samples": len(run.pool_samples), "sustained_pct": pool_pct,
                  "max_pct": max(run.pool_samples) if run.pool_samples else None},
