@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m simulator", description="NexMDM device simulator and load test")
     p.add_argument("--devices", type=int, required=True, help="simulated devices")
     p.add_argument("--duration", type=float, required=True, help="seconds of load")
-    p.add_argument("--admin-key", required=True, help="the operator key (x-admin)")
+    p.add_argument("--admin-key", help="the operator key (x-admin); default: ADMIN_KEY, else the development "
+                   "key the server stored in var/admin_key")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default %(default)s)")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between a device's heartbeats (60)")
     p.add_argument("--jitter", type=float, default=None,
@@ -73,13 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_admin_key() -> str | None:
+    """ADMIN_KEY (through Settings), else the development key file a local server wrote."""
+    from config.admin_key import admin_key_path
+    from config.settings import Settings
+
+    settings = Settings.from_env()
+    if settings.admin_key:
+        return settings.admin_key
+    path = admin_key_path(settings)
+    return path.read_text().strip() if path.exists() else None
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """SimConfig from parsed flags (jitter defaults to 15 s at 60 s, else a quarter interval)."""
+    admin_key = args.admin_key or default_admin_key()
+    if not admin_key:
+        raise UsageError("--admin-key is required (no ADMIN_KEY set and no var/admin_key file)")
     jitter = args.jitter
     if jitter is None:
         jitter = 15.0 if args.interval == 60.0 else args.interval / 4
     return SimConfig(
-        url=args.url.rstrip("/"), admin_key=args.admin_key, devices=args.devices, duration_s=args.duration,
+        url=args.url.rstrip("/"), admin_key=admin_key, devices=args.devices, duration_s=args.duration,
         interval_s=args.interval, jitter_s=jitter, ramp_up_s=args.ramp_up, read_rate=args.read_rate,
         flaky_pct=args.flaky_pct, max_connections=args.connections, timeout_s=args.timeout, client=args.client,
         max_retries=args.max_retries, skewed_clock_pct=args.skewed_clock_pct,
