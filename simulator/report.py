@@ -178,7 +178,11 @@ def render_text(report: dict[str, Any]) -> str:
         f"  acknowledged        {nl['acknowledged_buckets']:,} buckets",
         f"  lost                {_fmt(nl['lost'])}",
         f"  duplicates stored   {_fmt(nl['duplicates_stored'])}",
+        f"  stored, unanswered  {_fmt(nl.get('stored_unacknowledged'))}  (committed, but the answer never arrived: "
+        "allowed)",
     ]
+    if nl.get("errors"):
+        lines.append(f"  history reads failed {nl['errors']:,}: the check is incomplete, so it fails")
     gen = report["generator"]
     lines += [
         "",
