@@ -100,11 +100,11 @@ def test_shedding_server_is_retried_after_retry_after_and_loses_nothing(database
     from tests.live import start_server
 
     # a tiny ingest queue makes the server answer 503 + Retry-After: 1 under a modest burst
-    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, INGEST_QUEUE_MAX="4",
+    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, INGEST_QUEUE_MAX="1",
                           INGEST_FLUSHERS="1")
     try:
         out = tmp_path / "report.json"
-        proc = simulator("--devices", "200", "--duration", "2", "--interval", "0.5", "--jitter", "0.05",
+        proc = simulator("--devices", "300", "--duration", "2", "--interval", "0.5", "--jitter", "0.05",
                          "--max-retries", "2",
                          "--admin-key", ADMIN_KEY, "--url", server.url, "--output", str(out), "--quiet",
                          "--token-cache", str(tmp_path / "t.json"), "--flaky-pct", "0", *LOOSE_LATENCY)
