@@ -33,3 +33,7 @@ bench: $(STAMP)
 clean-var:
 	$(PY) -m db stop || true
 	rm -rf var
+
+.PHONY: bench-simulator
+bench-simulator: $(STAMP)
+	$(PY) -m simulator.bench
