@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test lint bench-ingest venv clean-var
+.PHONY: run test lint bench-ingest venv clean-var console
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "NexMDM needs Python 3.11+"'
@@ -20,6 +20,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+console: $(STAMP)
+	$(PY) -m console $(CONSOLE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
