@@ -20,7 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.timer import Timer
-from textual.widgets import Button, Footer, Header, Label, RichLog
+from textual.widgets import Button, Footer, Header, Input, Label, RichLog
 
 from console.sources.history import History
 from console.sources.http import AUTH, DOWN, ApiClient, EndpointError
@@ -108,6 +108,32 @@ class StartServerScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
+class AdminKeyScreen(ModalScreen[str | None]):
+    """Asks for the operator key (x-admin) after the server rejected the one in use."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    AUTO_FOCUS = "Input"
+    DEFAULT_CSS = """
+    AdminKeyScreen { align: center middle; }
+    AdminKeyScreen > Vertical {
+        width: 64; height: auto; border: thick $accent; background: $surface; padding: 1 2;
+    }
+    AdminKeyScreen Input { margin-top: 1; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Admin key (x-admin header). Enter to use it, Escape to cancel.")
+            yield Input(password=True, id="admin-key")
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
 class ConsoleApp(App[None]):
     """NexMDM operator console."""
 
@@ -134,6 +160,7 @@ class ConsoleApp(App[None]):
         Binding("c", "run_job('reconcile')", "Reconcile"),
         Binding("s", "start_simulator", "Run sim"),
         Binding("x", "stop_simulator", "Stop sim"),
+        Binding("k", "enter_admin_key", "Key"),
         Binding("escape", "blur", "Leave input", show=False),
     ]
 
@@ -191,7 +218,7 @@ class ConsoleApp(App[None]):
             with Vertical(id="right"):
                 yield self._panel(LatencyChart(id="latency"), "Heartbeat latency")
                 yield self._panel(SimulatorPanel(id="simulator"), "Simulator")
-        yield Footer(show_command_palette=False)
+        yield Footer(show_command_palette=False, compact=True)
 
     @staticmethod
     def _panel(widget: Any, title: str) -> Any:
@@ -268,8 +295,8 @@ class ConsoleApp(App[None]):
                 if not reading.ok and reading.message and reading.kind != "ok":
                     self.log_event(f"{name}: {reading.message}", "yellow")
         elif snap.status == AUTH:
-            self.log_event(f"{snap.message} — start the console with --admin-key (or ADMIN_KEY)", "bold red")
-            self.notify(snap.message, title="Admin key rejected", severity="error")
+            self.log_event(f"{snap.message} — press k to enter the key", "bold red")
+            self.notify(f"{snap.message}\nPress k to enter the key.", title="Admin key rejected", severity="error")
         elif snap.status == DOWN:
             self.log_event(snap.message, "bold red")
             self._maybe_offer_local_server(snap.message)
@@ -299,6 +326,17 @@ class ConsoleApp(App[None]):
         """Poll now (and offer a local server again if none answers)."""
         self._offered = False
         self.start_poll()
+
+    def action_enter_admin_key(self) -> None:
+        """Ask for the admin key and use it from the next poll on (also for the simulator)."""
+
+        def entered(key: str | None) -> None:
+            if key:
+                self.client.admin_key = self.sim.admin_key = key
+                self.log_event("using the admin key entered", "cyan")
+                self.start_poll()
+
+        self.push_screen(AdminKeyScreen(), entered)
 
     # ---- local server ---------------------------------------------------------------------
 
