@@ -168,8 +168,8 @@ class ServerPoller:
         fleet = self._read(lambda: parse_fleet(self.client.get_json("/v1/fleet/summary")))
         if fleet.kind == DOWN:
             self._last_metrics = None
-            down: Reading[Any] = Reading(kind=DOWN, message=fleet.message)
-            return ServerSnapshot(polled_at, self._clock() - started, DOWN, fleet.message, down, down, down, fleet)
+            down: Reading[Any] = Reading(kind=DOWN, message="server down")  # the snapshot carries the detail
+            return ServerSnapshot(polled_at, self._clock() - started, DOWN, fleet.message, down, down, down, down)
         traffic = self._read(self._scrape)
         pool = self._read(lambda: parse_pool_health(self.client.get_json("/ops/pool_health")))
         jobs = self._read(lambda: parse_jobs(self.client.get_json("/ops/jobs")))

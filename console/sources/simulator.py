@@ -80,10 +80,15 @@ class SimProgress:
     p95_ms: float | None
     p99_ms: float | None
     p999_ms: float | None
+    error_rate_pct: float | None = None  # the simulator's own figure, when it sends one
+    verdict_so_far: str | None = None  # PASS / FAIL, when the simulator judges as it goes
+    failing: tuple[str, ...] = ()
 
     @property
     def error_pct(self) -> float:
-        """Errors as a share of heartbeats sent, in %."""
+        """Errors as a share of requests, in % (the simulator's figure, else errors / sent)."""
+        if self.error_rate_pct is not None:
+            return self.error_rate_pct
         return 100.0 * self.errors / self.sent if self.sent else 0.0
 
 
@@ -157,13 +162,21 @@ def parse_line(line: str) -> SimEvent | None:
         p95_ms=_num(obj.get("p95_ms")),
         p99_ms=_num(obj.get("p99_ms")),
         p999_ms=_num(obj.get("p999_ms")),
+        error_rate_pct=_num(obj.get("error_rate_pct")),
+        verdict_so_far=str(obj["verdict_so_far"]) if obj.get("verdict_so_far") is not None else None,
+        failing=tuple(str(f) for f in obj.get("failing") or () if f),
     )
 
 
 def live_verdict(progress: SimProgress) -> tuple[bool | None, str]:
-    """The SLIs as they stand so far (p95 < 150 ms, p99 < 300 ms, errors < 0.5 %); None = no data."""
+    """The SLIs as they stand so far: the simulator's own verdict when it sends one, else p95 < 150 ms,
+    p99 < 300 ms and errors < 0.5 % judged here; None = no data yet."""
     if progress.sent == 0 or progress.p95_ms is None:
         return None, "no data yet"
+    if progress.verdict_so_far is not None:
+        if progress.verdict_so_far.upper() == "PASS":
+            return True, "SLIs holding"
+        return False, "FAILING: " + (", ".join(progress.failing) or progress.verdict_so_far)
     failing = []
     if progress.p95_ms >= P95_TARGET_MS:
         failing.append(f"p95 {progress.p95_ms:.0f}≥{P95_TARGET_MS:.0f}")

@@ -35,7 +35,7 @@ class SimView:
 class SimStatus(Widget):
     """The run's state lines; takes ``view``."""
 
-    view: reactive[SimView] = reactive(SimView, always_update=True)
+    view: reactive[SimView] = reactive(SimView, always_update=True, layout=True)
 
     def render(self) -> RenderableType:
         v = self.view

@@ -48,7 +48,7 @@ def polls(n: int = 60) -> list[ServerSnapshot]:
         sample = parse_metrics(metrics_text(step * 3), float(step))
         traffic = diff_metrics(previous, sample)
         previous = sample
-        in_use = min(100, 20 + step)
+        in_use = min(100, 20 + step * 3 // 4)
         pct = 100.0 * in_use / 100
         status = "CRITICAL" if pct > 95 else "WARN" if pct > 80 else "OK"
         at = T0 + timedelta(seconds=step)
@@ -81,5 +81,6 @@ def sim_progress(n: int = 20) -> list[SimProgress]:
 
 def down_snapshot() -> ServerSnapshot:
     """A poll that found nothing listening."""
-    down: Reading = Reading(kind="down", message="no answer at http://127.0.0.1:8000: connection refused")
-    return ServerSnapshot(T0, 0.001, "down", down.message, down, down, down, down)
+    down: Reading = Reading(kind="down", message="server down")
+    return ServerSnapshot(T0, 0.001, "down", "no answer at http://127.0.0.1:8000: connection refused",
+                          down, down, down, down)

@@ -140,7 +140,7 @@ async def test_server_down_shows_and_the_console_recovers(database_url, engine, 
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: "SERVER DOWN" in app.sub_title, what="server down")
         assert "connection refused" in events_text(app)
-        assert "refused" in app.query_one(PoolPanel).reading.message
+        assert app.query_one(PoolPanel).reading.message == "server down"
         server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, port=port)
         try:
             await wait_for(pilot, lambda: "connected" in app.sub_title, timeout_s=10, what="reconnect")
@@ -194,8 +194,32 @@ async def test_bad_simulator_inputs_show_in_the_panel(tmp_path):
         assert not app.sim.running
 
 
-@pytest.mark.skipif(not (PROJECT_ROOT / "simulator" / "__main__.py").exists(),
-                    reason="needs the simulator (python -m simulator, issue 5); enabled once it is merged")
+needs_simulator = pytest.mark.skipif(
+    not (PROJECT_ROOT / "simulator" / "__main__.py").exists(),
+    reason="needs the simulator (python -m simulator, issue 5); runs once it is merged",
+)
+
+
+@needs_simulator
+@pilot_test
+async def test_simulator_run_to_its_end_shows_verdict_and_report(live_server, tmp_path):
+    app = make_app(live_server.url, live_server.admin_key, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        panel = app.query_one(SimulatorPanel)
+        for name, value in (("devices", "40"), ("duration", "3"), ("interval", "1"), ("jitter", "0.2")):
+            app.query_one(f"#sim-{name}").value = value
+        await pilot.press("s")
+        await wait_for(pilot, lambda: panel.view.state in (FINISHED, "failed"), timeout_s=90, what="the run's end")
+        view = panel.view
+        assert view.state == FINISHED, view
+        assert view.progress is not None and view.progress.acked > 0
+        assert view.verdict in ("PASS", "FAIL") and view.passed == (view.verdict == "PASS")
+        report = json.loads(Path(view.report_path).read_text())
+        assert report["verdict"] == view.verdict
+        assert "verdict" in events_text(app)
+
+
+@needs_simulator
 @pilot_test
 async def test_simulator_runs_from_the_console_and_stops_with_a_report(live_server, tmp_path):
     app = make_app(live_server.url, live_server.admin_key, tmp_path)

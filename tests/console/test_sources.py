@@ -100,6 +100,10 @@ def test_simulator_stream_lines():
     assert isinstance(report, SimReport) and report.passed is True and report.path == "var/r.json"
     failed = parse_line('{"type": "report", "path": "r.json", "verdict": "FAIL", "passed": false}')
     assert isinstance(failed, SimReport) and failed.passed is False
+    # the simulator's own running verdict wins over the console's estimate
+    judged = parse_line('{"type": "progress", "t_s": 5, "sent": 100, "acked": 100, "errors": 0, "p95_ms": 400,'
+                        ' "error_rate_pct": 0.0, "verdict_so_far": "FAIL", "failing": ["heartbeat p95"]}')
+    assert isinstance(judged, SimProgress) and live_verdict(judged) == (False, "FAILING: heartbeat p95")
     assert parse_line("enrolling 200 devices…") == SimOutput("enrolling 200 devices…")
     assert parse_line("   ") is None
 
@@ -165,7 +169,7 @@ def test_poller_reports_a_wrong_key_and_a_server_that_is_down(live_server):
     assert wrong.status == AUTH and "403" in wrong.message and wrong.fleet.kind == AUTH
     started = time.monotonic()
     down = ServerPoller(ApiClient(f"http://127.0.0.1:{free_port()}", "k")).poll()
-    assert down.status == DOWN and "refused" in down.message and down.pool.kind == DOWN
+    assert down.status == DOWN and "refused" in down.message and down.pool.kind == down.fleet.kind == DOWN
     assert time.monotonic() - started < 2.0
 
 
