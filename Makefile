@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test lint bench-ingest venv clean-var console
+.PHONY: run test lint bench bench-ingest venv clean-var
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "NexMDM needs Python 3.11+"'
@@ -21,6 +21,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+.PHONY: console
 console: $(STAMP)
 	$(PY) -m console $(CONSOLE_ARGS)
 
@@ -29,6 +30,9 @@ lint: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(PY) -m bench.ingest
+
+bench: $(STAMP)
+	$(PY) -m bench.suite
 
 clean-var:
 	$(PY) -m db stop || true
