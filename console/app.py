@@ -204,6 +204,7 @@ class ConsoleApp(App[None]):
         self._starting_local = False
         self._pending_jobs: set[str] = set()
         self._last_status: str | None = None
+        self._exiting = False
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -496,6 +497,23 @@ class ConsoleApp(App[None]):
         self.set_focus(None)
 
     # ---- exit -----------------------------------------------------------------------------
+
+    def action_quit(self) -> None:
+        """Quit; first stop the simulator and the local server, showing that it is happening."""
+        busy = self.sim.running or (self.local_server is not None and self.local_server.running)
+        if not busy or self._exiting:
+            self.exit()  # a second q does not wait (on_unmount still stops the children)
+            return
+        self._exiting = True
+        self.log_event("stopping the simulator and the local server before exit …", "yellow")
+        self.notify("Stopping the simulator and the local server…", timeout=60)
+        self.run_worker(self._stop_and_exit, thread=True, group="exit", exit_on_error=False)
+
+    def _stop_and_exit(self) -> None:
+        try:
+            self.stop_children()
+        finally:
+            self.call_from_thread(self.exit)
 
     def stop_children(self, timeout_s: float = 30.0) -> None:
         """Stop the simulator (SIGINT, waiting for its report) and the local server. Idempotent."""
