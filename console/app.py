@@ -534,7 +534,17 @@ def _replace(view: SimView, **changes: Any) -> SimView:
 
 
 def _summarise(report: Any) -> str:
-    if isinstance(report, dict):
-        parts = [f"{k}={v}" for k, v in report.items() if isinstance(v, str | int | float | bool) or v is None]
-        return ", ".join(parts[:6]) or "done"
-    return str(report)[:200]
+    """A job's answer in one line: status, rows, duration, and its detail."""
+    if not isinstance(report, dict):
+        return str(report)[:200]
+    parts = [str(report.get("status", "done"))]
+    if report.get("rows_affected") is not None:
+        parts.append(f"{report['rows_affected']} rows")
+    if report.get("duration_s") is not None:
+        parts.append(f"{report['duration_s']} s")
+    detail = report.get("detail")
+    if isinstance(detail, dict):
+        parts += [f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict | list)][:4]
+    elif detail:
+        parts.append(str(detail)[:120])
+    return ", ".join(parts)

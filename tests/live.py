@@ -41,11 +41,9 @@ class LiveServer:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-def start_server(
-    database_url: str, admin_key: str, tmp: Path, workers: int = 2, port: int | None = None, **env: str
-) -> LiveServer:
-    """Start gunicorn exactly as ``make run`` does (same config file), on ``port`` or a free one."""
-    port = port or free_port()
+def start_server(database_url: str, admin_key: str, tmp: Path, workers: int = 2, **env: str) -> LiveServer:
+    """Start gunicorn exactly as ``make run`` does (same config file), on a free port."""
+    port = free_port()
     environ = dict(
         os.environ,
         DATABASE_URL=database_url,

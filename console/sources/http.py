@@ -76,8 +76,13 @@ def _http_error(err: urllib.error.HTTPError, path: str) -> EndpointError:
     try:
         body = json.loads(err.read() or b"{}")
         detail = body.get("detail") or body.get("error") or ""
+        if isinstance(detail, dict):  # e.g. a job's report: its error or detail says what happened
+            detail = detail.get("error") or detail.get("detail") or body.get("error") or ""
+        detail = str(detail)
     except (ValueError, AttributeError, OSError):
         detail = ""
+    if err.code == 409:
+        return EndpointError(ERROR, f"{path}: {detail or 'conflict'} (409)", err.code)
     if err.code in (401, 403):
         return EndpointError(AUTH, f"admin key rejected ({err.code}): {detail}".rstrip(": "), err.code)
     if err.code in (404, 405):

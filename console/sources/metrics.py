@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-LATENCY_METRIC = "nexmdm_heartbeat_write_seconds"
+# The heartbeat write latency histogram, by the names it may have; else any nexmdm_ histogram in
+# seconds with "heartbeat" in its name (the one with "write" first).
+LATENCY_METRICS = ("nexmdm_heartbeat_write_duration_seconds", "nexmdm_heartbeat_write_seconds")
 _LATENCY_FALLBACK = re.compile(r"^nexmdm_.*heartbeat.*_seconds$")
 _ACKED = re.compile(r"accepted|stored|acked|duplicate")
 _REJECTED = re.compile(r"rejected|error|failed")
@@ -85,9 +87,11 @@ def parse_metrics(text: str, taken_s: float) -> MetricsSample:
 
 
 def _pick_latency_metric(histograms: dict[str, dict[float, float]]) -> str | None:
-    if LATENCY_METRIC in histograms:
-        return LATENCY_METRIC
-    return next((name for name in sorted(histograms) if _LATENCY_FALLBACK.match(name)), None)
+    for name in LATENCY_METRICS:
+        if name in histograms:
+            return name
+    candidates = sorted(("write" not in name, name) for name in histograms if _LATENCY_FALLBACK.match(name))
+    return candidates[0][1] if candidates else None
 
 
 def quantile(q: float, buckets: Buckets) -> float | None:

@@ -42,6 +42,8 @@ class PoolHealth:
     overflow: int
     utilisation_pct: float
     status: str  # OK / WARN / CRITICAL
+    capacity: int = 0  # connections the pools may open (size + overflow, over all workers)
+    reasons: tuple[str, ...] = ()  # why the status is not OK, when the server says
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,11 @@ def parse_pool_health(body: Any) -> PoolHealth:
     capacity = size + max_overflow
     pct = float(pct) if pct is not None else (100.0 * in_use / capacity if capacity else 0.0)
     status = str(body.get("status") or pool_status(pct)).upper()
+    reasons = body.get("reasons") or ()
     return PoolHealth(
         size=size, max_overflow=max_overflow, in_use=in_use, overflow=max(overflow, 0),
-        utilisation_pct=pct, status=status,
+        utilisation_pct=pct, status=status, capacity=int(body.get("capacity") or capacity),
+        reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list | tuple) else (str(reasons),),
     )
 
 
@@ -120,13 +124,12 @@ def parse_jobs(body: Any) -> dict[str, JobRun]:
     for raw in runs if isinstance(runs, list) else []:
         if not isinstance(raw, dict) or not raw.get("job"):
             continue
-        detail = raw.get("detail") or raw.get("error") or ""
         run = JobRun(
             job=str(raw["job"]),
             status=str(raw.get("status", "?")),
             started_at=_parse_time(raw.get("started_at")),
             finished_at=_parse_time(raw.get("finished_at")),
-            detail=detail if isinstance(detail, str) else str(detail),
+            detail=_job_detail(raw),
         )
         seen = latest.get(run.job)
         if seen is None or (run.started_at or datetime.min.replace(tzinfo=UTC)) > (
@@ -134,6 +137,15 @@ def parse_jobs(body: Any) -> dict[str, JobRun]:
         ):
             latest[run.job] = run
     return latest
+
+
+def _job_detail(raw: dict[str, Any]) -> str:
+    """One line about a run: its error when it failed, else its detail (text, or key=value pairs)."""
+    detail = raw.get("error") if raw.get("status") == "failed" and raw.get("error") else raw.get("detail")
+    if isinstance(detail, dict):
+        return ", ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict | list))
+    lines = str(detail or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def parse_fleet(body: Any) -> FleetSummary:
@@ -172,7 +184,7 @@ class ServerPoller:
             return ServerSnapshot(polled_at, self._clock() - started, DOWN, fleet.message, down, down, down, down)
         traffic = self._read(self._scrape)
         pool = self._read(lambda: parse_pool_health(self.client.get_json("/ops/pool_health")))
-        jobs = self._read(lambda: parse_jobs(self.client.get_json("/ops/jobs")))
+        jobs = self._read(self._jobs)
         readings = (fleet, traffic, pool, jobs)
         if any(r.kind == AUTH for r in readings):
             status, message = AUTH, next(r.message for r in readings if r.kind == AUTH)
@@ -181,6 +193,15 @@ class ServerPoller:
         else:
             status, message = "ok", ""
         return ServerSnapshot(polled_at, self._clock() - started, status, message, pool, traffic, jobs, fleet)
+
+    def _jobs(self) -> dict[str, JobRun]:
+        """The latest run of each job: one call for the recent runs, then one per job still
+        missing (a job that runs rarely can fall out of the recent list)."""
+        latest = parse_jobs(self.client.get_json("/ops/jobs?limit=100"))
+        for job in JOBS:
+            if job not in latest:
+                latest.update(parse_jobs(self.client.get_json(f"/ops/jobs?job={job}&limit=1")))
+        return latest
 
     def _scrape(self) -> Traffic | None:
         text = self.client.get_text("/metrics")

@@ -32,14 +32,18 @@ class PoolPanel(Widget):
         gauge = Text("█" * filled, style=style.replace("bold ", "")) + Text("░" * (bar_width - filled), style="dim")
         gauge.append(label, style=style)
         figures = Text.assemble(
-            ("in use ", "dim"), (f"{pool.in_use}", "bold"), (f"/{pool.size + pool.max_overflow}", ""),
+            ("in use ", "dim"), (f"{pool.in_use}", "bold"), (f"/{pool.capacity or pool.size + pool.max_overflow}", ""),
             ("  overflow ", "dim"), (f"{pool.overflow}/{pool.max_overflow}", ""),
             ("  size ", "dim"), (f"{pool.size}", ""),
             no_wrap=True, overflow="ellipsis",
         )
         figures.truncate(width, overflow="ellipsis")
         lines: list[RenderableType] = [gauge, figures]
-        spark_rows = max(0, self.content_size.height - 2)
+        if pool.status != "OK" and pool.reasons and self.content_size.height >= 4:
+            reason = Text(pool.reasons[0], style=style.replace("bold ", ""), no_wrap=True)
+            reason.truncate(width, overflow="ellipsis")
+            lines.append(reason)
+        spark_rows = max(0, self.content_size.height - len(lines))
         if spark_rows and self.series:
             lines.extend(_spark_rows(list(self.series), width, spark_rows))
         return Group(*lines)

@@ -15,6 +15,7 @@ import pytest
 from config.settings import PROJECT_ROOT
 from console.app import AdminKeyScreen, ConsoleApp, StartServerScreen
 from console.sources.http import UNAVAILABLE
+from console.sources.local_server import LocalServer
 from console.widgets.jobs import JobsPanel
 from console.widgets.latency import LatencyChart
 from console.widgets.pool import PoolPanel
@@ -22,7 +23,7 @@ from console.widgets.simulator import FINISHED, RUNNING, SimulatorPanel
 from console.widgets.traffic import TrafficPanel
 from tests.conftest import ADMIN_KEY
 from tests.helpers import heartbeat_body
-from tests.live import free_port, start_server
+from tests.live import free_port
 
 SIZE = (100, 32)
 
@@ -54,6 +55,12 @@ def events_text(app: ConsoleApp) -> str:
 def make_app(url: str, key: str | None, tmp: Path, **kwargs) -> ConsoleApp:
     kwargs.setdefault("offer_local_server", False)
     return ConsoleApp(url, key, poll_interval_s=0.3, output_dir=tmp / "console", **kwargs)
+
+
+def local_env(database_url: str, tmp: Path) -> dict[str, str]:
+    """``python -m api serve`` on the tests' database, one worker, no scheduler."""
+    return {"DATABASE_URL": database_url, "VAR_DIR": str(tmp), "WEB_CONCURRENCY": "1",
+            "SCHEDULER_ENABLED": "false", "ARCHIVE_DIR": str(tmp / "archive")}
 
 
 def call(url: str, method: str = "GET", body=None, headers=None):
@@ -136,18 +143,22 @@ async def test_wrong_admin_key_shows_and_is_recovered_from(live_server, tmp_path
 @pilot_test
 async def test_server_down_shows_and_the_console_recovers(database_url, engine, tmp_path):
     port = free_port()
-    app = make_app(f"http://127.0.0.1:{port}", ADMIN_KEY, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    app = make_app(url, ADMIN_KEY, tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: "SERVER DOWN" in app.sub_title, what="server down")
         assert "connection refused" in events_text(app)
         assert app.query_one(PoolPanel).reading.message == "server down"
-        server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, port=port)
+        # a server comes up at that URL (python -m api serve on the test database), then goes away
+        server = LocalServer(url, tmp_path / "server.log", admin_key=ADMIN_KEY, env=local_env(database_url, tmp_path))
         try:
+            await asyncio.to_thread(server.start, 60)
             await wait_for(pilot, lambda: "connected" in app.sub_title, timeout_s=10, what="reconnect")
             assert app.query_one(TrafficPanel).fleet.ok
         finally:
-            server.stop()
+            await asyncio.to_thread(server.stop)
         await wait_for(pilot, lambda: "SERVER DOWN" in app.sub_title, timeout_s=10, what="down again")
+        assert app.is_running
 
 
 @pilot_test
@@ -167,8 +178,7 @@ async def test_job_keys_post_to_the_server(live_server, tmp_path):
 @pilot_test
 async def test_offers_a_local_server_when_none_answers_and_stops_it_on_exit(database_url, engine, tmp_path):
     port = free_port()
-    env = {"DATABASE_URL": database_url, "VAR_DIR": str(tmp_path), "WEB_CONCURRENCY": "1",
-           "SCHEDULER_ENABLED": "false", "ARCHIVE_DIR": str(tmp_path / "archive")}
+    env = local_env(database_url, tmp_path)
     app = make_app(f"http://127.0.0.1:{port}", ADMIN_KEY, tmp_path, offer_local_server=True, local_server_env=env)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, StartServerScreen), what="the offer")

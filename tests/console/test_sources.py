@@ -118,6 +118,27 @@ def test_simulator_inputs_are_checked():
             SimParams.parse(*bad)
 
 
+def test_payloads_in_the_shapes_the_observability_and_scheduler_branches_send():
+    pool = parse_pool_health({"status": "WARN", "reasons": ["WARN: the pools of all workers may open 200"],
+                              "workers": 2, "pool_size": 100, "max_overflow": 100, "capacity": 200, "in_use": 3,
+                              "overflow": 0, "utilization_pct": 1.5})
+    assert (pool.size, pool.capacity, pool.utilisation_pct, pool.status) == (100, 200, 1.5, "WARN")
+    assert pool.reasons[0].startswith("WARN: the pools")
+    jobs = parse_jobs({"runs": [
+        {"run_id": 3, "job": "reconcile", "status": "succeeded", "trigger": "api",
+         "started_at": "2026-11-27T12:00:00+00:00", "finished_at": "2026-11-27T12:00:01+00:00",
+         "rows_affected": 0, "detail": {"healed": 0, "checked": 10}, "error": None},
+        {"run_id": 2, "job": "nightly", "status": "failed", "detail": {"archived": 0},
+         "error": "checksum mismatch\ntraceback…", "started_at": "2026-11-27T03:00:00+00:00"},
+    ]})
+    assert jobs["reconcile"].detail == "healed=0, checked=10" and jobs["nightly"].detail == "checksum mismatch"
+    text = metrics_text(10).replace("nexmdm_heartbeat_write_seconds", "nexmdm_heartbeat_write_duration_seconds")
+    text += ('# TYPE nexmdm_last_status_read_duration_seconds histogram\n'
+             'nexmdm_last_status_read_duration_seconds_bucket{le="+Inf"} 5\n')
+    sample = parse_metrics(text, 1.0)
+    assert sample.latency_metric == "nexmdm_heartbeat_write_duration_seconds"
+
+
 def test_endpoint_payloads_are_read_tolerantly():
     pool = parse_pool_health({"size": 50, "max_overflow": 50, "in_use": 90, "overflow": 40})
     assert pool.utilisation_pct == 90.0 and pool.status == "WARN"
