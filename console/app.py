@@ -439,7 +439,10 @@ class ConsoleApp(App[None]):
         except (OSError, RuntimeError) as err:
             self._show_sim(SimView(state=FAILED, params=params, message=f"could not start: {err}"))
             return
-        self.log_event("simulator: " + " ".join(argv[1:] if argv and argv[0].endswith("python") else argv), "cyan")
+        self.log_event(
+            f"simulator: {params.devices:,} devices for {params.duration_s:g} s, every {params.interval_s:g} s "
+            f"± {params.jitter_s:g} s (≈ {params.rate_per_s:,.0f}/s); log {self.sim.log_path}", "cyan")
+        self.log.info("simulator command: %s", " ".join(argv))
         self._show_sim(SimView(state=RUNNING, params=params, message=f"{params.rate_per_s:,.0f} heartbeats/s planned"))
         self.set_focus(None)
 

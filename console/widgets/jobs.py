@@ -48,8 +48,8 @@ class JobsPanel(Widget):
             else:
                 line.append(f"{run.status:<10}", style=STATUS_STYLE.get(run.status, ""))
                 line.append(age(run.finished_at or run.started_at, self.now), style="dim")
-                if run.status == "failed" and run.detail:
-                    line.append(f" {run.detail}", style="red")
+                if run.detail and run.status in ("failed", "skipped"):
+                    line.append(f" {run.detail}", style="red" if run.status == "failed" else "dim")
             line.truncate(width, overflow="ellipsis")
             lines.append(line)
         return Group(*lines)
