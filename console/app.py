@@ -442,7 +442,7 @@ class ConsoleApp(App[None]):
         self.log_event(
             f"simulator: {params.devices:,} devices for {params.duration_s:g} s, every {params.interval_s:g} s "
             f"± {params.jitter_s:g} s (≈ {params.rate_per_s:,.0f}/s); log {self.sim.log_path}", "cyan")
-        self.log.info("simulator command: %s", " ".join(argv))
+        self.log.info(f"simulator command: {' '.join(argv)}")
         self._show_sim(SimView(state=RUNNING, params=params, message=f"{params.rate_per_s:,.0f} heartbeats/s planned"))
         self.set_focus(None)
 
