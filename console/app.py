@@ -427,6 +427,11 @@ class ConsoleApp(App[None]):
         if self.sim.running:
             self.notify("the simulator is already running; [x] stops it", severity="warning")
             return
+        if not self.sim.admin_key:
+            message = "no admin key: press k to enter it (the simulator enrolls its devices with it)"
+            self._show_sim(SimView(state=FAILED, message=message))
+            self.notify(message, title="Simulator", severity="error")
+            return
         try:
             params = panel.read_params()
         except ValueError as err:

@@ -195,6 +195,21 @@ async def test_offers_a_local_server_when_none_answers_and_stops_it_on_exit(data
 
 
 @pilot_test
+async def test_declining_the_local_server_keeps_polling(tmp_path):
+    app = make_app(f"http://127.0.0.1:{free_port()}", None, tmp_path, offer_local_server=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, StartServerScreen), what="the offer")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: not isinstance(app.screen, StartServerScreen), what="the offer closed")
+        polls = app.polls
+        await wait_for(pilot, lambda: app.polls >= polls + 2, what="polling on")
+        assert "not starting a local server" in events_text(app) and app.local_server is None
+        await pilot.press("s")  # no key: the simulator is not started, and the panel says why
+        await pilot.pause()
+        assert "no admin key" in app.query_one(SimulatorPanel).view.message and not app.sim.running
+
+
+@pilot_test
 async def test_bad_simulator_inputs_show_in_the_panel(tmp_path):
     app = make_app(f"http://127.0.0.1:{free_port()}", "k", tmp_path, autopoll=False)
     async with app.run_test(size=SIZE) as pilot:
