@@ -21,6 +21,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+.PHONY: console
+console: $(STAMP)
+	$(PY) -m console $(CONSOLE_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
