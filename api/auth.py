@@ -126,7 +126,7 @@ class TokenCache:
 
 def bearer_token() -> str:
     """The bearer token of the request; 401 when absent or malformed."""
-    header = request.headers.get("Authorization", "")
+    header = request.environ.get("HTTP_AUTHORIZATION", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "token_required", "send the device token as 'Authorization: Bearer <token>'")

@@ -15,8 +15,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gevent
 import msgspec
 import psycopg2
+from gevent.event import AsyncResult
+from gevent.queue import Empty, Full, Queue
+from gevent.timeout import Timeout
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -180,9 +184,6 @@ class GroupCommitWriter:
     """
 
     def __init__(self, engine: Engine, settings: Settings, on_flush: FlushListener | None = None) -> None:
-        import gevent
-        from gevent.queue import Queue
-
         self._engine = engine
         self._settings = settings
         self._on_flush = on_flush
@@ -194,10 +195,6 @@ class GroupCommitWriter:
 
     def write(self, row: HeartbeatRow) -> bool:
         """Queue one heartbeat and wait until its batch has committed."""
-        from gevent.event import AsyncResult
-        from gevent.queue import Full
-        from gevent.timeout import Timeout
-
         result = AsyncResult()
         try:
             self._queue.put_nowait((row, result))
@@ -209,9 +206,6 @@ class GroupCommitWriter:
             raise DatabaseUnavailable("the write did not complete in time; retry (it is deduplicated)") from None
 
     def _run(self) -> None:
-        import gevent
-        from gevent.queue import Empty
-
         while True:
             batch = [self._queue.get()]
             gevent.sleep(0)  # let requests that are ready join this batch
@@ -238,8 +232,6 @@ class GroupCommitWriter:
 
     def _flush(self, rows: list[HeartbeatRow]) -> list[bool]:
         """One transaction on this flusher's own connection; stored flags after COMMIT."""
-        import gevent
-
         key = id(gevent.getcurrent())
         for attempt in (1, 2):
             conn = self._conns.get(key)
