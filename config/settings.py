@@ -59,6 +59,9 @@ class Settings:
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
     log_level: str = "INFO"
+    # Where the gunicorn workers' Prometheus values live (multiprocess mode); the launcher sets
+    # and wipes it. None: metrics of this process only (tests with the Flask test client).
+    prometheus_multiproc_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response
 
 from api.auth import admin_required
+from api.metrics import timed_read
 from api.responses import json_response
 from api.state import current_state
 from db.fleet import fleet_summary
@@ -17,6 +18,7 @@ bp = Blueprint("fleet", __name__)
 
 @bp.get("/v1/fleet/summary")
 @admin_required
+@timed_read("summary")
 def summary() -> Response:
     """Total, online, offline, battery bands, app versions. Computed at most once per
     SUMMARY_CACHE_TTL_S per worker: counts over the whole fleet are a moment old at most
