@@ -26,7 +26,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     engine = engine or make_engine(settings, pool_class=MeteredQueuePool)
     app.extensions["nexmdm"] = AppState(
         settings=settings, engine=engine, admin_key=key,
-        tokens=TokenCache(engine, settings.token_cache_ttl_s),
+        tokens=TokenCache(engine, settings.token_cache_ttl_s, settings.token_sync_interval_s),
     )
     configure_logging(settings)
     configure_errors(app)

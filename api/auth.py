@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -14,9 +15,10 @@ from flask import current_app, request
 from sqlalchemy import Engine
 
 from api.errors import ApiError
-from db.devices import find_token_owner, hash_token
+from db.devices import changed_token_hashes, find_token_owner, hash_token
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
 def check_admin_key(provided: str | None, expected: str) -> None:
@@ -45,23 +47,36 @@ class _Entry:
 
 
 class TokenCache:
-    """Token hash → device id, for ``ttl_s`` seconds, so steady-state authentication costs
-    no database round trip. A revocation takes effect at once on the worker that served it
-    and within ``ttl_s`` on the others. Unknown tokens are cached briefly too, so a flood of
-    bad tokens does not become a flood of queries."""
+    """Token hash → device id, for ``ttl_s`` seconds (default 15 min, longer than a device's
+    heartbeat interval), so steady-state authentication costs no database round trip.
+
+    Revocation and rotation still take effect fast: at most every ``sync_interval_s`` (1 s)
+    each worker asks which devices' tokens changed since its last look (one indexed query on
+    devices.auth_changed_at) and evicts them; the worker that served the call evicts at once.
+    Unknown tokens are cached briefly too, so a flood of bad tokens is not a flood of queries.
+    """
 
     NEGATIVE_TTL_S = 2.0
-    MAX_ENTRIES = 500_000
+    MAX_ENTRIES = 1_000_000
+    # Look back this far on each sync: a rotation that committed late (its timestamp is from
+    # before the previous sync) is still seen. Evicting twice is harmless.
+    SYNC_OVERLAP = timedelta(seconds=15)
 
-    def __init__(self, engine: Engine, ttl_s: float) -> None:
+    def __init__(self, engine: Engine, ttl_s: float, sync_interval_s: float = 1.0) -> None:
         self._engine = engine
         self._ttl_s = ttl_s
+        self._sync_interval_s = sync_interval_s
         self._entries: dict[bytes, _Entry] = {}
+        self._synced_mono = time.monotonic()
+        self._synced_db: datetime | None = None
+        self.syncs = 0
 
     def authenticate(self, token: str) -> int:
         """The device id a token belongs to; raises 401 ApiError otherwise."""
         digest = hash_token(token)
         now = time.monotonic()
+        if now - self._synced_mono >= self._sync_interval_s:
+            self.sync(now)
         entry = self._entries.get(digest)
         if entry is None or entry.expires_mono <= now:
             entry = self._load(digest, now)
@@ -84,6 +99,24 @@ class TokenCache:
             self._entries.clear()
         self._entries[digest] = entry
         return entry
+
+    def sync(self, now_mono: float | None = None) -> None:
+        """Evict tokens whose device's tokens changed since the last sync."""
+        self._synced_mono = time.monotonic() if now_mono is None else now_mono
+        since = self._synced_db - self.SYNC_OVERLAP if self._synced_db else None
+        if since is None:
+            # First sync: everything cached so far was loaded after the worker started, so only
+            # changes from now on matter.
+            since = datetime.now(UTC) - self.SYNC_OVERLAP
+        try:
+            with self._engine.connect() as conn:
+                hashes, self._synced_db = changed_token_hashes(conn, since)
+                conn.rollback()
+        except Exception:  # the database is down: keep serving from the cache, retry next second
+            log.warning("token cache sync failed; retrying", exc_info=False)
+            return
+        self.syncs += 1
+        self.evict(hashes)
 
     def evict(self, digests: list[bytes]) -> None:
         """Forget these token hashes (after a rotation or revocation on this worker)."""

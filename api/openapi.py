@@ -21,7 +21,7 @@ class Operation:
     path: str
     summary: str
     auth: str | None  # "admin" | "device" | None
-    request: Any = None
+    request: Any = None  # a schema type, or a tuple of them (oneOf)
     response: Any = None
     status: int = 200
     params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type)
@@ -30,11 +30,12 @@ class Operation:
 
 OPERATIONS: list[Operation] = [
     Operation("get", "/healthz", "Liveness", None, response=s.Health),
+    Operation("get", "/openapi.json", "This document", None),
     Operation("get", "/readyz", "Readiness: the database answers", None, response=s.Health, errors=(503,)),
     Operation("post", "/v1/heartbeat", "Store a heartbeat (answered after COMMIT)", "device",
               request=s.HeartbeatIn, response=s.HeartbeatAck, errors=(400, 401, 413, 415, 422, 503)),
     Operation("post", "/v1/devices/enroll", "Enroll one device or a batch (up to 10,000)", "admin",
-              request=s.DeviceIn | s.EnrollBatchIn, response=s.EnrollOut, status=201,
+              request=(s.DeviceIn, s.EnrollBatchIn), response=s.EnrollOut, status=201,
               errors=(400, 401, 403, 409, 413, 415, 422)),
     Operation("post", "/v1/devices/{device_id}/token", "Rotate a device's token", "admin",
               response=s.TokenOut, status=201, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
@@ -67,12 +68,14 @@ def build_document() -> dict[str, Any]:
     """The whole OpenAPI document."""
     types: list[Any] = [s.Error]
     for op in OPERATIONS:
-        if op.request is not None:
+        if isinstance(op.request, tuple):
+            types.extend(op.request)
+        elif op.request is not None:
             types.append(op.request)
         if op.response is not None:
             types.append(op.response)
     refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
-    lookup = dict(zip(map(id, types), refs, strict=True))
+    lookup = dict(zip(map(id, types), refs, strict=True))  # same type twice → same ref
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         entry: dict[str, Any] = {"summary": op.summary, "responses": {}}
@@ -86,10 +89,11 @@ def build_document() -> dict[str, Any]:
                 for n, where, t in op.params
             ]
         if op.request is not None:
-            entry["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": lookup[id(op.request)]}},
-            }
+            if isinstance(op.request, tuple):
+                schema = {"oneOf": [lookup[id(t)] for t in op.request]}
+            else:
+                schema = lookup[id(op.request)]
+            entry["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         ok: dict[str, Any] = {"description": "OK"}
         if op.response is not None:
             ok["content"] = {"application/json": {"schema": lookup[id(op.response)]}}

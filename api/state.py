@@ -23,6 +23,7 @@ class AppState:
     tokens: TokenCache
     _writer: DirectWriter | GroupCommitWriter | None = None
     summary_cache: tuple[float, Any] | None = None
+    summary_refreshing: bool = False
     started_mono: float = field(default_factory=time.monotonic)
 
     @property

@@ -104,7 +104,8 @@ def rotate_token(conn: Connection, device_id: int, overlap_s: int) -> tuple[str,
         UPDATE devices
         SET prev_token_hash = token_hash,
             prev_token_expires_at = now() + make_interval(secs => %(overlap)s),
-            token_hash = %(h)s
+            token_hash = %(h)s,
+            auth_changed_at = clock_timestamp()
         WHERE id = %(id)s AND revoked_at IS NULL
         RETURNING prev_token_expires_at
         """,
@@ -118,7 +119,8 @@ def rotate_token(conn: Connection, device_id: int, overlap_s: int) -> tuple[str,
 def revoke_device(conn: Connection, device_id: int) -> datetime:
     """Revoke every token of a device (idempotent); returns when it was revoked."""
     row = conn.exec_driver_sql(
-        "UPDATE devices SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %(id)s RETURNING revoked_at",
+        "UPDATE devices SET revoked_at = COALESCE(revoked_at, now()), auth_changed_at = clock_timestamp() "
+        "WHERE id = %(id)s RETURNING revoked_at",
         {"id": device_id},
     ).first()
     if row is None:
@@ -136,6 +138,20 @@ def token_hashes_of(conn: Connection, device_id: int) -> list[bytes]:
     return [bytes(h) for h in row if h is not None]
 
 
+def changed_token_hashes(conn: Connection, since: datetime | None) -> tuple[list[bytes], datetime]:
+    """Token hashes of devices whose tokens changed after ``since`` (all-time when None), and
+    the database's current time to pass as ``since`` next time."""
+    now, current, previous = conn.exec_driver_sql(
+        """
+        SELECT clock_timestamp(), array_agg(token_hash), array_agg(prev_token_hash) FROM devices
+        WHERE auth_changed_at > COALESCE(%(since)s, '-infinity'::timestamptz)
+        """,
+        {"since": since},
+    ).one()
+    hashes = [bytes(h) for h in (current or []) + (previous or []) if h is not None]
+    return hashes, now
+
+
 def count_devices(conn: Connection) -> int:
     """How many devices are enrolled (revoked ones included)."""
     return conn.exec_driver_sql("SELECT count(*) FROM devices").scalar_one()
@@ -145,6 +161,7 @@ __all__ = [
     "EnrolledDevice",
     "NewDevice",
     "TokenOwner",
+    "changed_token_hashes",
     "count_devices",
     "enroll_devices",
     "find_token_owner",

@@ -41,8 +41,11 @@ class Device(Base):
     prev_token_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enrolled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # when the tokens last changed; workers poll it to evict cached tokens
+    auth_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
+        Index("ix_devices_auth_changed_at", "auth_changed_at", postgresql_where=text("auth_changed_at IS NOT NULL")),
         Index("ix_devices_prev_token_hash", "prev_token_hash", postgresql_where=text("prev_token_hash IS NOT NULL")),
         Index("ix_devices_labels", "labels", postgresql_using="gin"),
     )

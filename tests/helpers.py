@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 
-def heartbeat_body(sent_at: datetime | None = None, **overrides: Any) -> dict[str, Any]:
+def heartbeat_body(sent_at: datetime | str | None = None, **overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "sent_at": (sent_at or datetime.now(UTC)).isoformat(),
+        "sent_at": sent_at.isoformat() if isinstance(sent_at, datetime) else (sent_at or datetime.now(UTC).isoformat()),
         "battery_pct": 80,
         "charging": False,
         "network_type": "wifi",

@@ -1,0 +1,32 @@
+-- wrk script: POST /v1/heartbeat for many enrolled devices (tokens from $NEXMDM_TOKENS, one a line).
+-- Each request takes the next device; successive rounds over the fleet step sent_at back by one
+-- 10 s bucket (within the accepted clock skew), so requests are new heartbeats, not retries.
+local tokens = {}
+for line in io.lines(os.getenv("NEXMDM_TOKENS")) do
+  if #line > 0 then tokens[#tokens + 1] = line end
+end
+local n = 0
+local thread_id = 0
+local counter = 1
+
+setup = function(thread)
+  thread:set("thread_id", counter)
+  counter = counter + 1
+end
+
+init = function(args)
+  n = thread_id * 7919
+end
+
+request = function()
+  n = n + 1
+  local i = (n % #tokens) + 1
+  local round = math.floor(n / #tokens) % 25
+  local sent = os.date("!%Y-%m-%dT%H:%M:%SZ", os.time() - round * 10)
+  local body = string.format(
+    '{"sent_at":"%s","battery_pct":%d,"charging":%s,"network_type":"wifi","signal_dbm":-%d,' ..
+    '"app_version":"4.2.0","os_version":"14","uptime_s":%d,"free_storage_mb":4096}',
+    sent, n % 101, (n % 3 == 0) and "true" or "false", 40 + n % 80, 1000 + n)
+  return wrk.format("POST", "/v1/heartbeat",
+    {["Authorization"] = "Bearer " .. tokens[i], ["Content-Type"] = "application/json"}, body)
+end

@@ -1,0 +1,65 @@
+"""``make bench-ingest``: the service as ``make run`` starts it, 10,000 enrolled devices, 20 s of
+concurrent keep-alive heartbeat posts from a second process; prints heartbeats/s, p50/p95/p99
+and the CPU share of server and database."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from bench.server import ROOT, enroll_devices, start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest")
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--duration", type=float, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    var_dir = ROOT / "var" / "bench"
+    print(f"bench-ingest: starting the service (embedded PostgreSQL in {var_dir}) ...", flush=True)
+    server = start(var_dir, workers=args.workers)
+    try:
+        started = time.perf_counter()
+        devices = enroll_devices(server, args.devices, prefix=f"bench-{int(time.time())}")
+        enroll_s = time.perf_counter() - started
+        tokens = var_dir / "tokens.txt"
+        tokens.write_text("\n".join(d["token"] for d in devices))
+        print(f"bench-ingest: {args.concurrency} keep-alive clients for {args.duration:.0f} s ...", flush=True)
+        cpu_before = server.cpu_seconds()
+        wall_before = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.loadgen", "--url", server.url, "--tokens", str(tokens),
+             "--concurrency", str(args.concurrency), "--duration", str(args.duration)],
+            cwd=ROOT, capture_output=True, text=True, timeout=args.duration + 120, check=True,
+        )
+        wall = time.monotonic() - wall_before
+        cpu_after = server.cpu_seconds()
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.stop()
+    cpu = {role: (cpu_after[role] - cpu_before[role]) / wall for role in cpu_after}
+    print()
+    print(f"  devices enrolled      {args.devices:>10,}   in {enroll_s:.1f} s")
+    print(f"  heartbeats stored/s   {result['rate_per_s']:>10,.0f}   ({result['ok']:,} in {result['elapsed_s']} s)")
+    print(f"  latency p50/p95/p99   {result['p50_ms']:>7.1f} / {result['p95_ms']:.1f} / {result['p99_ms']:.1f} ms"
+          f"   (max {result['max_ms']:.1f} ms)")
+    print(f"  answers               {result['statuses']}")
+    print(f"  CPU (cores busy)      API {cpu['api']:.2f}   PostgreSQL {cpu['db']:.2f}   of 2 cores")
+    ok = result["rate_per_s"] >= 1000 and result["p99_ms"] < 100
+    print(f"  target ≥1,000/s with p99 < 100 ms: {'MET' if ok else 'NOT MET'}")
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "ingest.json").write_text(json.dumps(
+        {"devices": args.devices, "enroll_s": round(enroll_s, 2), "load": result,
+         "cpu_cores": {k: round(v, 3) for k, v in cpu.items()}}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Start and stop the real service for a benchmark, exactly as ``make run`` does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BenchServer:
+    url: str
+    admin_key: str
+    proc: subprocess.Popen
+    var_dir: Path
+
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        """The server's processes, by role: gunicorn (API) and postgres (database)."""
+        api = [psutil.Process(self.proc.pid)]
+        api += [p for p in api[0].children(recursive=True) if "postgres" not in p.name()]
+        db = []
+        pid_file = self.var_dir / "pg" / "postmaster.pid"
+        if pid_file.exists():
+            postmaster = psutil.Process(int(pid_file.read_text().split()[0]))
+            db = [postmaster, *postmaster.children(recursive=True)]
+        return {"api": api, "db": db}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by each role, children included."""
+        totals = {}
+        for role, procs in self.processes().items():
+            total = 0.0
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass
+            totals[role] = total
+        return totals
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start(var_dir: Path, port: int = 8765, workers: int = 2, **env: str) -> BenchServer:
+    """``python -m api serve`` with its own embedded cluster under ``var_dir``."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_KEY")}
+    environ.update(VAR_DIR=str(var_dir), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers),
+                   SCHEDULER_ENABLED="false", **env)
+    log = (var_dir / "server.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "api", "serve"], cwd=ROOT, env=environ,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {var_dir / 'server.log'}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    key = (var_dir / "admin_key").read_text().strip()
+                    return BenchServer(url, key, proc, var_dir)
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    raise RuntimeError("server did not become ready in 90 s")
+
+
+def enroll_devices(server: BenchServer, n: int, prefix: str, batch: int = 5000) -> list[dict]:
+    """Enroll ``n`` devices through the API in batches, with progress; returns id/token pairs."""
+    out: list[dict] = []
+    started = time.perf_counter()
+    for first in range(0, n, batch):
+        devices = [{"device_uid": f"{prefix}-{i}"} for i in range(first, min(n, first + batch))]
+        req = urllib.request.Request(
+            server.url + "/v1/devices/enroll", data=json.dumps({"devices": devices}).encode(), method="POST",
+            headers={"Content-Type": "application/json", "x-admin": server.admin_key},
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            out += json.loads(resp.read())["devices"]
+        print(f"\r  enrolled {len(out):>7,}/{n:,} devices ({time.perf_counter() - started:.1f} s)",
+              end="", flush=True)
+    print(flush=True)
+    return out
