@@ -44,6 +44,11 @@ JOB_DURATION_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 18
 KNOWN_JOBS = ("partitions", "nightly", "reconcile")
 JOB_OUTCOMES = ("succeeded", "failed", "skipped")
 READ_QUERIES = ("device", "list", "summary")
+# Error codes a heartbeat is commonly rejected with (others appear on first use).
+REJECT_REASONS = (
+    "token_required", "token_invalid", "malformed_json", "validation_failed", "body_too_large",
+    "overloaded", "database_unavailable", "pool_exhausted", "internal_error",
+)
 
 HEARTBEAT_WRITE_SECONDS = Histogram(
     f"{PREFIX}_heartbeat_write_duration_seconds",
@@ -108,14 +113,15 @@ POOL_CHECKOUT_WAIT_SECONDS = Histogram(
 POOL_CHECKOUT_TIMEOUTS = Counter(
     f"{PREFIX}_db_pool_checkout_timeouts_total", "Checkouts that gave up after DB_POOL_TIMEOUT_S.",
 )
-JOB_RUNS = Counter(f"{PREFIX}_job_runs_total", "Scheduled job runs, by job and outcome.", ["job", "outcome"])
+# The label is job_name, not job: Prometheus sets "job" on every scraped series (the scrape job).
+JOB_RUNS = Counter(f"{PREFIX}_job_runs_total", "Scheduled job runs, by job and outcome.", ["job_name", "outcome"])
 JOB_DURATION_SECONDS = Histogram(
-    f"{PREFIX}_job_duration_seconds", "Duration of job runs, by job.", ["job"], buckets=JOB_DURATION_BUCKETS_S,
+    f"{PREFIX}_job_duration_seconds", "Duration of job runs, by job.", ["job_name"], buckets=JOB_DURATION_BUCKETS_S,
 )
 JOB_LAST_SUCCESS = Gauge(
     f"{PREFIX}_job_last_success_timestamp_seconds",
     "Unix time at which the job last finished successfully.",
-    ["job"],
+    ["job_name"],
     multiprocess_mode="max",
 )
 
@@ -170,6 +176,8 @@ def initialize_series() -> None:
             JOB_RUNS.labels(job, outcome)
     for query in READ_QUERIES:
         LAST_STATUS_READ_SECONDS.labels(query)
+    for reason in REJECT_REASONS:
+        HEARTBEATS_REJECTED.labels(reason)
 
 
 def mark_worker_ready() -> None:

@@ -132,5 +132,5 @@ def test_job_last_success_is_seeded_from_job_runs(settings, engine):
             "('reconcile', now() - interval '1 m', now() - interval '1 m', 'failed')"
         )
     create_app(settings, engine=engine)
-    seeded = sample("nexmdm_job_last_success_timestamp_seconds", job="reconcile")
+    seeded = sample("nexmdm_job_last_success_timestamp_seconds", job_name="reconcile")
     assert abs(seeded - (time.time() - 3600)) < 60

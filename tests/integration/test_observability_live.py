@@ -114,8 +114,8 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="device") == 5
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="list") == 1
         assert m.value("nexmdm_db_pool_size_connections") == 100  # 2 workers x DB_POOL_SIZE 50
-        assert m.value("nexmdm_job_runs_total", job="nightly", outcome="failed") == 0
-        seeded = m.value("nexmdm_job_last_success_timestamp_seconds", job="partitions")
+        assert m.value("nexmdm_job_runs_total", job_name="nightly", outcome="failed") == 0
+        seeded = m.value("nexmdm_job_last_success_timestamp_seconds", job_name="partitions")
         assert abs(seeded - (time.time() - 60)) < 30
         # The whole count came from both workers: each one's own file holds part of it.
         per_worker = _per_worker_counter(server.metrics_dir, "nexmdm_heartbeats_accepted_total")
@@ -123,7 +123,8 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         assert sum(per_worker.values()) == 180
         # Only bounded labels (request metrics are grouped by endpoint, not by path): no device id.
         label_names = {name for _, labels in m.samples for name, _ in labels}
-        assert label_names <= {"reason", "query", "job", "outcome", "endpoint", "method", "status", "le", "version"}
+        bounded = {"reason", "query", "job_name", "outcome", "endpoint", "method", "status", "le", "version"}
+        assert label_names <= bounded, label_names - bounded
         assert m.value("nexmdm_http_request_duration_seconds_count",
                        endpoint="devices.device_status", method="GET", status="200") == 5
 

@@ -19,25 +19,25 @@ def sample(name: str, **labels: str) -> float:
 
 
 def test_observe_job_counts_runs_by_outcome_duration_and_last_success():
-    before_ok = sample("nexmdm_job_runs_total", job="unit-job", outcome="succeeded")
-    before_failed = sample("nexmdm_job_runs_total", job="unit-job", outcome="failed")
-    before_count = sample("nexmdm_job_duration_seconds_count", job="unit-job")
-    before_slow = sample("nexmdm_job_duration_seconds_bucket", job="unit-job", le="5.0")
+    before_ok = sample("nexmdm_job_runs_total", job_name="unit-job", outcome="succeeded")
+    before_failed = sample("nexmdm_job_runs_total", job_name="unit-job", outcome="failed")
+    before_count = sample("nexmdm_job_duration_seconds_count", job_name="unit-job")
+    before_slow = sample("nexmdm_job_duration_seconds_bucket", job_name="unit-job", le="5.0")
 
     metrics.observe_job("unit-job", "failed", 42.0)
-    assert sample("nexmdm_job_last_success_timestamp_seconds", job="unit-job") == 0
+    assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == 0
     metrics.observe_job("unit-job", "succeeded", 2.5, finished_at_s=1_790_000_000.0)
 
-    assert sample("nexmdm_job_runs_total", job="unit-job", outcome="succeeded") == before_ok + 1
-    assert sample("nexmdm_job_runs_total", job="unit-job", outcome="failed") == before_failed + 1
-    assert sample("nexmdm_job_duration_seconds_count", job="unit-job") == before_count + 2
-    assert sample("nexmdm_job_duration_seconds_bucket", job="unit-job", le="5.0") == before_slow + 1  # 2.5 s only
-    assert sample("nexmdm_job_last_success_timestamp_seconds", job="unit-job") == 1_790_000_000.0
+    assert sample("nexmdm_job_runs_total", job_name="unit-job", outcome="succeeded") == before_ok + 1
+    assert sample("nexmdm_job_runs_total", job_name="unit-job", outcome="failed") == before_failed + 1
+    assert sample("nexmdm_job_duration_seconds_count", job_name="unit-job") == before_count + 2
+    assert sample("nexmdm_job_duration_seconds_bucket", job_name="unit-job", le="5.0") == before_slow + 1  # 2.5 s only
+    assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == 1_790_000_000.0
 
     metrics.set_job_last_success("unit-job", 1_780_000_000.0)  # an older seed never moves it back
-    assert sample("nexmdm_job_last_success_timestamp_seconds", job="unit-job") == 1_790_000_000.0
+    assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == 1_790_000_000.0
     metrics.observe_job("unit-job", "succeeded", 0.1)  # now by default
-    assert sample("nexmdm_job_last_success_timestamp_seconds", job="unit-job") == pytest.approx(time.time(), abs=5)
+    assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == pytest.approx(time.time(), abs=5)
 
 
 def test_observe_job_refuses_an_unknown_outcome():
@@ -49,7 +49,7 @@ def test_known_jobs_have_zero_series_before_their_first_run():
     metrics.initialize_series()
     for job in metrics.KNOWN_JOBS:
         for outcome in metrics.JOB_OUTCOMES:
-            assert REGISTRY.get_sample_value("nexmdm_job_runs_total", {"job": job, "outcome": outcome}) is not None
+            assert REGISTRY.get_sample_value("nexmdm_job_runs_total", {"job_name": job, "outcome": outcome}) is not None
 
 
 def test_heartbeat_and_flush_helpers_count_what_they_are_told():
