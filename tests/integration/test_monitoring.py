@@ -90,6 +90,15 @@ def test_the_required_alerts_and_panels_exist():
         assert signal in text
 
 
+def test_every_alert_points_to_a_runbook_section():
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "RUNBOOK.md").read_text(), flags=re.M)
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            target = rule["annotations"]["runbook"]
+            assert target.startswith("RUNBOOK.md#") and target.split("#", 1)[1] in anchors, target
+
+
 def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, engine, tmp_path):
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO job_runs (job, started_at, finished_at, status) "
