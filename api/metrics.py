@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import multiprocess as pc_multiprocess
@@ -155,6 +156,20 @@ def observe_job(job: str, outcome: str, duration_s: float, finished_at_s: float 
     JOB_DURATION_SECONDS.labels(job).observe(max(0.0, duration_s))
     if outcome == "succeeded":
         set_job_last_success(job, finished_at_s if finished_at_s is not None else time.time())
+
+
+class JobReportLike(Protocol):
+    """What observe_job_report reads from a run report (scheduler.locking.JobReport)."""
+
+    job: str
+    status: str
+    duration_s: float
+    finished_at: datetime
+
+
+def observe_job_report(report: JobReportLike) -> None:
+    """A job listener: ``add_job_listener(observe_job_report)`` counts every run, skips included."""
+    observe_job(report.job, report.status, report.duration_s, report.finished_at.timestamp())
 
 
 _last_success_s: dict[str, float] = {}

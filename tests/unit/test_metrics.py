@@ -40,6 +40,23 @@ def test_observe_job_counts_runs_by_outcome_duration_and_last_success():
     assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == pytest.approx(time.time(), abs=5)
 
 
+def test_observe_job_report_reads_a_scheduler_report():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Report:  # the fields of scheduler.locking.JobReport that metrics read
+        job: str
+        status: str
+        duration_s: float
+        finished_at: datetime
+
+    skipped = sample("nexmdm_job_runs_total", job_name="report-job", outcome="skipped")
+    metrics.observe_job_report(Report("report-job", "skipped", 0.01, datetime.now(UTC)))
+    metrics.observe_job_report(Report("report-job", "succeeded", 3.0, datetime.fromtimestamp(1_785_000_000, UTC)))
+    assert sample("nexmdm_job_runs_total", job_name="report-job", outcome="skipped") == skipped + 1
+    assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="report-job") == 1_785_000_000
+
+
 def test_observe_job_refuses_an_unknown_outcome():
     with pytest.raises(ValueError, match="outcome"):
         metrics.observe_job("unit-job", "exploded", 1.0)
