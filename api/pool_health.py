@@ -46,11 +46,19 @@ class PostgresFigures(Struct):
 
 
 class PoolHealth(Struct):
-    """GET /ops/pool_health."""
+    """GET /ops/pool_health: the pool figures of every live worker (as in PoolFigures), then
+    PostgreSQL's, then the judgement."""
 
     status: Status
     reasons: list[str]
-    pool: PoolFigures
+    workers: int
+    pool_size: int
+    max_overflow: int
+    capacity: int
+    in_use: int
+    overflow: int
+    utilization_pct: float
+    busiest_worker_utilization_pct: float
     postgres: PostgresFigures | None
     postgres_error: str | None
     warn_pct: float
@@ -145,4 +153,9 @@ def assess(
         if pool.capacity > available:
             worse("WARN", f"the pools of all workers may open {pool.capacity} connections, "
                           f"more than the {available} PostgreSQL allows")
-    return PoolHealth(status, reasons, pool, postgres, postgres_error, WARN_PCT, CRITICAL_PCT, now)
+    return PoolHealth(
+        status=status, reasons=reasons, workers=pool.workers, pool_size=pool.pool_size,
+        max_overflow=pool.max_overflow, capacity=pool.capacity, in_use=pool.in_use, overflow=pool.overflow,
+        utilization_pct=pool.utilization_pct, busiest_worker_utilization_pct=pool.busiest_worker_utilization_pct,
+        postgres=postgres, postgres_error=postgres_error, warn_pct=WARN_PCT, critical_pct=CRITICAL_PCT, as_of=now,
+    )

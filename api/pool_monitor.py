@@ -36,14 +36,14 @@ def fetch_pool_health(url: str, admin_key: str, timeout_s: float) -> dict[str, A
 
 def format_report(url: str, health: dict[str, Any]) -> str:
     """Human-readable lines for one pool-health answer."""
-    pool = health["pool"]
+    h = health
     lines = [
-        f"NexMDM pool health at {url}: {health['status']}",
-        f"  pool ({pool['workers']} workers): {pool['in_use']} of {pool['capacity']} connections in use "
-        f"(size {pool['pool_size']} + max overflow {pool['max_overflow']}), overflow {pool['overflow']}, "
-        f"utilisation {pool['utilization_pct']} %, busiest worker {pool['busiest_worker_utilization_pct']} %",
+        f"NexMDM pool health at {url}: {h['status']}",
+        f"  pool ({h['workers']} workers): {h['in_use']} of {h['capacity']} connections in use "
+        f"(size {h['pool_size']} + max overflow {h['max_overflow']}), overflow {h['overflow']}, "
+        f"utilisation {h['utilization_pct']} %, busiest worker {h['busiest_worker_utilization_pct']} %",
     ]
-    pg = health.get("postgres")
+    pg = h.get("postgres")
     if pg:
         lines.append(
             f"  PostgreSQL: {pg['in_use']} of {pg['max_connections'] - pg['reserved_connections']} connections in use "
@@ -51,8 +51,8 @@ def format_report(url: str, health: dict[str, Any]) -> str:
             f"max_connections {pg['max_connections']}"
         )
     else:
-        lines.append(f"  PostgreSQL: unavailable ({health.get('postgres_error')})")
-    lines.extend(f"  {reason}" for reason in health.get("reasons", []))
+        lines.append(f"  PostgreSQL: unavailable ({h.get('postgres_error')})")
+    lines.extend(f"  {reason}" for reason in h.get("reasons", []))
     return "\n".join(lines)
 
 

@@ -73,12 +73,12 @@ def test_pool_health_in_one_process(client, admin, engine):
     assert client.get("/ops/pool_health").status_code == 401
     health = client.get("/ops/pool_health", headers=admin).get_json()
     assert health["status"] == "OK" and health["reasons"] == []
-    assert health["pool"]["workers"] == 1 and health["pool"]["capacity"] == 10
+    assert health["workers"] == 1 and health["capacity"] == 10
     pg = health["postgres"]
     assert pg["max_connections"] == 600 and pg["in_use"] >= 1
     assert pg["headroom"] == pg["max_connections"] - pg["reserved_connections"] - pg["in_use"]
     with engine.connect(), engine.connect():  # two of this process's connections are in use
-        held = client.get("/ops/pool_health", headers=admin).get_json()["pool"]
+        held = client.get("/ops/pool_health", headers=admin).get_json()
     assert held["in_use"] == 2 and held["utilization_pct"] == 20.0
 
 
