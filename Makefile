@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test lint bench-ingest venv clean-var promtool
+.PHONY: run test lint bench bench-ingest venv clean-var
+.PHONY: promtool
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "NexMDM needs Python 3.11+"'
@@ -38,6 +39,9 @@ lint: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(PY) -m bench.ingest
+
+bench: $(STAMP)
+	$(PY) -m bench.suite
 
 clean-var:
 	$(PY) -m db stop || true

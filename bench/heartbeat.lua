@@ -6,8 +6,9 @@ for line in io.lines(os.getenv("NEXMDM_TOKENS")) do
   if #line > 0 then tokens[#tokens + 1] = line end
 end
 local n = 0
-local thread_id = 0
 local counter = 1
+-- thread_id is a global: wrk's thread:set() writes globals, a local would shadow it
+thread_id = 0
 
 setup = function(thread)
   thread:set("thread_id", counter)
@@ -29,4 +30,10 @@ request = function()
     sent, n % 101, (n % 3 == 0) and "true" or "false", 40 + n % 80, 1000 + n)
   return wrk.format("POST", "/v1/heartbeat",
     {["Authorization"] = "Bearer " .. tokens[i], ["Content-Type"] = "application/json"}, body)
+end
+
+done = function(summary, latency, requests)
+  io.write(string.format("NEXMDM_RESULT requests=%d duration_us=%d errors=%d status_errors=%d p50_us=%d p95_us=%d p99_us=%d max_us=%d\n",
+    summary.requests, summary.duration, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
 end

@@ -194,6 +194,8 @@ class EmbeddedCluster:
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run SQL as the superuser and return its output."""
+        if self.port is None and self.port_file.exists():
+            self.port = int(self.port_file.read_text().strip())  # started by another process
         result = self._run(
             "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
             "-p", str(self.port), "-U", "postgres", "-d", database, "-c", sql, check=False,

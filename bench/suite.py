@@ -1,0 +1,229 @@
+"""``make bench``: the performance suite of issue 7, in one go on this machine.
+
+a. saturation: wrk (C, from Debian) posts real heartbeats for 20,000 enrolled devices;
+b. the same wrk against GET /healthz of the same server: heartbeat/trivial ratio;
+c. the simulator at the rate of 150,000 devices at 60 s (10,000 devices at --interval 4);
+d. device-status and fleet-summary reads during (c), over 150,000+ enrolled devices.
+
+Prints a table and writes bench/results/bench-<time>.json (and latest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.server import ROOT, BenchServer, enroll_devices, start
+from db.embedded import EmbeddedCluster
+
+RESULT_RE = re.compile(r"NEXMDM_RESULT (.*)")
+
+
+def ensure_wrk() -> str:
+    """The wrk binary, installed from Debian's packages when missing (as root)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("bench: installing wrk (apt-get) ...", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, capture_output=True)
+        found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("bench: wrk is needed (apt-get install wrk)")
+    return found
+
+
+def run_wrk(wrk: str, url: str, script: str, seconds: int, connections: int, tokens: Path) -> dict[str, float]:
+    """One wrk run; returns requests/s and latency percentiles in ms."""
+    out = subprocess.run(
+        [wrk, "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(ROOT / "bench" / script), url],
+        env=dict(os.environ, NEXMDM_TOKENS=str(tokens)), capture_output=True, text=True, check=True,
+        timeout=seconds + 60,
+    )
+    match = RESULT_RE.search(out.stdout)
+    if not match:
+        raise RuntimeError(f"wrk printed no result: {out.stdout}\n{out.stderr}")
+    fields = dict(kv.split("=") for kv in match.group(1).split())
+    values = {k: float(v) for k, v in fields.items()}
+    duration_s = values["duration_us"] / 1e6
+    return {
+        "requests": values["requests"],
+        "rate_per_s": values["requests"] / duration_s,
+        "errors": values["errors"] + values["status_errors"],
+        **{k.replace("_us", "_ms"): values[k] / 1000 for k in ("p50_us", "p95_us", "p99_us", "max_us")},
+    }
+
+
+def stored_heartbeats(cluster: EmbeddedCluster) -> int:
+    return int(cluster.psql("SELECT count(*) FROM heartbeats", database="nexmdm"))
+
+
+def worker_rss_mb(server: BenchServer) -> list[float]:
+    return sorted(round(p.memory_info().rss / 2**20, 1) for p in server.processes()["api"][1:]
+                  if "gunicorn" in " ".join(p.cmdline()))
+
+
+def cpu_of(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.suite")
+    parser.add_argument("--saturation-s", type=int, default=20)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--sim-devices", type=int, default=10_000)
+    parser.add_argument("--sim-interval", type=float, default=4.0)
+    parser.add_argument("--sim-duration", type=int, default=60)
+    parser.add_argument("--fleet", type=int, default=150_000, help="devices enrolled in all for the reads")
+    args = parser.parse_args(argv)
+
+    wrk = ensure_wrk()
+    var_dir = ROOT / "var" / "bench-suite"
+    if var_dir.exists():
+        EmbeddedCluster(var_dir / "pg").stop()
+        shutil.rmtree(var_dir)
+    print(f"bench: starting the service as `make run` does (cluster in {var_dir}) ...", flush=True)
+    server = start(var_dir, port=8766)
+    cluster = EmbeddedCluster(var_dir / "pg")
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}}
+    try:
+        bystanders = max(0, args.fleet - args.sim_devices)
+        print(f"bench: enrolling {bystanders:,} devices (the simulator enrolls its {args.sim_devices:,}) ...")
+        t0 = time.perf_counter()
+        devices = enroll_devices(server, bystanders, prefix="fleet", batch=10_000)
+        results["enroll"] = {"devices": bystanders, "seconds": round(time.perf_counter() - t0, 2)}
+        tokens = var_dir / "tokens.txt"
+        tokens.write_text("\n".join(d["token"] for d in devices[:20_000]))
+
+        print("bench: (a) warm-up, then saturation with wrk ...", flush=True)
+        run_wrk(wrk, server.url, "heartbeat.lua", 8, args.connections, tokens)
+        before = stored_heartbeats(cluster)
+        cpu0 = server.cpu_seconds()
+        t0 = time.monotonic()
+        sat = run_wrk(wrk, server.url, "heartbeat.lua", args.saturation_s, args.connections, tokens)
+        wall = time.monotonic() - t0
+        cpu1 = server.cpu_seconds()
+        sat["stored_per_s"] = (stored_heartbeats(cluster) - before) / wall
+        sat["cpu_cores"] = {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1}
+        results["a_saturation"] = sat
+
+        print("bench: (b) trivial endpoint with wrk ...", flush=True)
+        triv = run_wrk(wrk, server.url + "/healthz", "trivial.lua", args.saturation_s, args.connections, tokens)
+        results["b_trivial"] = triv
+        results["b_ratio"] = round(sat["rate_per_s"] / triv["rate_per_s"], 3)
+
+        print(f"bench: (c) simulator {args.sim_devices:,} devices at --interval {args.sim_interval} "
+              f"for {args.sim_duration} s, with (d) reads ...", flush=True)
+        report_path = var_dir / "simulator-report.json"
+        rss_start = worker_rss_mb(server)
+        sim_cmd = [sys.executable, "-m", "simulator", "--devices", str(args.sim_devices),
+                   "--duration", str(args.sim_duration), "--interval", str(args.sim_interval),
+                   "--jitter", str(args.sim_interval / 4), "--admin-key", server.admin_key, "--url", server.url,
+                   "--output", str(report_path)]
+        sim = subprocess.Popen(sim_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sim_ps = psutil.Process(sim.pid)
+        # Enrollment and ramp-up first; readers start with the steady state.
+        time.sleep(min(15, args.sim_duration / 4))
+        cpu0, sim_cpu0, t0 = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic()
+        readers = subprocess.run(
+            [sys.executable, "-m", "bench.readers", "--url", server.url, "--admin-key", server.admin_key,
+             "--max-id", str(args.fleet), "--duration", str(max(10, args.sim_duration - 25))],
+            cwd=ROOT, capture_output=True, text=True, timeout=args.sim_duration + 120,
+        )
+        cpu1, sim_cpu1, wall = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic() - t0
+        sim_out, _ = sim.communicate(timeout=args.sim_duration + 300)
+        rss_end = worker_rss_mb(server)
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        results["c_simulator"] = {
+            "exit_code": sim.returncode, "report": report, "output_tail": sim_out[-3000:],
+            "cpu_cores": {**{k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1},
+                          "simulator": round((sim_cpu1 - sim_cpu0) / wall, 2)},
+            "worker_rss_mb": {"start": rss_start, "end": rss_end},
+        }
+        results["d_reads"] = json.loads(readers.stdout.strip().splitlines()[-1]) if readers.stdout else {
+            "error": readers.stderr[-2000:]}
+    finally:
+        server.stop()
+
+    print_table(results)
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    (out_dir / f"bench-{stamp}.json").write_text(text)
+    (out_dir / "latest.json").write_text(text)
+    print(f"\nwritten: bench/results/bench-{stamp}.json")
+    return 0
+
+
+def _pick(report: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        node: Any = report
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
+def print_table(r: dict[str, Any]) -> None:
+    """The summary table, with each target."""
+    sat, triv, sim, reads = r["a_saturation"], r["b_trivial"], r["c_simulator"], r["d_reads"]
+    rep = sim["report"]
+    rows = [
+        ("a", "heartbeats/s at saturation (wrk)", f"{sat['rate_per_s']:,.0f} (stored {sat['stored_per_s']:,.0f})",
+         ">= 4,000", sat["rate_per_s"] >= 4000),
+        ("a", "  p50 / p95 / p99", f"{sat['p50_ms']:.1f} / {sat['p95_ms']:.1f} / {sat['p99_ms']:.1f} ms", "", None),
+        ("b", "trivial endpoint req/s", f"{triv['rate_per_s']:,.0f}", "", None),
+        ("b", "heartbeat / trivial", f"{r['b_ratio']:.2f}", ">= 0.70", r["b_ratio"] >= 0.7),
+    ]
+    p = {q: _pick(rep, f"latency_ms.heartbeat.{q}", f"latency_ms.{q}", f"heartbeat.{q}_ms", f"{q}_ms")
+         for q in ("p50", "p95", "p99", "p999")}
+    lost = _pick(rep, "no_loss.lost", "lost")
+    errors = _pick(rep, "errors.total", "error_count", "errors")
+    rows += [
+        ("c", "simulator p50 / p95 / p99 / p999",
+         " / ".join("?" if v is None else f"{v:.1f}" for v in p.values()) + " ms", "", None),
+        ("c", "  p95", f"{p['p95']}", "< 50 ms", p["p95"] is not None and p["p95"] < 50),
+        ("c", "  p99", f"{p['p99']}", "< 150 ms", p["p99"] is not None and p["p99"] < 150),
+        ("c", "  lost / errors", f"{lost} / {errors}", "0 / 0", lost == 0 and errors in (0, {})),
+        ("c", "  CPU cores: API / PostgreSQL / simulator",
+         f"{sim['cpu_cores'].get('api')} / {sim['cpu_cores'].get('db')} / {sim['cpu_cores'].get('simulator')}",
+         "", None),
+        ("c", "  worker RSS start -> end (MB)", f"{sim['worker_rss_mb']['start']} -> {sim['worker_rss_mb']['end']}",
+         "", None),
+    ]
+    if "device_status" in reads:
+        rows += [
+            ("d", "device status p95", f"{reads['device_status']['p95_ms']:.1f} ms", "< 5 ms",
+             reads["device_status"]["p95_ms"] < 5),
+            ("d", "fleet summary p95", f"{reads['fleet_summary']['p95_ms']:.1f} ms", "< 20 ms",
+             reads["fleet_summary"]["p95_ms"] < 20),
+        ]
+    print()
+    print(f"{'':2} {'measure':42} {'value':>34}  {'target':10} verdict")
+    for part, name, value, target, ok in rows:
+        verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+        print(f"{part:2} {name:42} {value:>34}  {target:10} {verdict}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
