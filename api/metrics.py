@@ -274,12 +274,32 @@ def prepare_multiproc_dir(path: Path) -> Path:
     return path
 
 
+def _sized_files(paths: Iterable[Path]) -> list[str]:
+    # A starting worker creates its file empty and sizes it a moment later; reading it in
+    # between raises in prometheus_client. Its values are all zero then, so skip it.
+    out = []
+    for path in paths:
+        try:
+            if path.stat().st_size > 0:
+                out.append(str(path))
+        except FileNotFoundError:  # a dead worker's live gauges, just removed
+            continue
+    return out
+
+
+class _MultiProcessCollector(pc_multiprocess.MultiProcessCollector):
+    """prometheus_client's collector, minus the files of a worker that is still starting."""
+
+    def collect(self) -> Iterable[Any]:
+        return self.merge(_sized_files(Path(self._path).glob("*.db")), accumulate=True)
+
+
 def exposition_registry(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry] = ()) -> list[Any]:
     """The registries one scrape reads: every worker's files in multiprocess mode, else this
     process's default registry plus ``extra`` (the per-app request-metrics registry)."""
     if multiproc_dir is not None:
         registry = CollectorRegistry()
-        pc_multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))
+        _MultiProcessCollector(registry, path=str(multiproc_dir))
         return [registry]
     return [REGISTRY, *extra]
 
@@ -296,7 +316,7 @@ def live_gauge_values(multiproc_dir: Path | None) -> dict[str, float]:
     Multiprocess mode reads only the live-gauge files (cheap); otherwise this process's gauges.
     """
     if multiproc_dir is not None:
-        files = [str(p) for p in multiproc_dir.glob("gauge_live*_*.db")]
+        files = _sized_files(multiproc_dir.glob("gauge_live*_*.db"))
         families: Iterable[Any] = pc_multiprocess.MultiProcessCollector.merge(files, accumulate=False)
     else:
         families = REGISTRY.collect()

@@ -152,3 +152,13 @@ def test_histogram_quantile_helper_matches_prometheus_interpolation():
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.15)  # rank 20: halfway through (0.1, 0.2]
     assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)
     assert bucket_around(0.15, [0.1, 0.2, 0.5]) == (0.1, 0.2)
+
+
+def test_a_starting_workers_empty_file_does_not_break_a_scrape(tmp_path):
+    # A worker creates its value file empty and sizes it a moment later; a scrape in between
+    # must still answer (prometheus_client's own collector raises struct.error there).
+    (tmp_path / "counter_4242.db").touch()
+    (tmp_path / "gauge_livesum_4242.db").touch()
+    body, _ = metrics.render_metrics(tmp_path)
+    assert body == b""
+    assert metrics.live_gauge_values(tmp_path) == {}
