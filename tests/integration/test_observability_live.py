@@ -238,9 +238,12 @@ def test_pool_gauges_rise_under_load_and_fall_after(database_url, engine, tmp_pa
         accepted = m.value("nexmdm_heartbeats_accepted_total")
         victim = psutil.Process(server.proc.pid).children()[0].pid
         os.kill(victim, signal.SIGKILL)
-        replaced = _until(lambda: victim not in [c.pid for c in psutil.Process(server.proc.pid).children()]
-                          and live_workers(server.metrics_dir) == 2, 15)
-        assert replaced, server.log()[-2000:]
+
+        def replaced() -> bool:  # the victim's live gauges removed, its successor's written
+            pids = {p.stem.rsplit("_", 1)[1] for p in server.metrics_dir.glob("gauge_livesum_*.db")}
+            return str(victim) not in pids and live_workers(server.metrics_dir) == 2
+
+        assert _until(replaced, 15), server.log()[-2000:]
         m = scrape(url, ADMIN_KEY)
         assert m.value("nexmdm_worker_processes") == 2
         assert m.value("nexmdm_db_pool_size_connections") == 4
