@@ -46,3 +46,7 @@ bench: $(STAMP)
 clean-var:
 	$(PY) -m db stop || true
 	rm -rf var
+
+.PHONY: bench-simulator
+bench-simulator: $(STAMP)
+	$(PY) -m simulator.bench

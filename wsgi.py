@@ -18,3 +18,8 @@ from config.settings import Settings  # noqa: E402
 
 settings = Settings.from_env()
 app = create_app(settings, admin_key=ensure_admin_key(settings)[0])
+
+if settings.scheduler_enabled:
+    from scheduler.service import start_scheduler  # noqa: E402
+
+    start_scheduler(settings, app.extensions["nexmdm"].engine)

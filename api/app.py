@@ -46,8 +46,9 @@ def configure_routes(app: Flask) -> None:
     from api.routes.health import bp as health_bp
     from api.routes.heartbeats import bp as heartbeats_bp
     from api.routes.observability import bp as observability_bp
+    from api.routes.ops import bp as ops_bp
 
-    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp, observability_bp):
+    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp, ops_bp, observability_bp):
         app.register_blueprint(bp)
 
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import psycopg2
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -25,7 +26,7 @@ from api.errors import ApiError
 from api.schemas import HeartbeatIn
 from config.settings import Settings
 from db.errors import DatabaseUnavailable, Overloaded
-from db.heartbeats import HeartbeatRow, insert_heartbeats
+from db.heartbeats import HeartbeatRow, insert_heartbeats, prepare_insert
 from db.partitions import ensure_partitions
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,17 @@ def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: dateti
     return row, corrected
 
 
-def _is_missing_partition(exc: DBAPIError) -> bool:
-    return isinstance(exc.orig, pg_errors.CheckViolation) and "no partition" in str(exc.orig)
+def _is_missing_partition(exc: BaseException) -> bool:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return isinstance(orig, pg_errors.CheckViolation) and "no partition" in str(orig)
+
+
+def create_missing_partitions(engine: Engine, rows: list[HeartbeatRow], settings: Settings) -> None:
+    """Create the daily partitions these rows need, and the usual ones ahead of today."""
+    with engine.begin() as conn:
+        for day in sorted({r.bucket_ts.date() for r in rows}):
+            ensure_partitions(conn, day, 0)
+        ensure_partitions(conn, datetime.now(UTC).date(), settings.partition_premake_days)
 
 
 def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) -> list[bool]:
@@ -115,11 +125,7 @@ def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) ->
         except DBAPIError as exc:
             if not _is_missing_partition(exc):
                 raise
-            days = {r.bucket_ts.date() for r in rows}
-            with engine.begin() as conn:
-                for day in sorted(days):
-                    ensure_partitions(conn, day, 0)
-                ensure_partitions(conn, datetime.now(UTC).date(), settings.partition_premake_days)
+            create_missing_partitions(engine, rows, settings)
             with engine.begin() as conn:
                 return insert_heartbeats(conn, rows)
     except PoolTimeout:
@@ -156,7 +162,14 @@ class DirectWriter:
 
 
 class GroupCommitWriter:
-    """Group commit under gevent (see the module docstring)."""
+    """Group commit under gevent (see the module docstring).
+
+    One flusher by default: while a batch is in flight the next one gathers, so batches grow
+    with load and the cost per heartbeat falls (measured: two flushers cost 2.3x the database
+    CPU per heartbeat of one). Each flusher keeps one pooled connection checked out for its
+    lifetime, PREPAREs the insert on it once, and uses its DBAPI cursor directly; a connection
+    that fails is invalidated and a fresh one taken for the next batch.
+    """
 
     def __init__(self, engine: Engine, settings: Settings, on_flush: FlushListener | None = None) -> None:
         import gevent
@@ -167,6 +180,7 @@ class GroupCommitWriter:
         self._on_flush = on_flush
         self._queue: Queue = Queue(maxsize=settings.ingest_queue_max)
         self._flushers = [gevent.spawn(self._run) for _ in range(max(1, settings.ingest_flushers))]
+        self._conns: dict[int, Any] = {}
         self.flushes = 0
         self.rows = 0
 
@@ -200,7 +214,7 @@ class GroupCommitWriter:
                     break
             started = time.perf_counter()
             try:
-                stored = write_batch(self._engine, [row for row, _ in batch], self._settings)
+                stored = self._flush([row for row, _ in batch])
             except Exception as exc:  # every waiter learns the outcome; the flusher lives on
                 if not isinstance(exc, DatabaseUnavailable):
                     log.exception("heartbeat flush failed")
@@ -213,6 +227,58 @@ class GroupCommitWriter:
                 self._on_flush(len(batch), time.perf_counter() - started)
             for (_, result), flag in zip(batch, stored, strict=True):
                 result.set(flag)
+
+    def _flush(self, rows: list[HeartbeatRow]) -> list[bool]:
+        """One transaction on this flusher's own connection; stored flags after COMMIT."""
+        import gevent
+
+        key = id(gevent.getcurrent())
+        for attempt in (1, 2):
+            conn = self._conns.get(key)
+            if conn is None:
+                try:
+                    conn = self._engine.raw_connection()
+                    prepare_insert(conn)
+                    conn.commit()
+                    self._conns[key] = conn
+                except PoolTimeout:
+                    raise DatabaseUnavailable("no database connection free in time", retry_after_s=1) from None
+                except DBAPIError as exc:
+                    raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
+            try:
+                flags = insert_heartbeats(conn, rows, prepared=True)
+                conn.commit()
+                return flags
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                # The connection is gone (database restart, network): outcome unknown, nothing
+                # acknowledged; a retry by the device is deduplicated.
+                self._discard(key)
+                # A lost connection usually means the database restarted: every idle pooled
+                # connection is stale too. Replace the pool (checked-out ones close on return)
+                # so the next requests connect afresh instead of failing one by one.
+                self._engine.dispose()
+                raise DatabaseUnavailable("the database connection was lost", retry_after_s=2) from exc
+            except psycopg2.Error as exc:
+                self._rollback(key)
+                if attempt == 1 and _is_missing_partition(exc):
+                    create_missing_partitions(self._engine, rows, self._settings)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _rollback(self, key: int) -> None:
+        try:
+            self._conns[key].rollback()
+        except psycopg2.Error:
+            self._discard(key)
+
+    def _discard(self, key: int) -> None:
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            try:
+                conn.invalidate()
+            except Exception:  # already broken; the pool forgets it either way
+                log.debug("invalidate failed", exc_info=True)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -56,6 +56,16 @@ OPERATIONS: list[Operation] = [
               params=(("device_id", "path", "integer"), ("since", "query", "string"),
                       ("until", "query", "string"), ("limit", "query", "integer")),
               errors=(400, 401, 403, 404)),
+    # Operations: run a job now (409 while another runner holds its lock; 500 with the report as
+    # detail when it fails), and the recent runs.
+    Operation("post", "/ops/partitions", "Run the partitions job now", "admin",
+              response=s.JobRun, errors=(401, 403, 409, 500)),
+    Operation("post", "/ops/nightly", "Run the nightly archive job now", "admin",
+              response=s.JobRun, errors=(401, 403, 409, 500)),
+    Operation("post", "/ops/reconcile", "Run the reconcile job now", "admin",
+              response=s.JobRun, errors=(401, 403, 409, 500)),
+    Operation("get", "/ops/jobs", "Recent job runs, newest first", "admin", response=s.JobRunList,
+              params=(("job", "query", "string"), ("limit", "query", "integer")), errors=(400, 401, 403)),
 ]
 
 

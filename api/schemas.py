@@ -142,3 +142,22 @@ class Health(Struct):
 
 encoder = msgspec.json.Encoder()
 json_decoder = msgspec.json.Decoder()
+
+
+class JobRun(Struct):
+    """One run of a scheduled job (job_runs), or the report of a run just made."""
+
+    run_id: int | None
+    job: str
+    status: Literal["running", "succeeded", "failed", "skipped"]
+    trigger: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+    rows_affected: int | None
+    detail: dict[str, Any] | None
+    error: str | None
+
+
+class JobRunList(Struct):
+    runs: list[JobRun]

@@ -62,8 +62,7 @@ def start(var_dir: Path, port: int = 8765, workers: int = 2, **env: str) -> Benc
     """``python -m api serve`` with its own embedded cluster under ``var_dir``."""
     var_dir.mkdir(parents=True, exist_ok=True)
     environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_KEY")}
-    environ.update(VAR_DIR=str(var_dir), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers),
-                   SCHEDULER_ENABLED="false", **env)
+    environ.update(VAR_DIR=str(var_dir), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers), **env)
     log = (var_dir / "server.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "api", "serve"], cwd=ROOT, env=environ,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -55,10 +55,17 @@ class Settings:
     summary_cache_ttl_s: float = 2.0
     ingest_batch_max: int = 500
     ingest_queue_max: int = 5_000
-    ingest_flushers: int = 2
+    ingest_flushers: int = 1
     ingest_timeout_s: float = 10.0
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
+    partitions_cron: str = "5 * * * *"
+    reconcile_cron: str = "35 * * * *"
+    job_statement_timeout_ms: int = 3_600_000
+    archive_gzip_level: int = 6
+    archive_export_timeout_s: float = 6 * 3600.0
+    restore_keep_days: int = 7
+    job_runs_keep_days: int = 30
     log_level: str = "INFO"
     # Where the gunicorn workers' Prometheus values live (multiprocess mode); the launcher sets
     # and wipes it. None: metrics of this process only (tests with the Flask test client).

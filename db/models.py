@@ -109,12 +109,13 @@ class HbPartition(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     range_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     range_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    state: Mapped[str] = mapped_column(Text, server_default=text("'active'"))  # active|archived|dropped
+    state: Mapped[str] = mapped_column(Text, server_default=text("'active'"))  # active|archived|dropped|restored
     row_count: Mapped[int | None] = mapped_column(BigInteger)
     archive_path: Mapped[str | None] = mapped_column(Text)
     sha256: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    restored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # 0003
 
 
 class JobRun(Base):

@@ -23,6 +23,7 @@ from api.metrics import (
     PREFIX,
     initialize_series,
     mark_worker_ready,
+    observe_job_report,
     render_metrics,
     set_job_last_success,
 )
@@ -31,6 +32,7 @@ from api.pool_health import PoolHealth, assess, postgres_figures, server_pool_fi
 from api.responses import json_response
 from api.state import current_state
 from db.connections import connection_use
+from scheduler.locking import add_job_listener
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ _OPS_ENGINE = "nexmdm_ops_engine"
 
 
 def configure_metrics(app: Flask) -> None:
-    """Request metrics for every endpoint, the zero-valued series, each job's last success."""
+    """Request metrics for every endpoint, the zero-valued series, job runs, each job's last success."""
     app.extensions[_EXPORTER] = PrometheusMetrics(
         app,
         path=None,
@@ -51,6 +53,7 @@ def configure_metrics(app: Flask) -> None:
         registry=CollectorRegistry(auto_describe=True),
     )
     initialize_series()
+    add_job_listener(observe_job_report)  # every run in this process: scheduler and /ops/<job>
     seed_job_last_success(app.extensions["nexmdm"].engine)
     mark_worker_ready()
 

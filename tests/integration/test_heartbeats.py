@@ -113,3 +113,20 @@ def test_missing_partition_is_created_on_demand(engine):
     flags = write_batch(engine, [_row(3, ts)], Settings(database_url="x"))
     assert flags == [True]
     assert count(engine, f"SELECT count(*) FROM heartbeats_p{day:%Y%m%d}") == 1
+
+
+def test_prepared_insert_on_a_dbapi_connection_dedups_like_the_plain_one(engine):
+    from db.heartbeats import prepare_insert
+
+    ts = datetime.now(UTC).replace(microsecond=0)
+    raw = engine.raw_connection()
+    try:
+        prepare_insert(raw)
+        assert insert_heartbeats(raw, [_row(11, ts), _row(12, ts)], prepared=True) == [True, True]
+        raw.commit()
+        assert insert_heartbeats(raw, [_row(11, ts), _row(13, ts)], prepared=True) == [False, True]
+        raw.commit()
+    finally:
+        raw.invalidate()  # drop the session with its prepared statement
+    assert count(engine, "SELECT count(*) FROM heartbeats") == 3
+    assert count(engine, "SELECT count(*) FROM device_last_status") == 3

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -112,7 +113,17 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
         auth = {"Authorization": f"Bearer {device['token']}"}
         assert call(server.url + "/v1/heartbeat", "POST", heartbeat_body(datetime.now(UTC)), auth)[0] == 200
         assert call(server.url + "/v1/heartbeat", "POST", heartbeat_body(battery_pct=-1), auth)[0] == 422
-        exported = scrape(server.url, ADMIN_KEY).names()
+        # Each worker's scheduler runs partitions at start-up: one runs, the other skips.
+        deadline = time.monotonic() + 20
+        while True:
+            m = scrape(server.url, ADMIN_KEY)
+            runs = {o: m.value("nexmdm_job_runs_total", job_name="partitions", outcome=o)
+                    for o in ("succeeded", "skipped", "failed")}
+            if sum(runs.values()) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert runs == {"succeeded": 1, "skipped": 1, "failed": 0}, runs
+        exported = m.names()
     finally:
         server.stop()
     used = {name for expr in [*alert_expressions().values(), *dashboard_expressions()] for name in NAME.findall(expr)}

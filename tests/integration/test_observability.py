@@ -134,3 +134,12 @@ def test_job_last_success_is_seeded_from_job_runs(settings, engine):
     create_app(settings, engine=engine)
     seeded = sample("nexmdm_job_last_success_timestamp_seconds", job_name="reconcile")
     assert abs(seeded - (time.time() - 3600)) < 60
+
+
+def test_job_runs_through_the_ops_endpoint_are_counted(client, admin):
+    runs = sample("nexmdm_job_runs_total", job_name="partitions", outcome="succeeded")
+    durations = sample("nexmdm_job_duration_seconds_count", job_name="partitions")
+    assert client.post("/ops/partitions", headers=admin).status_code == 200
+    assert sample("nexmdm_job_runs_total", job_name="partitions", outcome="succeeded") == runs + 1
+    assert sample("nexmdm_job_duration_seconds_count", job_name="partitions") == durations + 1
+    assert abs(sample("nexmdm_job_last_success_timestamp_seconds", job_name="partitions") - time.time()) < 30

@@ -1,0 +1,59 @@
+"""Operations (admin): run a job now under the scheduler's lock, list recent job runs."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+
+from api.auth import admin_required
+from api.errors import ApiError, error_response
+from api.responses import json_response
+from api.routes.heartbeats import int_arg
+from api.state import current_state
+from scheduler.locking import list_job_runs
+from scheduler.service import JOBS, run_job
+
+bp = Blueprint("ops", __name__)
+
+
+def _run(job: str) -> Response:
+    state = current_state()
+    report = run_job(job, state.engine, state.settings, trigger="api")
+    body = report.to_dict()
+    if report.status == "skipped":
+        return error_response(409, "already_running", body)
+    if report.status == "failed":
+        return error_response(500, "job_failed", body)
+    return json_response(body)
+
+
+@bp.post("/ops/partitions")
+@admin_required
+def run_partitions() -> Response:
+    """Create today's and the upcoming partitions now (idempotent)."""
+    return _run("partitions")
+
+
+@bp.post("/ops/nightly")
+@admin_required
+def run_nightly() -> Response:
+    """Archive, verify and drop every partition past retention now."""
+    return _run("nightly")
+
+
+@bp.post("/ops/reconcile")
+@admin_required
+def run_reconcile() -> Response:
+    """Heal device_last_status drift now."""
+    return _run("reconcile")
+
+
+@bp.get("/ops/jobs")
+@admin_required
+def jobs() -> Response:
+    """Recent job runs, newest first (?job=, ?limit= up to 500)."""
+    job = request.args.get("job") or None
+    if job is not None and job not in (*JOBS, "restore"):
+        raise ApiError(400, "invalid_parameter", f"job must be one of {', '.join((*JOBS, 'restore'))}")
+    limit = int_arg("limit", 50, 1, 500)
+    return json_response({"runs": list_job_runs(current_state().engine, job, limit)})
+

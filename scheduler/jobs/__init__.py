@@ -1,0 +1,1 @@
+"""The scheduled jobs: partitions, archive (nightly + restore), reconcile. Plain functions."""

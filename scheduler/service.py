@@ -1,0 +1,104 @@
+"""The job table, ``run_job`` (one run now, under the job's lock) and ``start_scheduler``.
+
+In production each gunicorn worker starts a GeventScheduler from wsgi.py; ``python -m
+scheduler`` runs the same schedule in a process of its own. Any number of them may run at once:
+each run takes the job's advisory lock and scheduled runs are once per period (see
+scheduler/locking.py), so a schedule firing in eight workers makes one run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from config.settings import Settings
+from scheduler.locking import JobOutcome, JobReport, Progress, run_locked
+
+log = logging.getLogger(__name__)
+
+JOBS = ("partitions", "nightly", "reconcile")
+JOB_FUNC = "scheduler.service:scheduled_run"  # registered by dotted path
+
+
+def period_of(job: str, now: datetime) -> str:
+    """The period a scheduled run belongs to: the UTC day for nightly, the UTC hour otherwise."""
+    now = now.astimezone(UTC)
+    return now.date().isoformat() if job == "nightly" else now.strftime("%Y-%m-%dT%H")
+
+
+def job_body(
+    job: str, engine: Engine, settings: Settings, now: datetime, progress: Progress
+) -> Callable[[], JobOutcome]:
+    """The body of one job, bound to its inputs (the clock among them, for tests)."""
+    from scheduler.jobs.archive import run_nightly
+    from scheduler.jobs.partitions import run_partitions
+    from scheduler.jobs.reconcile import run_reconcile
+
+    if job == "partitions":
+        return lambda: run_partitions(engine, today=now.astimezone(UTC).date(),
+                                      premake_days=settings.partition_premake_days, progress=progress)
+    if job == "nightly":
+        return lambda: run_nightly(engine, settings, now=now, progress=progress)
+    if job == "reconcile":
+        return lambda: run_reconcile(engine, statement_timeout_ms=settings.job_statement_timeout_ms,
+                                     progress=progress)
+    raise ValueError(f"unknown job {job!r}; one of {', '.join(JOBS)}")
+
+
+def run_job(
+    job: str,
+    engine: Engine,
+    settings: Settings,
+    *,
+    trigger: str = "manual",
+    scheduled: bool = False,
+    now: datetime | None = None,
+    progress: Progress | None = None,
+) -> JobReport:
+    """Run one job now under its advisory lock and return its report. Scheduled runs are
+    skipped when the job already succeeded this period; manual ones always run."""
+    now = now or datetime.now(UTC)
+    job_log = logging.getLogger(f"scheduler.jobs.{job}")
+    body = job_body(job, engine, settings, now, progress or job_log.info)
+    return run_locked(engine, job, body, trigger=trigger, period=period_of(job, now) if scheduled else None)
+
+
+def scheduled_run(job: str, engine: Engine, settings: Settings, trigger: str = "schedule") -> None:
+    """What the scheduler calls (by dotted path)."""
+    try:
+        run_job(job, engine, settings, trigger=trigger, scheduled=True)
+    except Exception:  # the database is down, say: log it; the next period tries again
+        log.exception("scheduled run of %s could not be recorded", job)
+
+
+def add_jobs(scheduler: Any, settings: Settings, engine: Engine, trigger: str) -> None:
+    """Register the three jobs (max_instances=1, coalesce) on an APScheduler scheduler."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    crons = {"partitions": settings.partitions_cron, "nightly": settings.nightly_cron,
+             "reconcile": settings.reconcile_cron}
+    for job in JOBS:
+        extra: dict[str, Any] = {}
+        if job == "partitions":
+            extra["next_run_time"] = datetime.now(UTC)  # at start-up too
+        scheduler.add_job(
+            JOB_FUNC, CronTrigger.from_crontab(crons[job], timezone=UTC), id=job, name=job,
+            kwargs={"job": job, "engine": engine, "settings": settings, "trigger": trigger},
+            max_instances=1, coalesce=True, misfire_grace_time=3600, replace_existing=True, **extra,
+        )
+
+
+def start_scheduler(settings: Settings, engine: Engine) -> Any:
+    """Start the jobs in this gevent worker (a GeventScheduler); returns the scheduler."""
+    from apscheduler.schedulers.gevent import GeventScheduler
+
+    scheduler = GeventScheduler(timezone=UTC)
+    add_jobs(scheduler, settings, engine, trigger="schedule")
+    scheduler.start()
+    log.info("scheduler started: %s", ", ".join(f"{j.id} next {j.next_run_time:%Y-%m-%d %H:%M}Z"
+                                                 for j in scheduler.get_jobs()))
+    return scheduler
