@@ -10,6 +10,7 @@ nexmdm_heartbeat* metrics already count every heartbeat by outcome and time it.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -43,6 +44,10 @@ bp = Blueprint("observability", __name__)
 _EXPORTER = "nexmdm_request_metrics"
 HEARTBEAT_PATH_PATTERN = r"^/v1/heartbeat$"
 _OPS_ENGINE = "nexmdm_ops_engine"
+_JOBS_READ_MONO = "nexmdm_job_runs_read_mono"
+# How often a scrape re-reads each job's last success from job_runs (runs made by another process
+# - python -m scheduler, another replica - are seen that way too).
+JOB_RUNS_REREAD_S = 60.0
 
 
 def configure_metrics(app: Flask) -> None:
@@ -59,11 +64,12 @@ def configure_metrics(app: Flask) -> None:
     initialize_series()
     add_job_listener(observe_job_report)  # every run in this process: scheduler and /ops/<job>
     seed_job_last_success(app.extensions["nexmdm"].engine)
+    app.extensions[_JOBS_READ_MONO] = time.monotonic()
     mark_worker_ready()
 
 
 def seed_job_last_success(engine: Engine) -> None:
-    """Each job's last success from job_runs, so a restart does not look like a job that never ran."""
+    """Each job's last success from job_runs: after a restart, and for runs made elsewhere."""
     try:
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(
@@ -92,6 +98,10 @@ def _metrics_key() -> str | None:
 def metrics() -> Response:
     """Prometheus text exposition of every worker (admin: x-admin, or bearer ADMIN_KEY)."""
     check_admin_key(_metrics_key(), current_app.config["NEXMDM_ADMIN_KEY"])
+    now = time.monotonic()
+    if now - current_app.extensions.get(_JOBS_READ_MONO, 0.0) >= JOB_RUNS_REREAD_S:
+        current_app.extensions[_JOBS_READ_MONO] = now
+        seed_job_last_success(_ops_engine(current_app, current_state().engine))
     exporter: PrometheusMetrics = current_app.extensions[_EXPORTER]
     body, content_type = render_metrics(current_state().settings.prometheus_multiproc_dir, [exporter.registry])
     return Response(body, status=200, headers={"Content-Type": content_type})

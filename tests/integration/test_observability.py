@@ -145,3 +145,19 @@ def test_job_runs_through_the_ops_endpoint_are_counted(client, admin):
     assert sample("nexmdm_job_runs_total", job_name="partitions", outcome="succeeded") == runs + 1
     assert sample("nexmdm_job_duration_seconds_count", job_name="partitions") == durations + 1
     assert abs(sample("nexmdm_job_last_success_timestamp_seconds", job_name="partitions") - time.time()) < 30
+
+
+def test_a_scrape_rereads_job_successes_made_elsewhere(client, admin, engine, monkeypatch):
+    from api.routes import observability
+
+    client.get("/metrics", headers=admin)
+    with engine.begin() as conn:  # a run by another process (python -m scheduler, another replica)
+        conn.exec_driver_sql(
+            "INSERT INTO job_runs (job, started_at, finished_at, status) "
+            "VALUES ('elsewhere', now() - interval '5 s', now(), 'succeeded')"
+        )
+    client.get("/metrics", headers=admin)
+    assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="elsewhere") == 0  # within the minute
+    monkeypatch.setattr(observability, "JOB_RUNS_REREAD_S", 0.0)
+    scraped = parse(client.get("/metrics", headers=admin).get_data(as_text=True))
+    assert abs(scraped.value("nexmdm_job_last_success_timestamp_seconds", job_name="elsewhere") - time.time()) < 30
