@@ -108,7 +108,7 @@ POOL_UTILIZATION = Gauge(
 )
 POOL_CHECKOUT_WAIT_SECONDS = Histogram(
     f"{PREFIX}_db_pool_checkout_wait_seconds",
-    "Time to get a connection from the pool (including opening one), timeouts included.",
+    "Time to get a connection from the pool (including opening one), timeouts and failures included.",
     buckets=CHECKOUT_WAIT_BUCKETS_S,
 )
 POOL_CHECKOUT_TIMEOUTS = Counter(
@@ -237,14 +237,13 @@ class MeteredQueuePool(QueuePool):
     def _do_get(self) -> Any:
         started = time.perf_counter()
         try:
-            record = super()._do_get()
+            return super()._do_get()
         except PoolTimeout:
             POOL_CHECKOUT_TIMEOUTS.inc()
-            POOL_CHECKOUT_WAIT_SECONDS.observe(time.perf_counter() - started)
             raise
-        POOL_CHECKOUT_WAIT_SECONDS.observe(time.perf_counter() - started)
-        self._publish()
-        return record
+        finally:  # failed connects too: the caller waited all the same
+            POOL_CHECKOUT_WAIT_SECONDS.observe(time.perf_counter() - started)
+            self._publish()
 
     def _do_return_conn(self, record: Any) -> None:
         super()._do_return_conn(record)
@@ -257,11 +256,6 @@ class MeteredQueuePool(QueuePool):
         POOL_UTILIZATION.set(checked_out / self._capacity)
 
 
-def multiprocess_dir_files(path: Path) -> list[Path]:
-    """The value files prometheus_client keeps in a multiprocess directory."""
-    return sorted(path.glob("*.db"))
-
-
 def prepare_multiproc_dir(path: Path) -> Path:
     """Create the multiprocess directory, or empty it of a previous run's value files.
 
@@ -269,7 +263,7 @@ def prepare_multiproc_dir(path: Path) -> Path:
     Only ``*.db`` files are removed, so a directory shared by mistake loses nothing else.
     """
     path.mkdir(parents=True, exist_ok=True)
-    for stale in multiprocess_dir_files(path):
+    for stale in path.glob("*.db"):
         stale.unlink(missing_ok=True)
     return path
 
