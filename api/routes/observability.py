@@ -51,7 +51,7 @@ JOB_RUNS_REREAD_S = 60.0
 
 
 def configure_metrics(app: Flask) -> None:
-    """Request metrics for every endpoint, the zero-valued series, job runs, each job's last success."""
+    """Request metrics (every endpoint but the heartbeat), zero-valued series, job runs and successes."""
     app.extensions[_EXPORTER] = PrometheusMetrics(
         app,
         path=None,
