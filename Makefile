@@ -34,6 +34,10 @@ promtool:
 	    echo "promtool not found (needs root and apt-get to install): the alert-rule tests will skip"; \
 	  fi; }
 
+.PHONY: console
+console: $(STAMP)
+	$(PY) -m console $(CONSOLE_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 

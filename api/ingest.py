@@ -42,13 +42,21 @@ def floor_to_bucket(ts: datetime, bucket_s: int) -> datetime:
 
 
 def choose_bucket(sent_at: datetime, now: datetime, bucket_s: int, max_skew_s: int) -> tuple[datetime, float, bool]:
-    """(bucket, skew in seconds, corrected?). The device clock decides the bucket, so a retry
-    lands in the same bucket, unless it is more than ``max_skew_s`` off the server's clock;
-    then the server's time is used and the skew is recorded."""
+    """(bucket, skew in seconds, corrected?). The device clock decides the bucket, so a retry of
+    the same body lands in the same bucket.
+
+    A clock more than ``max_skew_s`` off the server's is corrected by its skew rounded to whole
+    hours (a wrong time zone, or a clock years off): the bucket stays within half an hour of
+    the server's time (so inside an existing partition) and still follows the body's
+    ``sent_at``, so a retry seconds later maps to the same bucket unless the skew sits within
+    seconds of a half-hour mark. Using the server's arrival time instead would split retries
+    that straddle a bucket boundary into two stored rows.
+    """
     skew_s = (now - sent_at).total_seconds()
     if abs(skew_s) <= max_skew_s:
         return floor_to_bucket(sent_at, bucket_s), skew_s, False
-    return floor_to_bucket(now, bucket_s), skew_s, True
+    correction = timedelta(hours=round(skew_s / 3600))
+    return floor_to_bucket(sent_at + correction, bucket_s), skew_s, True
 
 
 def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: datetime) -> tuple[HeartbeatRow, bool]:

@@ -286,7 +286,8 @@ def test_a_stop_request_ends_the_load_promptly_and_still_accounts_for_everything
     gevent.spawn_later(1.0, load.request_stop)
     started = time.perf_counter()
     result = load.run()
-    assert time.perf_counter() - started < 4.0
-    assert 0.9 <= result.load_s <= 1.5
+    # Bounds far below the 60 s duration, loose enough for a busy 2-core CI machine.
+    assert time.perf_counter() - started < 10.0
+    assert 0.5 <= result.load_s <= 4.0
     hb = result.stats.kinds["heartbeat"]
     assert hb.ok == result.stats.sent > 0 and result.abandoned == 0
