@@ -73,17 +73,20 @@ def start_server(database_url: str, admin_key: str, tmp: Path, workers: int = 2,
         cwd=ROOT, env=environ, stdout=handle, stderr=subprocess.STDOUT,
     )
     server = LiveServer(f"http://127.0.0.1:{port}", admin_key, proc, log_path, metrics_dir)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {server.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(server.url + "/readyz", timeout=1) as resp:
-                # Ready when every worker has booted (each writes its live gauges on start).
-                if resp.status == 200 and live_workers(metrics_dir) >= workers:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"server did not become ready: {server.log()[-3000:]}")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {server.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(server.url + "/readyz", timeout=1) as resp:
+                    # Ready when every worker has booted (each writes its live gauges on start).
+                    if resp.status == 200 and live_workers(metrics_dir) >= workers:
+                        return server
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not become ready: {server.log()[-3000:]}")
+    except BaseException:  # never leave a server behind (the caller gets no handle to stop it)
+        server.stop()
+        raise
