@@ -67,6 +67,9 @@ class Settings:
     restore_keep_days: int = 7
     job_runs_keep_days: int = 30
     log_level: str = "INFO"
+    # Where the gunicorn workers' Prometheus values live (multiprocess mode); the launcher sets
+    # and wipes it. None: metrics of this process only (tests with the Flask test client).
+    prometheus_multiproc_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
