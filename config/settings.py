@@ -46,7 +46,7 @@ class Settings:
     partition_premake_days: int = 7
     archive_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var" / "archive")
     var_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var")
-    token_cache_ttl_s: float = 900.0
+    token_cache_ttl_s: float = 86_400.0
     token_sync_interval_s: float = 1.0
     token_rotation_overlap_s: int = 3600
     max_body_bytes: int = 16_384
