@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
 .PHONY: run test test-faults lint bench bench-ingest venv clean-var
+.PHONY: promtool
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "NexMDM needs Python 3.11+"'
@@ -18,12 +19,28 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(PY) -m api serve
 
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(PY) -m pytest -q -m "not slow"
 
 # The slow tests (fault and overload scenarios, a few minutes); prints the fault table at the end.
 test-faults: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# promtool (Debian's prometheus package) runs the alert-rule tests. Installed when missing and
+# this is root with apt-get; otherwise those tests skip and say why.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (Debian package prometheus) ..."; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        prometheus >/dev/null; } || echo "promtool could not be installed: the alert-rule tests will skip"; \
+	  else \
+	    echo "promtool not found (needs root and apt-get to install): the alert-rule tests will skip"; \
+	  fi; }
+
+.PHONY: console
+console: $(STAMP)
+	$(PY) -m console $(CONSOLE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -37,3 +54,7 @@ bench: $(STAMP)
 clean-var:
 	$(PY) -m db stop || true
 	rm -rf var
+
+.PHONY: bench-simulator
+bench-simulator: $(STAMP)
+	$(PY) -m simulator.bench

@@ -1,7 +1,8 @@
 """``python -m api serve``: everything ``make run`` needs, in the foreground.
 
 Starts the embedded PostgreSQL when DATABASE_URL is unset, migrates, creates the upcoming
-partitions, then runs gunicorn (gevent workers). Ctrl-C or SIGTERM stops gunicorn and then the
+partitions, empties the Prometheus multiprocess directory (a previous run's counts must not be
+added to this one's), then runs gunicorn (gevent workers). Ctrl-C or SIGTERM stops gunicorn and then the
 embedded database it started.
 """
 
@@ -15,6 +16,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from api.metrics import prepare_multiproc_dir
 from config.admin_key import admin_key_path, ensure_admin_key
 from config.settings import Settings
 from db.engine import embedded_cluster, make_engine
@@ -22,6 +24,11 @@ from db.migrate import upgrade
 from db.partitions import ensure_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def metrics_dir_for(settings: Settings) -> Path:
+    """Where the workers keep their Prometheus values: PROMETHEUS_MULTIPROC_DIR or var/prometheus."""
+    return settings.prometheus_multiproc_dir or settings.var_dir / "prometheus"
 
 
 def prepare_database(settings: Settings, url: str) -> list[str]:
@@ -50,7 +57,8 @@ def serve(settings: Settings) -> int:
         key, from_file = ensure_admin_key(settings)
         if from_file:
             print(f"nexmdm: admin key (x-admin header) is in {admin_key_path(settings)}", flush=True)
-        env = dict(os.environ, DATABASE_URL=url, ADMIN_KEY=key)
+        metrics_dir = prepare_multiproc_dir(metrics_dir_for(settings))
+        env = dict(os.environ, DATABASE_URL=url, ADMIN_KEY=key, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
         cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.conf.py"), "wsgi:app"]
         print(
             f"nexmdm: serving on http://{settings.host}:{settings.port} "

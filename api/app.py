@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 
 from api.auth import TokenCache
 from api.errors import configure_errors
+from api.metrics import MeteredQueuePool
 from api.state import AppState
 from config.settings import Settings
 from db.engine import make_engine
@@ -22,7 +23,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     if not key:
         raise ValueError("create_app needs an admin key (ADMIN_KEY, or config.admin_key.ensure_admin_key)")
     app.config["NEXMDM_ADMIN_KEY"] = key
-    engine = engine or make_engine(settings)
+    engine = engine or make_engine(settings, pool_class=MeteredQueuePool)
     app.extensions["nexmdm"] = AppState(
         settings=settings, engine=engine, admin_key=key,
         tokens=TokenCache(engine, settings.token_cache_ttl_s, settings.token_sync_interval_s),
@@ -30,6 +31,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     configure_logging(settings)
     configure_errors(app)
     configure_routes(app)
+    configure_metrics(app)
     return app
 
 
@@ -43,7 +45,15 @@ def configure_routes(app: Flask) -> None:
     from api.routes.fleet import bp as fleet_bp
     from api.routes.health import bp as health_bp
     from api.routes.heartbeats import bp as heartbeats_bp
+    from api.routes.observability import bp as observability_bp
     from api.routes.ops import bp as ops_bp
 
-    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp, ops_bp):
+    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp, ops_bp, observability_bp):
         app.register_blueprint(bp)
+
+
+def configure_metrics(app: Flask) -> None:
+    """Prometheus: per-endpoint request metrics and the job series (see api/metrics.py)."""
+    from api.routes.observability import configure_metrics as configure
+
+    configure(app)

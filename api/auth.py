@@ -47,12 +47,14 @@ class _Entry:
 
 
 class TokenCache:
-    """Token hash → device id, for ``ttl_s`` seconds (default 15 min, longer than a device's
-    heartbeat interval), so steady-state authentication costs no database round trip.
+    """Token hash → device id, for ``ttl_s`` seconds (default a day), so steady-state
+    authentication costs no database round trip.
 
     Revocation and rotation still take effect fast: at most every ``sync_interval_s`` (1 s)
-    each worker asks which devices' tokens changed since its last look (one indexed query on
-    devices.auth_changed_at) and evicts them; the worker that served the call evicts at once.
+    each worker asks which devices' tokens changed since its last successful look (one indexed
+    query on devices.auth_changed_at) and evicts them; the worker that served the call evicts
+    at once. Because each look starts where the last successful one ended, a database outage
+    delays evictions but loses none.
     Unknown tokens are cached briefly too, so a flood of bad tokens is not a flood of queries.
     """
 
@@ -126,7 +128,7 @@ class TokenCache:
 
 def bearer_token() -> str:
     """The bearer token of the request; 401 when absent or malformed."""
-    header = request.headers.get("Authorization", "")
+    header = request.environ.get("HTTP_AUTHORIZATION", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "token_required", "send the device token as 'Authorization: Bearer <token>'")

@@ -13,14 +13,31 @@ T = TypeVar("T")
 
 
 def read_json_body(limit_bytes: int) -> bytes:
-    """The raw body; 415 unless JSON, 413 when over ``limit_bytes``, 400 when empty, 422 with NUL."""
-    if request.mimetype != "application/json":
+    """The raw body; 415 unless JSON, 413 when over ``limit_bytes``, 400 when empty, 422 with NUL.
+
+    Reads the WSGI environ directly: on the heartbeat hot path Werkzeug's lazily parsed
+    request attributes (mimetype, stream wrappers) cost more than the JSON decoding.
+    """
+    environ = request.environ
+    mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+    if mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")
-    if request.content_length is not None and request.content_length > limit_bytes:
-        raise ApiError(413, "body_too_large", f"the body is {request.content_length} bytes; at most {limit_bytes}")
-    body = request.stream.read(limit_bytes + 1)
-    if len(body) > limit_bytes:
-        raise ApiError(413, "body_too_large", f"the body is over {limit_bytes} bytes")
+    stream = environ["wsgi.input"]
+    raw_length = environ.get("CONTENT_LENGTH")
+    if raw_length:
+        try:
+            length = int(raw_length)
+        except ValueError:
+            raise ApiError(400, "bad_request", "Content-Length is not a number") from None
+        if length > limit_bytes:
+            raise ApiError(413, "body_too_large", f"the body is {length} bytes; at most {limit_bytes}")
+        body = stream.read(length) if length > 0 else b""
+    elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked" or environ.get("wsgi.input_terminated"):
+        body = stream.read(limit_bytes + 1)
+        if len(body) > limit_bytes:
+            raise ApiError(413, "body_too_large", f"the body is over {limit_bytes} bytes")
+    else:
+        body = b""
     if not body:
         raise ApiError(400, "malformed_json", "the body is empty")
     # JSON can carry NUL only as the escape \u0000; PostgreSQL stores it in neither text nor

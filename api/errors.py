@@ -33,10 +33,17 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class ErrorResponse(Response):
+    """A JSON error answer that keeps its code at hand (rejection metrics count by it)."""
+
+    error_code: str = ""
+
+
 def error_response(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> Response:
     """A JSON error body ``{"error": code, "detail": detail}``."""
     body = msgspec.json.encode({"error": code, "detail": detail})
-    response = Response(body, status=status, mimetype="application/json")
+    response = ErrorResponse(body, status=status, mimetype="application/json")
+    response.error_code = code
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response

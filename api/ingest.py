@@ -19,8 +19,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gevent
 import msgspec
 import psycopg2
+from gevent.event import AsyncResult
+from gevent.queue import Empty, Full, Queue
+from gevent.timeout import Timeout
 from psycopg2 import errors as pg_errors
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -60,13 +64,21 @@ def floor_to_bucket(ts: datetime, bucket_s: int) -> datetime:
 
 
 def choose_bucket(sent_at: datetime, now: datetime, bucket_s: int, max_skew_s: int) -> tuple[datetime, float, bool]:
-    """(bucket, skew in seconds, corrected?). The device clock decides the bucket, so a retry
-    lands in the same bucket, unless it is more than ``max_skew_s`` off the server's clock;
-    then the server's time is used and the skew is recorded."""
+    """(bucket, skew in seconds, corrected?). The device clock decides the bucket, so a retry of
+    the same body lands in the same bucket.
+
+    A clock more than ``max_skew_s`` off the server's is corrected by its skew rounded to whole
+    hours (a wrong time zone, or a clock years off): the bucket stays within half an hour of
+    the server's time (so inside an existing partition) and still follows the body's
+    ``sent_at``, so a retry seconds later maps to the same bucket unless the skew sits within
+    seconds of a half-hour mark. Using the server's arrival time instead would split retries
+    that straddle a bucket boundary into two stored rows.
+    """
     skew_s = (now - sent_at).total_seconds()
     if abs(skew_s) <= max_skew_s:
         return floor_to_bucket(sent_at, bucket_s), skew_s, False
-    return floor_to_bucket(now, bucket_s), skew_s, True
+    correction = timedelta(hours=round(skew_s / 3600))
+    return floor_to_bucket(sent_at + correction, bucket_s), skew_s, True
 
 
 def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: datetime) -> tuple[HeartbeatRow, bool]:
@@ -202,9 +214,6 @@ class GroupCommitWriter:
     """
 
     def __init__(self, engine: Engine, settings: Settings, on_flush: FlushListener | None = None) -> None:
-        import gevent
-        from gevent.queue import Queue
-
         self._engine = engine
         self._settings = settings
         self._on_flush = on_flush
@@ -225,10 +234,6 @@ class GroupCommitWriter:
 
     def write(self, row: HeartbeatRow) -> bool:
         """Queue one heartbeat and wait until its batch has committed."""
-        from gevent.event import AsyncResult
-        from gevent.queue import Full
-        from gevent.timeout import Timeout
-
         result = AsyncResult()
         now = time.monotonic()
         self._check_queue(now)  # check_admission ran before the request's work; the queue may have grown
@@ -267,8 +272,6 @@ class GroupCommitWriter:
         """Steer the fraction of requests refused up while the loop runs late, down while it
         keeps time (AIMD-like). Refusing all of them would be a collapse: under a retry storm
         the refusals alone keep the loop late, and nothing would ever be admitted again."""
-        import gevent
-
         while True:
             started = time.monotonic()
             gevent.sleep(_LAG_PROBE_S)
@@ -279,9 +282,6 @@ class GroupCommitWriter:
                 self.shed_fraction = max(0.0, self.shed_fraction - _SHED_DOWN)
 
     def _run(self, index: int) -> None:
-        import gevent
-        from gevent.queue import Empty
-
         while True:
             batch = [self._queue.get()]
             gevent.sleep(0)  # let requests that are ready join this batch
@@ -311,8 +311,6 @@ class GroupCommitWriter:
 
     def _flush(self, rows: list[HeartbeatRow]) -> list[bool]:
         """One transaction on this flusher's own connection; stored flags after COMMIT."""
-        import gevent
-
         key = id(gevent.getcurrent())
         for attempt in (1, 2):
             conn = self._conns.get(key)

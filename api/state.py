@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 
 from api.auth import TokenCache
 from api.ingest import DirectWriter, GroupCommitWriter, make_writer
+from api.metrics import observe_flush
 from config.settings import Settings
 
 
@@ -29,7 +30,7 @@ class AppState:
     def writer(self) -> DirectWriter | GroupCommitWriter:
         # Created on first use, inside the worker, so its greenlets belong to the worker's hub.
         if self._writer is None:
-            self._writer = make_writer(self.engine, self.settings)
+            self._writer = make_writer(self.engine, self.settings, observe_flush)
         return self._writer
 
 

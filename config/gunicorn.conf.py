@@ -17,3 +17,22 @@ accesslog = None
 errorlog = "-"
 loglevel = "warning"
 proc_name = "nexmdm"
+
+
+def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """Say so when /metrics would show one worker per scrape instead of the whole server."""
+    if _settings.prometheus_multiproc_dir is None and workers > 1:
+        server.log.warning(
+            "PROMETHEUS_MULTIPROC_DIR is unset: each scrape of /metrics covers one worker only. "
+            "Start through `python -m api serve`, or set it to an emptied directory."
+        )
+
+
+def child_exit(server, worker) -> None:  # noqa: ANN001 - gunicorn's hook signature
+    """A worker died or was replaced: drop its live gauges (pool figures, worker count) so
+    they are no longer summed; its counters and histograms stay counted."""
+    if _settings.prometheus_multiproc_dir is not None:
+        # Not api.metrics: importing it would create metric files for the master itself.
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, str(_settings.prometheus_multiproc_dir))

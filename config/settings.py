@@ -46,7 +46,7 @@ class Settings:
     partition_premake_days: int = 7
     archive_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var" / "archive")
     var_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var")
-    token_cache_ttl_s: float = 900.0
+    token_cache_ttl_s: float = 86_400.0
     token_sync_interval_s: float = 1.0
     token_rotation_overlap_s: int = 3600
     max_body_bytes: int = 16_384
@@ -72,6 +72,9 @@ class Settings:
     restore_keep_days: int = 7
     job_runs_keep_days: int = 30
     log_level: str = "INFO"
+    # Where the gunicorn workers' Prometheus values live (multiprocess mode); the launcher sets
+    # and wipes it. None: metrics of this process only (tests with the Flask test client).
+    prometheus_multiproc_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

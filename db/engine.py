@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.pool import Pool, QueuePool
 
 from config.settings import Settings
 from db.embedded import EmbeddedCluster
@@ -48,13 +49,19 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def make_engine(settings: Settings, url: str | None = None, *, application_name: str = "nexmdm") -> Engine:
-    """The pooled engine of one process. Create it after gunicorn forks, never before."""
+def make_engine(
+    settings: Settings, url: str | None = None, *, application_name: str = "nexmdm",
+    pool_class: type[Pool] = QueuePool,
+) -> Engine:
+    """The pooled engine of one process. Create it after gunicorn forks, never before.
+
+    ``pool_class``: a QueuePool subclass (the API passes one that publishes pool metrics)."""
     url = url or settings.database_url
     if not url:
         raise ValueError("make_engine needs a database URL (resolve_database_url first)")
     return create_engine(
         sqlalchemy_url(url),
+        poolclass=pool_class,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_s,

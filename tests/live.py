@@ -12,6 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.metrics import PREFIX, live_gauge_values, prepare_multiproc_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,6 +29,7 @@ class LiveServer:
     admin_key: str
     proc: subprocess.Popen
     log_path: Path
+    metrics_dir: Path
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -41,11 +44,18 @@ class LiveServer:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
+def live_workers(metrics_dir: Path) -> int:
+    """Workers whose app is built, as the server's own worker gauge counts them."""
+    return int(live_gauge_values(metrics_dir).get(f"{PREFIX}_worker_processes", 0))
+
+
 def start_server(
     database_url: str, admin_key: str, tmp: Path, workers: int = 2, port: int | None = None, **env: str
 ) -> LiveServer:
     """Start gunicorn exactly as ``make run`` does (same config file), on a free port (or ``port``)."""
     port = port or free_port()
+    # Set and wiped as the launcher (python -m api serve) does.
+    metrics_dir = prepare_multiproc_dir(Path(env.pop("PROMETHEUS_MULTIPROC_DIR", tmp / f"prometheus-{port}")))
     environ = dict(
         os.environ,
         DATABASE_URL=database_url,
@@ -55,6 +65,7 @@ def start_server(
         WEB_CONCURRENCY=str(workers),
         VAR_DIR=str(tmp),
         ARCHIVE_DIR=str(tmp / "archive"),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         **env,
     )
     log_path = tmp / f"server-{port}.log"
@@ -63,16 +74,21 @@ def start_server(
         [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.conf.py"), "wsgi:app"],
         cwd=ROOT, env=environ, stdout=handle, stderr=subprocess.STDOUT,
     )
-    server = LiveServer(f"http://127.0.0.1:{port}", admin_key, proc, log_path)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {server.log()[-3000:]}")
-        try:
-            with urllib.request.urlopen(server.url + "/readyz", timeout=1) as resp:
-                if resp.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server did not become ready: {server.log()[-3000:]}")
+    server = LiveServer(f"http://127.0.0.1:{port}", admin_key, proc, log_path, metrics_dir)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {server.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(server.url + "/readyz", timeout=1) as resp:
+                    # Ready when every worker has booted (each writes its live gauges on start).
+                    if resp.status == 200 and live_workers(metrics_dir) >= workers:
+                        return server
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not become ready: {server.log()[-3000:]}")
+    except BaseException:  # never leave a server behind (the caller gets no handle to stop it)
+        server.stop()
+        raise

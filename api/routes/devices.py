@@ -8,6 +8,7 @@ from flask import Blueprint, Response, request
 from api.auth import admin_required
 from api.body import read_json_body
 from api.errors import ApiError
+from api.metrics import timed_read
 from api.responses import json_response
 from api.routes.heartbeats import int_arg
 from api.schemas import DeviceIn, EnrollBatchIn
@@ -81,6 +82,7 @@ def revoke(device_id: int) -> Response:
 
 @bp.get("/v1/devices/<int:device_id>")
 @admin_required
+@timed_read("device")
 def device_status(device_id: int) -> Response:
     """The current status of one device (one indexed row of device_last_status)."""
     state = current_state()
@@ -96,6 +98,7 @@ def device_status(device_id: int) -> Response:
 
 @bp.get("/v1/devices")
 @admin_required
+@timed_read("list")
 def fleet_list() -> Response:
     """The fleet, filtered (status, battery_below, app_version, label), keyset-paginated."""
     state = current_state()

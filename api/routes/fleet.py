@@ -11,6 +11,7 @@ from flask import Blueprint, Response
 
 from api.auth import admin_required
 from api.ingest import gevent_active
+from api.metrics import timed_read
 from api.responses import json_response
 from api.state import AppState, current_state
 from db.fleet import fleet_summary
@@ -43,6 +44,7 @@ def _refresh(state: AppState) -> None:
 
 @bp.get("/v1/fleet/summary")
 @admin_required
+@timed_read("summary")
 def summary() -> Response:
     """Total, online, offline, battery bands, app versions.
 

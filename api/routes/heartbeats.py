@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from flask import Blueprint, Response, request
@@ -10,6 +11,7 @@ from api.auth import admin_required, bearer_token
 from api.body import read_json_body
 from api.errors import ApiError
 from api.ingest import parse_heartbeat
+from api.metrics import observe_heartbeat, reject_heartbeat
 from api.responses import json_response
 from api.state import current_state
 from db.fleet import get_device_status
@@ -24,12 +26,14 @@ HISTORY_MAX_LIMIT = 10_000
 @bp.post("/v1/heartbeat")
 def post_heartbeat() -> Response:
     """Store one heartbeat; answered only after its transaction has committed."""
+    started = time.perf_counter()
     state = current_state()
     state.writer.check_admission()  # shed before doing any work when the worker is behind
     device_id = state.tokens.authenticate(bearer_token())
     body = read_json_body(state.settings.max_body_bytes)
     row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))
     stored = state.writer.write(row)
+    observe_heartbeat(stored, time.perf_counter() - started)
     return json_response(
         {
             "status": "stored" if stored else "duplicate",
@@ -39,6 +43,14 @@ def post_heartbeat() -> Response:
             "skew_corrected": corrected,
         }
     )
+
+
+@bp.after_request
+def count_rejected_heartbeats(response: Response) -> Response:
+    """Every error answer to POST /v1/heartbeat counts as a rejection, by its error code."""
+    if response.status_code >= 400 and request.endpoint == "heartbeats.post_heartbeat":
+        reject_heartbeat(getattr(response, "error_code", "") or f"http_{response.status_code}")
+    return response
 
 
 def _parse_time(name: str, default: datetime) -> datetime:

@@ -22,8 +22,18 @@ def test_bucket_uses_device_clock_within_skew_else_server_clock():
     now = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
     bucket, skew, corrected = choose_bucket(now - timedelta(seconds=42), now, 10, 300)
     assert bucket == datetime(2026, 11, 27, 11, 59, 10, tzinfo=UTC) and skew == 42 and not corrected
-    bucket, skew, corrected = choose_bucket(now - timedelta(hours=2), now, 10, 300)
-    assert bucket == now and skew == 7200 and corrected
+    bucket, skew, corrected = choose_bucket(now - timedelta(hours=2, seconds=-13), now, 10, 300)
+    assert bucket == now + timedelta(seconds=10) and skew == 7187 and corrected
+
+
+def test_retries_from_a_skewed_clock_share_a_bucket():
+    """The same body resent seconds later (server clock moved on) maps to the same bucket."""
+    sent_at = datetime(2020, 3, 1, 8, 0, 7, tzinfo=UTC)  # a clock years behind
+    now = datetime(2026, 11, 27, 12, 0, 9, 500_000, tzinfo=UTC)
+    buckets = {choose_bucket(sent_at, now + timedelta(seconds=d), 10, 300)[0] for d in (0, 1, 2, 3, 5, 8)}
+    assert len(buckets) == 1
+    [bucket] = buckets
+    assert abs((bucket - now).total_seconds()) <= 1800
 
 
 def test_parse_heartbeat_collects_unknown_fields():

@@ -1,0 +1,324 @@
+"""NexMDM's Prometheus metrics: what is measured, the helpers that record it, the exposition.
+
+Conventions: one prefix (``nexmdm_``), base units (seconds, ratios), ``_total`` on counters, and
+no label that carries a device id (labels are bounded: error codes, job names, query types).
+
+Under gunicorn every worker writes its values to mmap files in PROMETHEUS_MULTIPROC_DIR
+(prometheus_client's multiprocess mode, chosen when the variable is set before the first import
+of prometheus_client), so one scrape of any worker shows the whole server. Gauges declare how
+workers combine: ``livesum`` for pool figures (summed over live workers; gunicorn's child_exit
+hook removes a dead worker's files), ``livemax`` for the busiest worker's pool utilisation,
+``max`` for timestamps. Recording costs a few microseconds and never a database round trip.
+
+This module imports no Flask and touches no database, so jobs and CLIs can call it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import multiprocess as pc_multiprocess
+from prometheus_client.exposition import generate_latest
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import QueuePool
+
+PREFIX = "nexmdm"
+
+# Bucket edges at the SLO boundaries: 0.02 s (fast read p95), 0.15 s and 0.3 s (heartbeat
+# p95/p99), dense below them so a percentile computed from buckets stays close to the truth.
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+CHECKOUT_WAIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FLUSH_ROWS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+JOB_DURATION_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)
+
+# The scheduled jobs (issue 3) and the outcomes job_runs records; pre-created at zero so that
+# increase() sees the first failure and the dashboard has a series before the first run.
+KNOWN_JOBS = ("partitions", "nightly", "reconcile")
+JOB_OUTCOMES = ("succeeded", "failed", "skipped")
+READ_QUERIES = ("device", "list", "summary")
+# Error codes a heartbeat is commonly rejected with (others appear on first use).
+REJECT_REASONS = (
+    "token_required", "token_invalid", "malformed_json", "validation_failed", "body_too_large",
+    "overloaded", "database_unavailable", "pool_exhausted", "internal_error",
+)
+
+HEARTBEAT_WRITE_SECONDS = Histogram(
+    f"{PREFIX}_heartbeat_write_duration_seconds",
+    "Time to handle an acknowledged heartbeat: authenticate, validate, write, COMMIT.",
+    buckets=LATENCY_BUCKETS_S,
+)
+HEARTBEATS_ACCEPTED = Counter(f"{PREFIX}_heartbeats_accepted_total", "Heartbeats stored (new rows).")
+HEARTBEATS_DUPLICATE = Counter(
+    f"{PREFIX}_heartbeats_duplicate_total",
+    "Heartbeats acknowledged as duplicates of one already stored (retries).",
+)
+HEARTBEATS_REJECTED = Counter(
+    f"{PREFIX}_heartbeats_rejected_total",
+    "Heartbeats answered with an error, by the error code of the answer.",
+    ["reason"],
+)
+LAST_STATUS_READ_SECONDS = Histogram(
+    f"{PREFIX}_last_status_read_duration_seconds",
+    "Time to answer a fast status read (device status, fleet list, fleet summary).",
+    ["query"],
+    buckets=LATENCY_BUCKETS_S,
+)
+INGEST_FLUSH_SECONDS = Histogram(
+    f"{PREFIX}_ingest_flush_duration_seconds",
+    "Time of one group-commit flush (one multi-row statement and its COMMIT).",
+    buckets=LATENCY_BUCKETS_S,
+)
+INGEST_FLUSH_ROWS = Histogram(
+    f"{PREFIX}_ingest_flush_rows", "Heartbeats written per group-commit flush.", buckets=FLUSH_ROWS_BUCKETS,
+)
+WORKER_PROCESSES = Gauge(
+    f"{PREFIX}_worker_processes", "Live API worker processes.", multiprocess_mode="livesum",
+)
+POOL_SIZE = Gauge(
+    f"{PREFIX}_db_pool_size_connections",
+    "Configured pool size (DB_POOL_SIZE), summed over live workers.", multiprocess_mode="livesum",
+)
+POOL_MAX_OVERFLOW = Gauge(
+    f"{PREFIX}_db_pool_max_overflow_connections",
+    "Configured pool overflow (DB_MAX_OVERFLOW), summed over live workers.", multiprocess_mode="livesum",
+)
+POOL_CHECKED_OUT = Gauge(
+    f"{PREFIX}_db_pool_checked_out_connections",
+    "Connections checked out of the pool (in use), summed over live workers.", multiprocess_mode="livesum",
+)
+POOL_OVERFLOW = Gauge(
+    f"{PREFIX}_db_pool_overflow_connections",
+    "Connections open beyond the pool size, summed over live workers.", multiprocess_mode="livesum",
+)
+POOL_UTILIZATION = Gauge(
+    f"{PREFIX}_db_pool_utilization_ratio",
+    "Checked out / (pool size + max overflow) of the busiest live worker (each worker has its own "
+    "pool; the one that runs out is the one whose requests fail). Server-wide: "
+    "checked_out_connections / (size_connections + max_overflow_connections).",
+    multiprocess_mode="livemax",
+)
+POOL_CHECKOUT_WAIT_SECONDS = Histogram(
+    f"{PREFIX}_db_pool_checkout_wait_seconds",
+    "Time to get a connection from the pool (including opening one), timeouts and failures included.",
+    buckets=CHECKOUT_WAIT_BUCKETS_S,
+)
+POOL_CHECKOUT_TIMEOUTS = Counter(
+    f"{PREFIX}_db_pool_checkout_timeouts_total", "Checkouts that gave up after DB_POOL_TIMEOUT_S.",
+)
+# The label is job_name, not job: Prometheus sets "job" on every scraped series (the scrape job).
+JOB_RUNS = Counter(f"{PREFIX}_job_runs_total", "Scheduled job runs, by job and outcome.", ["job_name", "outcome"])
+JOB_DURATION_SECONDS = Histogram(
+    f"{PREFIX}_job_duration_seconds", "Duration of job runs, by job.", ["job_name"], buckets=JOB_DURATION_BUCKETS_S,
+)
+JOB_LAST_SUCCESS = Gauge(
+    f"{PREFIX}_job_last_success_timestamp_seconds",
+    "Unix time at which the job last finished successfully.",
+    ["job_name"],
+    multiprocess_mode="max",
+)
+
+
+def observe_heartbeat(stored: bool, seconds: float) -> None:
+    """Record one acknowledged heartbeat (stored or duplicate) and its handling time."""
+    (HEARTBEATS_ACCEPTED if stored else HEARTBEATS_DUPLICATE).inc()
+    HEARTBEAT_WRITE_SECONDS.observe(seconds)
+
+
+def reject_heartbeat(reason: str) -> None:
+    """Record one heartbeat answered with an error; ``reason`` is the answer's error code."""
+    HEARTBEATS_REJECTED.labels(reason).inc()
+
+
+def observe_flush(batch_size: int, seconds: float) -> None:
+    """GroupCommitWriter/DirectWriter on_flush listener: one committed batch."""
+    INGEST_FLUSH_ROWS.observe(batch_size)
+    INGEST_FLUSH_SECONDS.observe(seconds)
+
+
+def observe_job(job: str, outcome: str, duration_s: float, finished_at_s: float | None = None) -> None:
+    """Record one job run. ``outcome`` is a job_runs status: succeeded, failed or skipped.
+
+    A success also sets the job's last-success timestamp (``finished_at_s``, Unix seconds;
+    now when omitted). Safe to call from any process that imported this module.
+    """
+    if outcome not in JOB_OUTCOMES:
+        raise ValueError(f"outcome must be one of {JOB_OUTCOMES}, got {outcome!r}")
+    JOB_RUNS.labels(job, outcome).inc()
+    JOB_DURATION_SECONDS.labels(job).observe(max(0.0, duration_s))
+    if outcome == "succeeded":
+        set_job_last_success(job, finished_at_s if finished_at_s is not None else time.time())
+
+
+class JobReportLike(Protocol):
+    """What observe_job_report reads from a run report (scheduler.locking.JobReport)."""
+
+    job: str
+    status: str
+    duration_s: float
+    finished_at: datetime
+
+
+def observe_job_report(report: JobReportLike) -> None:
+    """A job listener: ``add_job_listener(observe_job_report)`` counts every run, skips included."""
+    observe_job(report.job, report.status, report.duration_s, report.finished_at.timestamp())
+
+
+_last_success_s: dict[str, float] = {}
+
+
+def set_job_last_success(job: str, finished_at_s: float) -> None:
+    """Set a job's last-success time (also to seed it from job_runs at start-up); never
+    moves it back, so a late seed cannot hide a newer success."""
+    if finished_at_s > _last_success_s.get(job, 0.0):
+        _last_success_s[job] = finished_at_s
+        JOB_LAST_SUCCESS.labels(job).set(finished_at_s)
+
+
+def initialize_series() -> None:
+    """Create the labelled series that must exist at zero before their first event."""
+    for job in KNOWN_JOBS:
+        JOB_DURATION_SECONDS.labels(job)
+        for outcome in JOB_OUTCOMES:
+            JOB_RUNS.labels(job, outcome)
+    for query in READ_QUERIES:
+        LAST_STATUS_READ_SECONDS.labels(query)
+    for reason in REJECT_REASONS:
+        HEARTBEATS_REJECTED.labels(reason)
+
+
+def mark_worker_ready() -> None:
+    """Count this process among the live workers (summed over live workers)."""
+    WORKER_PROCESSES.set(1)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def timed_read(query: str) -> Callable[[F], F]:
+    """Decorator: observe a fast read's handling time under ``query`` when it succeeds."""
+    histogram = LAST_STATUS_READ_SECONDS.labels(query)
+
+    def decorate(view: F) -> F:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            result = view(*args, **kwargs)
+            histogram.observe(time.perf_counter() - started)
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class MeteredQueuePool(QueuePool):
+    """A QueuePool that publishes its size, use, overflow, checkout waits and timeouts.
+
+    The figures are written on checkout and checkin (a few mmap writes, no I/O). One metered
+    pool per process: the app's engine.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._capacity = max(1, self.size() + max(0, self._max_overflow))
+        POOL_SIZE.set(self.size())
+        POOL_MAX_OVERFLOW.set(max(0, self._max_overflow))
+        self._publish()
+
+    def _do_get(self) -> Any:
+        started = time.perf_counter()
+        try:
+            return super()._do_get()
+        except PoolTimeout:
+            POOL_CHECKOUT_TIMEOUTS.inc()
+            raise
+        finally:  # failed connects too: the caller waited all the same
+            POOL_CHECKOUT_WAIT_SECONDS.observe(time.perf_counter() - started)
+            self._publish()
+
+    def _do_return_conn(self, record: Any) -> None:
+        super()._do_return_conn(record)
+        self._publish()
+
+    def _publish(self) -> None:
+        checked_out = self.checkedout()
+        POOL_CHECKED_OUT.set(checked_out)
+        POOL_OVERFLOW.set(max(0, self.overflow()))
+        POOL_UTILIZATION.set(checked_out / self._capacity)
+
+
+def prepare_multiproc_dir(path: Path) -> Path:
+    """Create the multiprocess directory, or empty it of a previous run's value files.
+
+    Call before gunicorn starts (stale files would add a dead run's counts to the new one).
+    Only ``*.db`` files are removed, so a directory shared by mistake loses nothing else.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def _sized_files(paths: Iterable[Path]) -> list[str]:
+    # A starting worker creates its file empty and sizes it a moment later; reading it in
+    # between raises in prometheus_client. Its values are all zero then, so skip it.
+    out = []
+    for path in paths:
+        try:
+            if path.stat().st_size > 0:
+                out.append(str(path))
+        except FileNotFoundError:  # a dead worker's live gauges, just removed
+            continue
+    return out
+
+
+class _MultiProcessCollector(pc_multiprocess.MultiProcessCollector):
+    """prometheus_client's collector, minus the files of a worker that is still starting."""
+
+    def collect(self) -> Iterable[Any]:
+        return self.merge(_sized_files(Path(self._path).glob("*.db")), accumulate=True)
+
+
+def exposition_registry(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry] = ()) -> list[Any]:
+    """The registries one scrape reads: every worker's files in multiprocess mode, else this
+    process's default registry plus ``extra`` (the per-app request-metrics registry)."""
+    if multiproc_dir is not None:
+        registry = CollectorRegistry()
+        _MultiProcessCollector(registry, path=str(multiproc_dir))
+        return [registry]
+    return [REGISTRY, *extra]
+
+
+def render_metrics(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry] = ()) -> tuple[bytes, str]:
+    """The Prometheus text exposition of the whole server and its content type."""
+    body = b"".join(generate_latest(r) for r in exposition_registry(multiproc_dir, extra))
+    return body, CONTENT_TYPE_LATEST
+
+
+def live_gauge_values(multiproc_dir: Path | None) -> dict[str, float]:
+    """Unlabelled gauge values of the whole server (pool figures, worker count), by name.
+
+    Multiprocess mode reads only the live-gauge files (cheap); otherwise this process's gauges.
+    """
+    if multiproc_dir is not None:
+        files = _sized_files(multiproc_dir.glob("gauge_live*_*.db"))
+        families: Iterable[Any] = pc_multiprocess.MultiProcessCollector.merge(files, accumulate=False)
+    else:
+        families = REGISTRY.collect()
+    values: dict[str, float] = {}
+    for family in families:
+        if family.type != "gauge" or not family.name.startswith(PREFIX):
+            continue
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+    return values

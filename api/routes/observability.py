@@ -1,0 +1,143 @@
+"""GET /metrics (Prometheus text, whole server) and GET /ops/pool_health (admin).
+
+Also ``configure_metrics``: per-endpoint request metrics from prometheus-flask-exporter, grouped
+by endpoint (never by path, which would put device ids in labels), with the same prefix and
+buckets as ours. POST /v1/heartbeat is left out of them: the exporter's hooks cost ~30 µs per
+request (measured under gevent, multiprocess mode), some 6 % of a heartbeat's CPU, and the
+nexmdm_heartbeat* metrics already count every heartbeat by outcome and time it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import CollectorRegistry
+from prometheus_flask_exporter import PrometheusMetrics
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from api.auth import admin_required, check_admin_key
+from api.metrics import (
+    LATENCY_BUCKETS_S,
+    PREFIX,
+    initialize_series,
+    mark_worker_ready,
+    observe_job_report,
+    render_metrics,
+    set_job_last_success,
+)
+from api.openapi import Operation, register
+from api.pool_health import PoolHealth, assess, postgres_figures, server_pool_figures
+from api.responses import json_response
+from api.state import current_state
+from db.connections import connection_use
+from scheduler.locking import add_job_listener
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("observability", __name__)
+
+_EXPORTER = "nexmdm_request_metrics"
+HEARTBEAT_PATH_PATTERN = r"^/v1/heartbeat$"
+_OPS_ENGINE = "nexmdm_ops_engine"
+_JOBS_READ_MONO = "nexmdm_job_runs_read_mono"
+# How often a scrape re-reads each job's last success from job_runs (runs made by another process
+# - python -m scheduler, another replica - are seen that way too).
+JOB_RUNS_REREAD_S = 60.0
+
+
+def configure_metrics(app: Flask) -> None:
+    """Request metrics (every endpoint but the heartbeat), zero-valued series, job runs and successes."""
+    app.extensions[_EXPORTER] = PrometheusMetrics(
+        app,
+        path=None,
+        defaults_prefix=PREFIX,
+        group_by="endpoint",
+        excluded_paths=[HEARTBEAT_PATH_PATTERN],
+        buckets=LATENCY_BUCKETS_S,
+        registry=CollectorRegistry(auto_describe=True),
+    )
+    initialize_series()
+    add_job_listener(observe_job_report)  # every run in this process: scheduler and /ops/<job>
+    seed_job_last_success(app.extensions["nexmdm"].engine)
+    app.extensions[_JOBS_READ_MONO] = time.monotonic()
+    mark_worker_ready()
+
+
+def seed_job_last_success(engine: Engine) -> None:
+    """Each job's last success from job_runs: after a restart, and for runs made elsewhere."""
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT job, extract(epoch FROM max(finished_at)) FROM job_runs "
+                "WHERE status = 'succeeded' AND finished_at IS NOT NULL GROUP BY job"
+            ).all()
+            conn.rollback()
+    except SQLAlchemyError as exc:
+        log.warning("job last-success times not seeded from job_runs: %s", str(exc).splitlines()[0])
+        return
+    for job, finished_at_s in rows:
+        set_job_last_success(job, float(finished_at_s))
+
+
+def _metrics_key() -> str | None:
+    # Prometheus 2.x cannot send custom headers but can send a bearer token, so the operator
+    # key is also accepted as "Authorization: Bearer <ADMIN_KEY>" on this one endpoint.
+    key = request.headers.get("x-admin")
+    if not key:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else None
+    return key or None
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text exposition of every worker (admin: x-admin, or bearer ADMIN_KEY)."""
+    check_admin_key(_metrics_key(), current_app.config["NEXMDM_ADMIN_KEY"])
+    now = time.monotonic()
+    if now - current_app.extensions.get(_JOBS_READ_MONO, 0.0) >= JOB_RUNS_REREAD_S:
+        current_app.extensions[_JOBS_READ_MONO] = now
+        seed_job_last_success(_ops_engine(current_app, current_state().engine))
+    exporter: PrometheusMetrics = current_app.extensions[_EXPORTER]
+    body, content_type = render_metrics(current_state().settings.prometheus_multiproc_dir, [exporter.registry])
+    return Response(body, status=200, headers={"Content-Type": content_type})
+
+
+def _ops_engine(app: Flask, engine: Engine) -> Engine:
+    # Unpooled and separate from the app's pool: pool health must answer when the pool is
+    # exhausted, and must not change the figures it reports.
+    ops = app.extensions.get(_OPS_ENGINE)
+    if ops is None:
+        ops = create_engine(
+            engine.url, poolclass=NullPool,
+            connect_args={"application_name": "nexmdm-ops", "connect_timeout": 3,
+                          "options": "-c statement_timeout=3000"},
+        )
+        app.extensions[_OPS_ENGINE] = ops
+    return ops
+
+
+@bp.get("/ops/pool_health")
+@admin_required
+def pool_health() -> Response:
+    """Pool figures of every live worker, PostgreSQL's connection use, OK/WARN/CRITICAL."""
+    state = current_state()
+    pool = server_pool_figures(state.settings.prometheus_multiproc_dir, state.engine.pool)
+    postgres, error = None, None
+    try:
+        with _ops_engine(current_app, state.engine).connect() as conn:
+            postgres = postgres_figures(connection_use(conn))
+    except SQLAlchemyError as exc:
+        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        error = lines[0] if lines else type(exc).__name__
+    return json_response(assess(pool, postgres, error, datetime.now(UTC)))
+
+
+register(Operation("get", "/metrics", "Prometheus metrics of every worker (text format)", "admin",
+                   errors=(401, 403)))
+register(Operation("get", "/ops/pool_health", "Pool and PostgreSQL connection health, OK/WARN/CRITICAL",
+                   "admin", response=PoolHealth, errors=(401, 403)))

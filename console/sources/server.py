@@ -1,0 +1,236 @@
+"""One poll of the server: /metrics, /ops/pool_health, /ops/jobs and /v1/fleet/summary, each read
+independently so one missing or failing endpoint never hides the others."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from console.sources.http import AUTH, DOWN, ERROR, UNAVAILABLE, ApiClient, EndpointError
+from console.sources.metrics import MetricsSample, Traffic, diff_metrics, parse_metrics
+
+T = TypeVar("T")
+JOBS = ("partitions", "nightly", "reconcile")
+WARN_PCT = 80.0
+CRITICAL_PCT = 95.0
+
+
+@dataclass(frozen=True)
+class Reading(Generic[T]):
+    """What one endpoint gave: a value, or why not (kind is http.DOWN/AUTH/UNAVAILABLE/ERROR)."""
+
+    value: T | None = None
+    kind: str = "ok"
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the endpoint answered with usable data."""
+        return self.kind == "ok" and self.value is not None
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    """The server's connection pool, summed over its workers."""
+
+    size: int
+    max_overflow: int
+    in_use: int
+    overflow: int
+    utilisation_pct: float
+    status: str  # OK / WARN / CRITICAL
+    capacity: int = 0  # connections the pools may open (size + overflow, over all workers)
+    reasons: tuple[str, ...] = ()  # why the status is not OK, when the server says
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """One recorded run of a scheduled job."""
+
+    job: str
+    status: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """Counts for the whole fleet."""
+
+    total: int
+    online: int
+    offline: int
+    low_battery: int  # battery below 20 %: the critical and low bands
+    app_versions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerSnapshot:
+    """Everything one poll learnt. ``status`` sums it up: ok, down or auth."""
+
+    polled_at: datetime
+    duration_s: float
+    status: str
+    message: str
+    pool: Reading[PoolHealth]
+    traffic: Reading[Traffic]
+    jobs: Reading[dict[str, JobRun]]  # the latest run of each job, by job name
+    fleet: Reading[FleetSummary]
+
+
+def pool_status(pct: float) -> str:
+    """OK / WARN (> 80 %) / CRITICAL (> 95 %), as the server grades it."""
+    return "CRITICAL" if pct > CRITICAL_PCT else "WARN" if pct > WARN_PCT else "OK"
+
+
+def parse_pool_health(body: Any) -> PoolHealth:
+    """Read /ops/pool_health; utilisation and status are computed when the server omits them."""
+    size = int(body.get("size", body.get("pool_size", 0)))
+    max_overflow = int(body.get("max_overflow", 0))
+    in_use = int(body.get("in_use", body.get("checked_out", 0)))
+    overflow = int(body.get("overflow", 0))
+    pct = body.get("utilisation_pct", body.get("utilization_pct"))
+    capacity = size + max_overflow
+    pct = float(pct) if pct is not None else (100.0 * in_use / capacity if capacity else 0.0)
+    status = str(body.get("status") or pool_status(pct)).upper()
+    reasons = body.get("reasons") or ()
+    return PoolHealth(
+        size=size, max_overflow=max_overflow, in_use=in_use, overflow=max(overflow, 0),
+        utilisation_pct=pct, status=status, capacity=int(body.get("capacity") or capacity),
+        reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list | tuple) else (str(reasons),),
+    )
+
+
+def _parse_time(raw: Any) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def parse_jobs(body: Any) -> dict[str, JobRun]:
+    """Read /ops/jobs (a list of runs, or an object holding one) into the latest run per job."""
+    runs = body
+    if isinstance(body, dict):
+        runs = next((v for k in ("runs", "jobs", "items") if isinstance(v := body.get(k), list)), [])
+    latest: dict[str, JobRun] = {}
+    for raw in runs if isinstance(runs, list) else []:
+        if not isinstance(raw, dict) or not raw.get("job"):
+            continue
+        run = JobRun(
+            job=str(raw["job"]),
+            status=str(raw.get("status", "?")),
+            started_at=_parse_time(raw.get("started_at")),
+            finished_at=_parse_time(raw.get("finished_at")),
+            detail=_job_detail(raw),
+        )
+        seen = latest.get(run.job)
+        if seen is None or (run.started_at or datetime.min.replace(tzinfo=UTC)) > (
+            seen.started_at or datetime.min.replace(tzinfo=UTC)
+        ):
+            latest[run.job] = run
+    return latest
+
+
+def _job_detail(raw: dict[str, Any]) -> str:
+    """One line about a run: its error when it failed, else its detail (text, or key=value pairs)."""
+    detail = raw.get("error") if raw.get("status") == "failed" and raw.get("error") else raw.get("detail")
+    if isinstance(detail, dict):
+        return ", ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict | list))
+    lines = str(detail or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def parse_fleet(body: Any) -> FleetSummary:
+    """Read /v1/fleet/summary."""
+    battery = body.get("battery") or {}
+    total = int(body.get("total", 0))
+    online = int(body.get("online", 0))
+    return FleetSummary(
+        total=total,
+        online=online,
+        offline=int(body.get("offline", total - online)),
+        low_battery=int(battery.get("critical", 0)) + int(battery.get("low", 0)),
+        app_versions={str(k): int(v) for k, v in (body.get("app_versions") or {}).items()},
+    )
+
+
+class ServerPoller:
+    """Polls the server; keeps the previous metrics scrape so rates and percentiles are deltas.
+
+    Not thread-safe by design: the console runs one poll at a time (the next is scheduled only
+    when the last has finished)."""
+
+    def __init__(self, client: ApiClient, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self._clock = clock
+        self._last_metrics: MetricsSample | None = None
+
+    def poll(self) -> ServerSnapshot:
+        """Read every endpoint once; never raises for what the server does."""
+        started = self._clock()
+        polled_at = datetime.now(UTC)
+        fleet = self._read(lambda: parse_fleet(self.client.get_json("/v1/fleet/summary")))
+        if fleet.kind == DOWN:
+            self._last_metrics = None
+            down: Reading[Any] = Reading(kind=DOWN, message="server down")  # the snapshot carries the detail
+            return ServerSnapshot(polled_at, self._clock() - started, DOWN, fleet.message, down, down, down, down)
+        traffic = self._read(self._scrape)
+        pool = self._read(lambda: parse_pool_health(self.client.get_json("/ops/pool_health")))
+        jobs = self._read(self._jobs)
+        readings = (fleet, traffic, pool, jobs)
+        if any(r.kind == AUTH for r in readings):
+            status, message = AUTH, next(r.message for r in readings if r.kind == AUTH)
+        elif any(r.kind == DOWN for r in readings):
+            status, message = DOWN, next(r.message for r in readings if r.kind == DOWN)
+        else:
+            status, message = "ok", ""
+        return ServerSnapshot(polled_at, self._clock() - started, status, message, pool, traffic, jobs, fleet)
+
+    def _jobs(self) -> dict[str, JobRun]:
+        """The latest run of each job: one call for the recent runs, then one per job still
+        missing (a job that runs rarely can fall out of the recent list)."""
+        latest = parse_jobs(self.client.get_json("/ops/jobs?limit=100"))
+        for job in JOBS:
+            if job not in latest:
+                latest.update(parse_jobs(self.client.get_json(f"/ops/jobs?job={job}&limit=1")))
+        return latest
+
+    def _scrape(self) -> Traffic | None:
+        text = self.client.get_text("/metrics")
+        sample = parse_metrics(text, self._clock())
+        traffic = diff_metrics(self._last_metrics, sample)
+        self._last_metrics = sample
+        return traffic
+
+    @staticmethod
+    def _read(fetch: Callable[[], T]) -> Reading[T]:
+        try:
+            value = fetch()
+        except EndpointError as err:
+            return Reading(kind=err.kind, message=err.message)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            return Reading(kind=ERROR, message=f"unreadable answer: {err}")
+        if value is None:
+            return Reading(kind="ok", message="waiting for a second scrape")
+        return Reading(value=value)
+
+
+def run_job(client: ApiClient, job: str) -> Any:
+    """POST /ops/<job>: run a scheduled job now; returns the server's report. Raises EndpointError."""
+    if job not in JOBS:
+        raise ValueError(f"unknown job {job!r}")
+    return client.post_json(f"/ops/{job}")
+
+
+__all__ = [
+    "AUTH", "DOWN", "ERROR", "UNAVAILABLE", "JobRun", "PoolHealth", "Reading", "ServerPoller", "ServerSnapshot",
+    "run_job",
+]

@@ -1,0 +1,1 @@
+"""The NexMDM device simulator and load test (see simulator/README.md)."""

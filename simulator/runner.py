@@ -1,0 +1,620 @@
+"""The load: pace the enrolled fleet open-loop against the server, then build the report.
+
+One scheduler greenlet pops due sends from a heap and hands them to worker greenlets, each
+owning one keep-alive connection (spawned on demand up to ``max_connections``). A device is a
+small object, not a greenlet, so 100,000 devices cost memory, not scheduling. Every request
+ends in one ``Stats.record`` call with its latency measured from the *intended* send time.
+
+Retries: a 503 (Retry-After honoured), a 5xx, a timeout or a dropped connection are retried
+with the same body after a jittered exponential backoff; the latency of the eventual answer
+still counts from the first intended send. A flaky device that "loses" an answer resends the
+same body shortly after, and the server must answer ``duplicate``.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import random
+import resource
+import sys
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import gevent
+import msgspec
+from gevent.queue import Queue
+
+from simulator import report as rep
+from simulator.devices import Behaviour, Device, WallClock, first_send_offset_s, next_send_s, retry_delay_s
+from simulator.server import (
+    AdminApi,
+    EnrolledDevice,
+    UsageError,
+    check_server,
+    default_token_cache,
+    enroll_fleet,
+    split_or_usage,
+    utilisation_pct,
+    verify_no_loss,
+)
+from simulator.stats import Stats, merge, new_histogram, percentiles_ms, record_us
+from simulator.transport import TransportError, connect
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One run's settings (the CLI flags)."""
+
+    url: str
+    admin_key: str
+    devices: int
+    duration_s: float
+    interval_s: float = 60.0
+    jitter_s: float = 15.0
+    ramp_up_s: float = 0.0
+    read_rate: float = 0.0
+    flaky_pct: float = 5.0
+    skewed_clock_pct: float = 0.0
+    max_connections: int = 512
+    timeout_s: float = 10.0
+    max_retries: int = 5
+    drain_s: float = 30.0
+    client: str = "raw"
+    seed: int = 1
+    token_cache: Path | None = None
+    enroll_batch: int = 1000
+    verify_sample: int = 0  # 0: check every device
+    progress_jsonl: bool = False
+    show_progress: bool = True
+    targets: rep.Targets = rep.SEED_TARGETS
+
+    @property
+    def expected_per_s(self) -> float:
+        """Heartbeats per second the schedule offers once every device is active."""
+        return self.devices / self.interval_s
+
+    @property
+    def equivalent_fleet_at_60s(self) -> int:
+        """The fleet size that gives the same rate at one heartbeat per 60 s."""
+        return round(self.devices * 60.0 / self.interval_s)
+
+    def validate(self) -> None:
+        """Raise UsageError naming the first bad setting."""
+        split_or_usage(self.url)
+        checks = [
+            (self.devices >= 1, "--devices must be at least 1"),
+            (self.duration_s > 0, "--duration must be positive"),
+            (self.interval_s > 0, "--interval must be positive"),
+            (0 <= self.jitter_s < self.interval_s, "--jitter must be at least 0 and smaller than --interval"),
+            (self.ramp_up_s >= 0, "--ramp-up must not be negative"),
+            (self.read_rate >= 0, "--read-rate must not be negative"),
+            (0 <= self.flaky_pct <= 100, "--flaky-pct must be between 0 and 100"),
+            (0 <= self.skewed_clock_pct <= 100, "--skewed-clock-pct must be between 0 and 100"),
+            (self.max_connections >= 1, "--connections must be at least 1"),
+            (self.timeout_s > 0, "--timeout must be positive"),
+            (self.max_retries >= 0, "--max-retries must not be negative"),
+            (self.client in ("raw", "ghc"), "--client must be raw or ghc"),
+            (bool(self.admin_key), "--admin-key is required"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+
+class Ack(msgspec.Struct):
+    status: str
+    bucket_ts: datetime
+
+
+_decode_ack = msgspec.json.Decoder(Ack).decode
+
+
+class Job:
+    """One heartbeat (or read) on its way; a retry reuses the job and its body."""
+
+    __slots__ = ("device", "body", "intended_s", "due_s", "attempt", "lose_answer", "resend_of", "path", "endpoint")
+
+    def __init__(self, device: Device | None, intended_s: float, lose_answer: bool = False,
+                 body: bytes | None = None, resend_of: str | None = None, path: bytes = b"",
+                 endpoint: str = "") -> None:
+        self.device = device
+        self.body = body
+        self.intended_s = intended_s
+        self.due_s = intended_s
+        self.attempt = 0
+        self.lose_answer = lose_answer
+        self.resend_of = resend_of  # the status the lost answer carried, for a lost-answer resend
+        self.path = path
+        self.endpoint = endpoint
+
+
+@dataclass
+class RunResult:
+    """What a load phase produced (input to the report)."""
+
+    stats: Stats
+    series: list[dict[str, Any]]
+    acked: dict[int, array]
+    lag_ms: dict[str, float | None]
+    pool_samples: list[float]
+    cpu_s: float
+    wall_s: float
+    rss_mb: float
+    connections: int
+    abandoned: int
+    started_at: str
+    finished_at: str
+    versions: dict[str, int] = field(default_factory=dict)
+    gc_max_pause_ms: float = 0.0
+    load_s: float = 0.0
+    cpu_sys_s: float = 0.0  # of cpu_s, in the kernel (mostly loopback TCP)
+
+
+class _GcPauses:
+    """A gc callback that remembers the longest collection."""
+
+    def __init__(self) -> None:
+        self.max_s = 0.0
+        self._start = 0.0
+
+    def __call__(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.max_s = max(self.max_s, time.perf_counter() - self._start)
+
+
+class LoadRun:
+    """Pace the fleet open-loop for ``duration_s`` seconds (then drain retries)."""
+
+    def __init__(self, cfg: SimConfig, fleet: list[EnrolledDevice], emit: Callable[[dict[str, Any]], None],
+                 admin_headers: bytes | None = None) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self.behaviour = Behaviour(
+            interval_s=cfg.interval_s, jitter_s=cfg.jitter_s, flaky_share=cfg.flaky_pct / 100,
+            rollout_start_s=cfg.ramp_up_s + 0.2 * cfg.duration_s, rollout_end_s=cfg.ramp_up_s + 0.8 * cfg.duration_s,
+        )
+        self.devices = [
+            Device(i, d.device_id, d.device_uid, d.token, self.rng, self.rng.random() < self.behaviour.flaky_share,
+                   self.rng.random())
+            for i, d in enumerate(fleet)
+        ]
+        skew_rng = random.Random(cfg.seed + 1)  # a separate stream: the rest of the fleet is unchanged
+        for device in self.devices:
+            if skew_rng.random() < cfg.skewed_clock_pct / 100:
+                device.clock_offset_s = skew_rng.choice((-1, 1)) * skew_rng.uniform(600, 3600)
+        self.emit = emit
+        self.admin_headers = admin_headers or f"x-admin: {cfg.admin_key}\r\n".encode()
+        self.stats = Stats()
+        self.lag = new_histogram()
+        self.lag_window = new_histogram()
+        self.acked: dict[int, array] = {}
+        self.heap: list[tuple[float, int, Device | None, Job | None]] = []
+        self.seq = 0
+        self.queue: Queue = Queue()
+        self.workers: list[gevent.Greenlet] = []
+        self.idle = 0
+        self.inflight = 0
+        self.clock = WallClock()
+        self.skewed_clock = WallClock()  # its own cache: offsets would thrash the shared one
+        self.t0 = 0.0
+        self.series: list[dict[str, Any]] = []
+        self.pool_samples: list[float] = []
+        self.pool_latest: float | None = None
+        self.phase = "load"
+        self.end_s = cfg.duration_s  # moves earlier when a stop is requested
+
+    def request_stop(self) -> None:
+        """End the load now (a signal, the console's Stop): in-flight sends and their retries
+        drain, then the run reports as usual."""
+        now = time.perf_counter() - self.t0 if self.t0 else 0.0
+        self.end_s = min(self.end_s, now)
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _push(self, due_s: float, device: Device | None, job: Job | None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (due_s, self.seq, device, job))
+
+    def _dispatch(self, job: Job) -> None:
+        self.inflight += 1
+        self.queue.put(job)
+        if self.queue.qsize() > self.idle:
+            if len(self.workers) < self.cfg.max_connections:
+                self.workers.append(gevent.spawn(self._worker))
+            else:
+                self.stats.count("queued_at_connection_limit")
+
+    def _tick(self, device: Device, due_s: float) -> None:
+        """A device's scheduled send comes due."""
+        if due_s >= self.end_s:
+            return  # planned past the end (a first send of a long interval, or a stop)
+        nxt = next_send_s(due_s, self.cfg.interval_s, self.cfg.jitter_s, self.rng)
+        if nxt < self.end_s:
+            self._push(nxt, device, None)
+        if device.is_offline(due_s):
+            self.stats.count("skipped_offline")
+            return
+        if device.maybe_go_offline(self.behaviour, due_s, self.rng):
+            self.stats.count("went_offline")
+            self.stats.count("skipped_offline")
+            return
+        device.advance(self.behaviour, due_s, self.rng)
+        self._dispatch(Job(device, due_s, device.loses_answer(self.behaviour, self.rng)))
+
+    def run(self) -> RunResult:
+        """The whole load phase; returns once every send is answered or abandoned."""
+        cfg = self.cfg
+        for i, device in enumerate(self.devices):
+            device.app_version = self.behaviour.base_version
+            self._push(first_send_offset_s(i, len(self.devices), cfg.interval_s, cfg.ramp_up_s, self.rng), device, None)
+        # The fleet and its heap are long-lived: keep them out of the collector's scans, whose
+        # pauses would otherwise show up in the generator's own tail latency.
+        gc.collect()
+        gc.freeze()
+        gc_pause = _GcPauses()
+        gc.callbacks.append(gc_pause)
+        read_period = 1.0 / cfg.read_rate if cfg.read_rate > 0 else None
+        next_read = 0.0
+        started_at = datetime.now(UTC).isoformat()
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.t0 = time.perf_counter()
+        sampler = gevent.spawn(self._sampler)
+        pool = gevent.spawn(self._pool_poller)
+        heap = self.heap
+        perf = time.perf_counter
+        while True:
+            now = perf() - self.t0
+            while heap and heap[0][0] <= now:
+                due, _, device, job = heapq.heappop(heap)
+                if job is None:
+                    self._tick(device, due)
+                else:
+                    self._dispatch(job)
+            while read_period is not None and next_read <= now and next_read < self.end_s:
+                self._dispatch(self._read_job(next_read))
+                next_read += read_period
+            if now >= self.end_s:
+                if self.phase == "load":
+                    self.phase = "drain"
+                    # scheduled sends past the end (a stop, or first sends beyond a short run)
+                    # are dropped at once; retries and resends stay and drain
+                    heap[:] = [entry for entry in heap if entry[3] is not None]
+                    heapq.heapify(heap)
+                if (not heap and self.inflight == 0) or now >= self.end_s + cfg.drain_s:
+                    break
+            wake = heap[0][0] if heap else now + 0.05
+            if read_period is not None and next_read < self.end_s:
+                wake = min(wake, next_read)
+            gevent.sleep(max(0.0, min(wake - now, 0.05)))
+        abandoned = len(heap)
+        if abandoned:
+            self.stats.count("abandoned_retries", abandoned)
+        wait_until = perf() + cfg.timeout_s + 1
+        while self.inflight and perf() < wait_until:
+            gevent.sleep(0.05)
+        wall_s = perf() - self.t0
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in self.workers:
+            self.queue.put(None)
+        gevent.joinall(self.workers, timeout=2)
+        gevent.killall(self.workers, block=False)
+        sampler.kill()
+        pool.kill()
+        gc.callbacks.remove(gc_pause)
+        gc.unfreeze()
+        self._sample(final=True)
+        versions: dict[str, int] = {}
+        for d in self.devices:
+            versions[d.app_version] = versions.get(d.app_version, 0) + 1
+        merge(self.lag, self.lag_window)
+        return RunResult(
+            stats=self.stats, series=self.series, acked=self.acked,
+            lag_ms=percentiles_ms(self.lag), pool_samples=self.pool_samples,
+            cpu_s=(usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
+            cpu_sys_s=usage1.ru_stime - usage0.ru_stime,
+            wall_s=wall_s, rss_mb=round(usage1.ru_maxrss / 1024, 1), connections=len(self.workers),
+            abandoned=abandoned, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
+            versions=versions, gc_max_pause_ms=round(gc_pause.max_s * 1000, 2),
+            load_s=min(self.end_s, cfg.duration_s),
+        )
+
+    def _read_job(self, intended_s: float) -> Job:
+        device = self.devices[self.rng.randrange(len(self.devices))]
+        pick = self.rng.random()
+        if pick < 0.7:
+            return Job(None, intended_s, path=f"/v1/devices/{device.device_id}".encode(), endpoint="device_status")
+        if pick < 0.85:
+            return Job(None, intended_s, path=b"/v1/devices?limit=50&status=online", endpoint="fleet_list")
+        return Job(None, intended_s, path=b"/v1/fleet/summary", endpoint="fleet_summary")
+
+    # -- sending ----------------------------------------------------------------------------
+    def _worker(self) -> None:
+        conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s)
+        queue = self.queue
+        try:
+            while True:
+                self.idle += 1
+                job = queue.get()
+                self.idle -= 1
+                if job is None:
+                    return
+                try:
+                    if job.device is None:
+                        self._send_read(conn, job)
+                    else:
+                        self._send_heartbeat(conn, job)
+                except Exception as exc:  # a generator bug must show in the report, not kill the worker
+                    self.stats.record("heartbeat" if job.device else "read", 0, f"generator:{type(exc).__name__}")
+                finally:
+                    self.inflight -= 1
+        finally:
+            conn.close()
+
+    def _send_heartbeat(self, conn: Any, job: Job) -> None:
+        t0 = self.t0
+        start = time.perf_counter()
+        record_us(self.lag_window, int((start - t0 - job.due_s) * 1e6))
+        device = job.device
+        if job.body is None:
+            if device.clock_offset_s:
+                job.body = device.body(self.skewed_clock.now_iso(time.time() + device.clock_offset_s))
+            else:
+                job.body = device.body(self.clock.now_iso())
+        self.stats.sent_one()
+        try:
+            answer = conn.request(b"POST", b"/v1/heartbeat", device.auth_header, job.body)
+        except TransportError as exc:
+            self._failed(job, exc.kind, None, time.perf_counter())
+            return
+        end = time.perf_counter()
+        if answer.status != 200:
+            self._failed(job, f"http_{answer.status}", answer.retry_after_s, end)
+            return
+        try:
+            ack = _decode_ack(answer.body)
+        except msgspec.MsgspecError:
+            self._failed(job, "bad_answer", None, end)
+            return
+        stats = self.stats
+        stats.record("heartbeat", int((end - t0 - job.intended_s) * 1e6))
+        acked = self.acked.get(device.device_id)
+        if acked is None:
+            acked = self.acked[device.device_id] = array("q")  # 8 bytes a bucket, for long runs
+        acked.append(int(ack.bucket_ts.timestamp()))
+        stats.count(ack.status)
+        if job.resend_of is not None:
+            stats.count(f"resend_answered_{ack.status}")
+            if job.resend_of == "stored" and ack.status == "stored":
+                stats.count("stored_twice")
+        elif ack.status == "duplicate":
+            stats.count("first_send_duplicate")
+        if job.lose_answer:
+            stats.count("lost_answer_resends")
+            delay = min(2.0, self.cfg.interval_s / 4) * (0.5 + self.rng.random())
+            resend = Job(device, end - t0 + delay, body=job.body, resend_of=ack.status)
+            self._push(resend.intended_s, device, resend)
+
+    def _failed(self, job: Job, kind: str, retry_after_s: float | None, end: float) -> None:
+        kind_of = "heartbeat" if job.device is not None else "read"
+        self.stats.record(kind_of, int((end - self.t0 - job.intended_s) * 1e6), kind)
+        if job.device is None:
+            self.stats.record(f"read:{job.endpoint}", 0, kind)
+        retryable = kind in ("timeout", "connection", "bad_answer") or kind.startswith("http_5")
+        if job.device is None or not retryable:
+            return
+        job.attempt += 1
+        if job.attempt > self.cfg.max_retries:
+            self.stats.count("gave_up")
+            return
+        self.stats.count("retries")
+        job.due_s = end - self.t0 + retry_delay_s(job.attempt, retry_after_s, self.rng)
+        self._push(job.due_s, job.device, job)
+
+    def _send_read(self, conn: Any, job: Job) -> None:
+        start = time.perf_counter()
+        record_us(self.lag_window, int((start - self.t0 - job.due_s) * 1e6))
+        try:
+            answer = conn.request(b"GET", job.path, self.admin_headers, None)
+        except TransportError as exc:
+            self._failed(job, exc.kind, None, time.perf_counter())
+            return
+        end = time.perf_counter()
+        if answer.status != 200:
+            self._failed(job, f"http_{answer.status}", answer.retry_after_s, end)
+            return
+        latency_us = int((end - self.t0 - job.intended_s) * 1e6)
+        self.stats.record("read", latency_us)
+        self.stats.record(f"read:{job.endpoint}", latency_us)
+
+    # -- once a second ------------------------------------------------------------------------
+    def _sampler(self) -> None:
+        k = 1
+        while True:
+            gevent.sleep(max(0.0, self.t0 + k - time.perf_counter()))
+            self._sample()
+            k += 1
+
+    def _sample(self, final: bool = False) -> None:
+        stats = self.stats
+        hb = stats.kinds["heartbeat"]
+        rd = stats.kinds["read"]
+        window = hb.roll_window()
+        read_window = rd.roll_window()
+        for name, kind in stats.kinds.items():
+            if name.startswith("read:"):
+                kind.roll_window()
+        lag_window = percentiles_ms(self.lag_window)
+        merge(self.lag, self.lag_window)
+        self.lag_window = new_histogram()
+        sent_window, stats.window_sent = stats.window_sent, 0
+        cumulative = percentiles_ms(hb.total)
+        read_cumulative = percentiles_ms(rd.total) if rd.ok or rd.errors else None
+        attempts = hb.ok + hb.errors + rd.ok + rd.errors
+        error_rate = round(100.0 * (hb.errors + rd.errors) / attempts, 3) if attempts else None
+        checks = rep.check_slis(cumulative, read_cumulative, error_rate, None, None,
+                                rep.sustained_pool_pct(self.pool_samples), self.cfg.targets)
+        all_met, failed = rep.verdict(checks)
+        snapshot = {
+            "type": "progress",
+            "t_s": round(time.perf_counter() - self.t0, 3),
+            "phase": "final" if final else self.phase,
+            "sent": stats.sent,
+            "acked": hb.ok,
+            "errors": hb.errors + rd.errors,
+            "rate_per_s": window["ok"],
+            "sent_per_s": sent_window,
+            "expected_per_s": round(self.cfg.expected_per_s, 1),
+            "p50_ms": cumulative["p50"], "p95_ms": cumulative["p95"], "p99_ms": cumulative["p99"],
+            "p999_ms": cumulative["p999"], "max_ms": cumulative["max"],
+            "window": {k: window[k] for k in ("ok", "errors", "p50", "p95", "p99", "p999", "max")},
+            "reads": {"ok": rd.ok, "errors": rd.errors, "rate_per_s": read_window["ok"],
+                      "p95_ms": read_cumulative["p95"] if read_cumulative else None},
+            "error_rate_pct": error_rate,
+            "in_flight": self.inflight,
+            "connections": len(self.workers),
+            "lag_p99_ms": lag_window["p99"],
+            "pool_utilisation_pct": self.pool_latest,
+            "verdict_so_far": "PASS" if all_met else "FAIL",
+            "failing": failed,
+        }
+        if not final:
+            self.series.append(snapshot)
+            self.emit(snapshot)
+
+    def _pool_poller(self) -> None:
+        api = AdminApi(self.cfg.url, self.cfg.admin_key, timeout_s=5)
+        try:
+            while True:
+                gevent.sleep(1.0)
+                try:
+                    status, body = api.call("GET", "/ops/pool_health")
+                except UsageError:
+                    continue
+                if status == 404:
+                    return  # this server has no pool figures: the SLI shows N/A
+                pct = utilisation_pct(body) if status == 200 else None
+                if pct is not None:
+                    self.pool_latest = pct
+                    self.pool_samples.append(pct)
+        finally:
+            api.close()
+
+
+def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dict[str, Any]:
+    """The report dict (also what --output writes and the final --progress-jsonl line carries)."""
+    stats = run.stats
+    hb, rd = stats.kinds["heartbeat"], stats.kinds["read"]
+    hb_pct = percentiles_ms(hb.total)
+    read_pct = percentiles_ms(rd.total) if cfg.read_rate > 0 else None
+    attempts = hb.ok + hb.errors + rd.ok + rd.errors
+    errors = hb.errors + rd.errors
+    error_rate = round(100.0 * errors / attempts, 3) if attempts else None
+    pool_pct = rep.sustained_pool_pct(run.pool_samples)
+    checks = rep.check_slis(hb_pct, read_pct, error_rate, no_loss.get("lost"), no_loss.get("duplicates_stored"),
+                            pool_pct, cfg.targets)
+    if no_loss.get("errors"):  # what could not be read back cannot be claimed as kept
+        checks = [rep.SliCheck(c.name, c.value, c.target, c.unit, "FAIL") if c.name == "acknowledged heartbeats lost"
+                  else c for c in checks]
+    all_met, failed = rep.verdict(checks)
+    c = stats.counters
+    load_s = run.load_s or 1.0
+    warnings = []
+    queued = c.get("queued_at_connection_limit", 0)
+    if queued > 0.01 * max(1, attempts):
+        warnings.append(
+            f"{queued:,} sends waited because all {cfg.max_connections} connections were busy: the server "
+            "was not answering fast enough; the wait counts in the latencies (from the intended send time). "
+            "--connections raises the concurrency offered to the server")
+    elif run.lag_ms.get("p99") is not None and run.lag_ms["p99"] > 50:
+        warnings.append(
+            f"the generator ran behind its own schedule (lag p99 {run.lag_ms['p99']} ms) with connections to "
+            "spare: it was short of CPU; latencies include that delay; use fewer devices per process or a less "
+            "loaded machine")
+    if c.get("first_send_duplicate"):
+        warnings.append(
+            f"{c['first_send_duplicate']:,} first sends were answered 'duplicate': two different heartbeats of "
+            "one device fell into one dedup bucket. Expected when interval - jitter "
+            f"({cfg.interval_s - cfg.jitter_s:g} s) is shorter than the server's DEDUP_BUCKET_SECONDS (10 s by "
+            "default): the server then stores fewer rows than a real fleet would make it store")
+    if no_loss.get("errors"):
+        warnings.append(f"{no_loss['errors']} history reads failed during the no-loss check")
+    if c.get("stored_twice"):
+        warnings.append(f"{c['stored_twice']} resends of a stored heartbeat were answered 'stored' again")
+    new_version = sum(n for v, n in run.versions.items() if v != "1.0.0")
+    return {
+        "type": "report",
+        "config": {
+            "url": cfg.url, "devices": cfg.devices, "duration_s": cfg.duration_s, "interval_s": cfg.interval_s,
+            "jitter_s": cfg.jitter_s, "ramp_up_s": cfg.ramp_up_s, "flaky_pct": cfg.flaky_pct,
+            "skewed_clock_pct": cfg.skewed_clock_pct,
+            "read_rate_per_s": cfg.read_rate, "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
+            "equivalent_fleet_at_60s": cfg.equivalent_fleet_at_60s, "client": cfg.client,
+            "max_connections": cfg.max_connections, "timeout_s": cfg.timeout_s, "seed": cfg.seed,
+            "stopped_early_at_s": round(run.load_s, 2) if run.load_s < cfg.duration_s else None,
+        },
+        "targets": asdict(cfg.targets),
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "throughput": {
+            "sent": stats.sent, "acknowledged": hb.ok, "stored": c.get("stored", 0),
+            "duplicate": c.get("duplicate", 0), "achieved_per_s": round(hb.ok / load_s, 1),
+            "lost_answer_retries": c.get("lost_answer_resends", 0),
+            "retries_answered_duplicate": c.get("resend_answered_duplicate", 0),
+            "first_sends_answered_duplicate": c.get("first_send_duplicate", 0),
+            "retries": c.get("retries", 0), "gave_up": c.get("gave_up", 0),
+            "abandoned_retries": c.get("abandoned_retries", 0),
+            "skipped_offline": c.get("skipped_offline", 0), "went_offline": c.get("went_offline", 0),
+            "reads": rd.ok,
+        },
+        "latency_ms": {"heartbeat": {**hb_pct, "count": hb.ok},
+                       "read": {**percentiles_ms(rd.total), "count": rd.ok},
+                       "read_endpoints": {name[5:]: {**percentiles_ms(k.total), "count": k.ok, "errors": k.errors}
+                                          for name, k in sorted(stats.kinds.items()) if name.startswith("read:")}},
+        "errors": {"total": errors, "attempts": attempts, "rate_pct": error_rate,
+                   "by_kind": {**{f"heartbeat:{k}": v for k, v in hb.errors_by_kind.items()},
+                               **{f"read:{k}": v for k, v in rd.errors_by_kind.items()}}},
+        "no_loss": no_loss,
+        "generator": {
+            "lag_p99_ms": run.lag_ms.get("p99"), "lag_max_ms": run.lag_ms.get("max"),
+            "cpu_s": round(run.cpu_s, 2), "cpu_sys_s": round(run.cpu_sys_s, 2),
+            "cpu_us_per_request": round(run.cpu_s * 1e6 / attempts, 1) if attempts else None,
+            "rss_mb": run.rss_mb, "connections": run.connections, "wall_s": round(run.wall_s, 2),
+            "gc_max_pause_ms": run.gc_max_pause_ms, "sends_queued_at_connection_limit": queued,
+        },
+        "pool": {"samples": len(run.pool_samples), "sustained_pct": pool_pct,
+                 "max_pct": max(run.pool_samples) if run.pool_samples else None},
+        "rollout": {"from": "1.0.0", "to": "1.1.0", "devices": cfg.devices, "devices_on_new": new_version},
+        "slis": rep.checks_as_json(checks),
+        "verdict": "PASS" if all_met else "FAIL",
+        "failed": failed,
+        "warnings": warnings,
+        "summary": rep.summary_line(all_met, failed),
+        "timeseries": run.series,
+    }
+
+
+def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream: TextIO = sys.stderr,
+                  on_start: Callable[[LoadRun], None] | None = None) -> dict[str, Any]:
+    """Check the server, enroll, run the load, check for loss; the report dict.
+    ``on_start`` receives the LoadRun (to stop it early from a signal handler)."""
+    cfg.validate()
+    api = AdminApi(cfg.url, cfg.admin_key)
+    try:
+        check_server(api)
+        cache = cfg.token_cache or default_token_cache(cfg.url)
+        fleet = enroll_fleet(api, cfg.devices, cache, cfg.enroll_batch, stream, cfg.show_progress)
+        load = LoadRun(cfg, fleet, emit)
+        if on_start:
+            on_start(load)
+        run = load.run()
+        no_loss = verify_no_loss(api, run.acked, cfg.verify_sample, stream, cfg.show_progress)
+    finally:
+        api.close()
+    return build_report(cfg, run, no_loss)

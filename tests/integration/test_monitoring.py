@@ -1,0 +1,131 @@
+"""The alert rules and the Grafana dashboard in config/monitoring/: valid for promtool, tested
+with promtool's rule unit tests, and written against metric names the server really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ADMIN_KEY
+from tests.helpers import heartbeat_body
+from tests.integration.test_live_server import call
+from tests.live import ROOT, start_server
+from tests.metrics_scrape import scrape
+
+MONITORING = ROOT / "config" / "monitoring"
+RULES = MONITORING / "alerts.yml"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+NAME = re.compile(r"\bnexmdm_[A-Za-z0-9_]+")
+# Grafana's range variables, as Prometheus would see them.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool not found: it comes with Debian's `prometheus` package, which `make test` installs "
+           "when run as root with apt-get; install it by hand otherwise",
+)
+
+
+def alert_expressions() -> dict[str, str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+
+
+def dashboard_expressions() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    out = []
+    for expr in exprs:
+        for var, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(var, value)
+        out.append(expr)
+    return out
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120, cwd=MONITORING)
+
+
+@needs_promtool
+def test_alert_rules_pass_promtool_check():
+    result = promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_alert_rules_unit_tests_pass():
+    result = promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql(tmp_path: Path):
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": expr} for i, expr in enumerate(dashboard_expressions())
+    ]}]}
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_required_alerts_and_panels_exist():
+    alerts = alert_expressions()
+    assert {"NexmdmHeartbeatP95High", "NexmdmHeartbeatP99High", "NexmdmDbPoolUtilizationHigh",
+            "NexmdmDbPoolUtilizationCritical", "NexmdmHeartbeatErrorRateHigh", "NexmdmJobFailed",
+            "NexmdmJobNotSucceeding", "NexmdmNightlyJobNotSucceeding"} <= set(alerts)
+    text = " ".join(dashboard_expressions())
+    for signal in ("histogram_quantile(0.95, sum by (le) (rate(nexmdm_heartbeat_write_duration_seconds_bucket",
+                   "nexmdm_heartbeats_accepted_total", "nexmdm_heartbeats_rejected_total",
+                   "nexmdm_db_pool_utilization_ratio", "nexmdm_job_runs_total",
+                   "nexmdm_job_last_success_timestamp_seconds"):
+        assert signal in text
+
+
+def test_every_alert_points_to_a_runbook_section():
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "RUNBOOK.md").read_text(), flags=re.M)
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            target = rule["annotations"]["runbook"]
+            assert target.startswith("RUNBOOK.md#") and target.split("#", 1)[1] in anchors, target
+
+
+def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, engine, tmp_path):
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO job_runs (job, started_at, finished_at, status) "
+                             "VALUES ('nightly', now(), now(), 'succeeded')")
+    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2)
+    try:
+        status, body = call(server.url + "/v1/devices/enroll", "POST", {"devices": [{"device_uid": "mon-1"}]},
+                            {"x-admin": ADMIN_KEY})
+        assert status == 201
+        device = body["devices"][0]
+        auth = {"Authorization": f"Bearer {device['token']}"}
+        assert call(server.url + "/v1/heartbeat", "POST", heartbeat_body(datetime.now(UTC)), auth)[0] == 200
+        assert call(server.url + "/v1/heartbeat", "POST", heartbeat_body(battery_pct=-1), auth)[0] == 422
+        # Each worker's scheduler runs partitions at start-up: one runs, the other skips.
+        deadline = time.monotonic() + 20
+        while True:
+            m = scrape(server.url, ADMIN_KEY)
+            runs = {o: m.value("nexmdm_job_runs_total", job_name="partitions", outcome=o)
+                    for o in ("succeeded", "skipped", "failed")}
+            if sum(runs.values()) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert runs == {"succeeded": 1, "skipped": 1, "failed": 0}, runs
+        exported = m.names()
+    finally:
+        server.stop()
+    used = {name for expr in [*alert_expressions().values(), *dashboard_expressions()] for name in NAME.findall(expr)}
+    assert used, "no nexmdm_ metric found in the rules and the dashboard"
+    assert used <= exported, f"not exported by the server: {sorted(used - exported)}"
