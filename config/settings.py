@@ -57,10 +57,10 @@ class Settings:
     ingest_queue_max: int = 5_000
     ingest_flushers: int = 1
     ingest_timeout_s: float = 10.0
-    # Shed (503 + Retry-After) when the oldest queued heartbeat has waited this long: under
-    # overload, latency stays bounded instead of growing until the queue is full.
+    # Shed (503 + Retry-After) while heartbeats have waited this long to be written (database
+    # slow): under overload, latency stays bounded instead of growing until the queue is full.
     ingest_max_queue_delay_ms: int = 500
-    # Shed when the worker's event loop runs this late (CPU saturated by too many requests).
+    # Shed a steered fraction while the worker's event loop runs this late (CPU saturated).
     ingest_max_loop_lag_ms: int = 200
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
