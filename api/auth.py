@@ -11,11 +11,16 @@ from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any, TypeVar
 
+import gevent
 from flask import current_app, request
+from gevent.event import AsyncResult
+from gevent.timeout import Timeout
 from sqlalchemy import Engine
 
 from api.errors import ApiError
-from db.devices import changed_token_hashes, find_token_owner, hash_token
+from api.ingest import gevent_active
+from db.devices import TokenOwner, changed_token_hashes, find_token_owners, hash_token
+from db.errors import DatabaseUnavailable
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
@@ -56,9 +61,17 @@ class TokenCache:
     at once. Because each look starts where the last successful one ended, a database outage
     delays evictions but loses none.
     Unknown tokens are cached briefly too, so a flood of bad tokens is not a flood of queries.
+
+    Under gevent, misses are looked up together: the first miss starts a loader greenlet,
+    misses that arrive while it queries wait for the next batch, and one statement answers them
+    all. After a restart, or when a freshly enrolled fleet starts reporting, thousands of
+    devices miss at once; one query each would add a database round trip to every one of them
+    exactly when the server is busiest.
     """
 
     NEGATIVE_TTL_S = 2.0
+    LOOKUP_BATCH_MAX = 1000
+    LOOKUP_TIMEOUT_S = 10.0
     MAX_ENTRIES = 1_000_000
     # Look back this far on each sync: a rotation that committed late (its timestamp is from
     # before the previous sync) is still seen. Evicting twice is harmless.
@@ -72,6 +85,10 @@ class TokenCache:
         self._synced_mono = time.monotonic()
         self._synced_db: datetime | None = None
         self.syncs = 0
+        self._grouped = gevent_active()
+        self._pending: dict[bytes, AsyncResult] = {}
+        self._loading = False
+        self.lookups = 0
 
     def authenticate(self, token: str) -> int:
         """The device id a token belongs to; raises 401 ApiError otherwise."""
@@ -87,9 +104,47 @@ class TokenCache:
         return entry.device_id
 
     def _load(self, digest: bytes, now: float) -> _Entry:
+        if self._grouped:
+            result = self._pending.get(digest)
+            if result is None:
+                result = self._pending[digest] = AsyncResult()
+                if not self._loading:
+                    self._loading = True
+                    gevent.spawn(self._load_pending)
+            try:
+                return result.get(timeout=self.LOOKUP_TIMEOUT_S)
+            except Timeout:
+                raise DatabaseUnavailable("the token look-up did not complete in time") from None
         with self._engine.connect() as conn:
-            owner = find_token_owner(conn, digest)
+            owners = find_token_owners(conn, [digest])
             conn.rollback()
+        self.lookups += 1
+        return self._store(digest, owners.get(digest), now)
+
+    def _load_pending(self) -> None:
+        """Answer every pending miss, a batch at a time, until none is left."""
+        try:
+            while self._pending:
+                gevent.sleep(0)  # misses that are ready join this batch
+                batch = dict(list(self._pending.items())[: self.LOOKUP_BATCH_MAX])
+                for digest in batch:
+                    del self._pending[digest]
+                try:
+                    with self._engine.connect() as conn:
+                        owners = find_token_owners(conn, list(batch))
+                        conn.rollback()
+                except Exception as exc:  # every waiter gets the error (503), the loader goes on
+                    for result in batch.values():
+                        result.set_exception(exc)
+                    continue
+                self.lookups += 1
+                now = time.monotonic()
+                for digest, result in batch.items():
+                    result.set(self._store(digest, owners.get(digest), now))
+        finally:
+            self._loading = False
+
+    def _store(self, digest: bytes, owner: TokenOwner | None, now: float) -> _Entry:
         if owner is None:
             entry = _Entry(None, now + self.NEGATIVE_TTL_S)
         else:

@@ -1,6 +1,8 @@
 -- wrk script: POST /v1/heartbeat for many enrolled devices (tokens from $NEXMDM_TOKENS, one a line).
--- Each request takes the next device; successive rounds over the fleet step sent_at back by one
--- 10 s bucket (within the accepted clock skew), so requests are new heartbeats, not retries.
+-- Each wrk thread owns its own share of the devices (device i belongs to thread i mod threads,
+-- $NEXMDM_THREADS, default 2) and walks it in order; successive rounds over its share step
+-- sent_at back by 10 s (within the accepted clock skew), so requests are new heartbeats, not
+-- retries of each other.
 local tokens = {}
 for line in io.lines(os.getenv("NEXMDM_TOKENS")) do
   if #line > 0 then tokens[#tokens + 1] = line end
@@ -15,14 +17,17 @@ setup = function(thread)
   counter = counter + 1
 end
 
+local threads = tonumber(os.getenv("NEXMDM_THREADS") or "2")
+
 init = function(args)
-  n = thread_id * 7919
+  n = 0
 end
 
 request = function()
+  local share = math.floor(#tokens / threads)
+  local i = (n % share) * threads + (thread_id - 1) + 1
+  local round = math.floor(n / share) % 25
   n = n + 1
-  local i = (n % #tokens) + 1
-  local round = math.floor(n / #tokens) % 25
   local sent = os.date("!%Y-%m-%dT%H:%M:%SZ", os.time() - round * 10)
   local body = string.format(
     '{"sent_at":"%s","battery_pct":%d,"charging":%s,"network_type":"wifi","signal_dbm":-%d,' ..

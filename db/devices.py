@@ -79,20 +79,23 @@ def enroll_devices(conn: Connection, devices: list[NewDevice]) -> list[EnrolledD
     return [EnrolledDevice(ids[d.device_uid], d.device_uid, t) for d, t in zip(devices, tokens, strict=True)]
 
 
-def find_token_owner(conn: Connection, token_hash: bytes) -> TokenOwner | None:
-    """The device a token hash authenticates (current token, or previous one within its
-    overlap), or None for an unknown, expired or revoked token."""
-    row = conn.exec_driver_sql(
+def find_token_owners(conn: Connection, token_hashes: list[bytes]) -> dict[bytes, TokenOwner]:
+    """The devices these token hashes authenticate (the current token, or the previous one
+    within its overlap; never a revoked device), in one statement. Unknown ones are absent."""
+    rows = conn.exec_driver_sql(
         """
-        SELECT id, CASE WHEN token_hash = %(h)s THEN NULL ELSE prev_token_expires_at END
-        FROM devices
-        WHERE revoked_at IS NULL
-          AND (token_hash = %(h)s OR (prev_token_hash = %(h)s AND prev_token_expires_at > now()))
-        LIMIT 1
+        SELECT token_hash, id, NULL::timestamptz FROM devices
+        WHERE token_hash = ANY(%(hs)s) AND revoked_at IS NULL
+        UNION ALL
+        SELECT prev_token_hash, id, prev_token_expires_at FROM devices
+        WHERE prev_token_hash = ANY(%(hs)s) AND prev_token_expires_at > now() AND revoked_at IS NULL
         """,
-        {"h": token_hash},
-    ).first()
-    return TokenOwner(row[0], row[1]) if row else None
+        {"hs": token_hashes},
+    ).fetchall()
+    owners: dict[bytes, TokenOwner] = {}
+    for digest, device_id, valid_until in rows:
+        owners.setdefault(bytes(digest), TokenOwner(device_id, valid_until))
+    return owners
 
 
 def rotate_token(conn: Connection, device_id: int, overlap_s: int) -> tuple[str, datetime]:
@@ -164,7 +167,7 @@ __all__ = [
     "changed_token_hashes",
     "count_devices",
     "enroll_devices",
-    "find_token_owner",
+    "find_token_owners",
     "hash_token",
     "new_token",
     "revoke_device",

@@ -95,3 +95,20 @@ def test_revocation_reaches_other_workers_within_the_sync_interval(client, admin
     except ApiError as exc:
         assert exc.status == 401
     assert other_worker.syncs >= 1
+
+
+def test_token_owners_in_one_statement(client, admin, engine):
+    from db.devices import find_token_owners, hash_token
+
+    a, b, c = enroll(client, admin, 3)
+    rotated = client.post(f"/v1/devices/{b['id']}/token", headers=admin).get_json()
+    client.post(f"/v1/devices/{c['id']}/revoke", headers=admin)
+    tokens = [a["token"], b["token"], rotated["token"], c["token"], "nxm_unknown"]
+    with engine.connect() as conn:
+        owners = find_token_owners(conn, [hash_token(t) for t in tokens])
+    assert owners[hash_token(a["token"])].device_id == a["id"]
+    assert owners[hash_token(a["token"])].valid_until is None
+    assert owners[hash_token(b["token"])].device_id == b["id"]  # previous token, within its overlap
+    assert owners[hash_token(b["token"])].valid_until is not None
+    assert owners[hash_token(rotated["token"])].device_id == b["id"]
+    assert hash_token(c["token"]) not in owners and hash_token("nxm_unknown") not in owners
