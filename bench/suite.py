@@ -1,6 +1,6 @@
 """``make bench``: the performance suite of issue 7, in one go on this machine.
 
-a. saturation: wrk (C, from Debian) posts real heartbeats for 10,000 enrolled devices (after a
+a. saturation: wrk (C, from Debian) posts real heartbeats for 20,000 enrolled devices (after a
    warm-up that fills every worker's token cache, as a fleet in steady state does);
 b. the same wrk against GET /healthz of the same server: heartbeat/trivial ratio;
 c. the simulator at the rate of 150,000 devices at 60 s (10,000 devices at --interval 4);
@@ -90,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suite")
     parser.add_argument("--saturation-s", type=int, default=20)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--wrk-devices", type=int, default=10_000, help="devices whose heartbeats wrk posts")
+    parser.add_argument("--wrk-devices", type=int, default=20_000, help="devices whose heartbeats wrk posts")
     parser.add_argument("--warmup-s", type=int, default=20)
     parser.add_argument("--sim-devices", type=int, default=10_000)
     parser.add_argument("--sim-interval", type=float, default=4.0)
     parser.add_argument("--sim-duration", type=int, default=60)
     parser.add_argument("--fleet", type=int, default=150_000, help="devices enrolled in all for the reads")
-    parser.add_argument("--dedup-bucket-s", type=int, default=2)
+    parser.add_argument("--dedup-bucket-s", type=int, default=1)
+    parser.add_argument("--sim-ramp-up", type=float, default=10.0,
+                        help="seconds over which the simulated devices come online")
     args = parser.parse_args(argv)
 
     wrk = ensure_wrk()
@@ -105,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         EmbeddedCluster(var_dir / "pg").stop()
         shutil.rmtree(var_dir)
     print(f"bench: starting the service as `make run` does (cluster in {var_dir}) ...", flush=True)
-    # Compressed time: at --interval 4 ± 1 a device sends every 3-5 s, so the dedup bucket must be
-    # shorter than 3 s or most sends would be (correctly) answered "duplicate" and cost the server
-    # less than a real fleet's distinct heartbeats.
+    # Compressed time: at --interval 4 ± 1 a device sends every 3-5 s, and wrk revisits a device
+    # every few seconds, so the dedup bucket must be shorter than that or many sends would be
+    # (correctly) answered "duplicate" and cost the server less than a real fleet's heartbeats.
     server = start(var_dir, port=8766, DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
     cluster = EmbeddedCluster(var_dir / "pg")
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}}
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         rss_start = worker_rss_mb(server)
         sim_cmd = [sys.executable, "-m", "simulator", "--devices", str(args.sim_devices),
                    "--duration", str(args.sim_duration), "--interval", str(args.sim_interval),
-                   "--jitter", str(args.sim_interval / 4), "--quiet", "--admin-key", server.admin_key,
+                   "--jitter", str(args.sim_interval / 4), "--ramp-up", str(args.sim_ramp_up), "--quiet",
+                   "--admin-key", server.admin_key,
                    "--url", server.url, "--output", str(report_path)]
         sim = subprocess.Popen(sim_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sim_ps = psutil.Process(sim.pid)
