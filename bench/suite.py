@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sim-duration", type=int, default=60)
     parser.add_argument("--fleet", type=int, default=150_000, help="devices enrolled in all for the reads")
     parser.add_argument("--dedup-bucket-s", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="WEB_CONCURRENCY (make run's default is 2)")
     parser.add_argument("--sim-ramp-up", type=float, default=10.0,
                         help="seconds over which the simulated devices come online")
     args = parser.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     # Compressed time: at --interval 4 ± 1 a device sends every 3-5 s, and wrk revisits a device
     # every few seconds, so the dedup bucket must be shorter than that or many sends would be
     # (correctly) answered "duplicate" and cost the server less than a real fleet's heartbeats.
-    server = start(var_dir, port=8766, DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
+    server = start(var_dir, port=8766, workers=args.workers, DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
     cluster = EmbeddedCluster(var_dir / "pg")
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}}
     try:
