@@ -66,8 +66,8 @@ def start_server(
         VAR_DIR=str(tmp),
         ARCHIVE_DIR=str(tmp / "archive"),
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-        **env,
     )
+    environ.update(env)  # a test's own settings win (e.g. ARCHIVE_DIR)
     log_path = tmp / f"server-{port}.log"
     handle = log_path.open("ab")
     proc = subprocess.Popen(
