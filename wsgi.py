@@ -4,6 +4,8 @@ Order matters: gevent patches the standard library first, then psycogreen makes 
 cooperative, and only then is anything that may create an engine imported.
 """
 
+import gc
+
 from gevent import monkey
 
 monkey.patch_all()
@@ -18,6 +20,12 @@ from config.settings import Settings  # noqa: E402
 
 settings = Settings.from_env()
 app = create_app(settings, admin_key=ensure_admin_key(settings)[0])
+
+# Everything built so far lives as long as the worker: move it out of the collector's sight and
+# collect the young generation less often, so full collections (which walk every object and
+# stall every greenlet of the worker) become rare.
+gc.freeze()
+gc.set_threshold(50_000, 20, 100)
 
 if settings.scheduler_enabled:
     from scheduler.service import start_scheduler  # noqa: E402
