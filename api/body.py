@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from flask import request
@@ -47,15 +47,19 @@ def read_json_body(limit_bytes: int) -> bytes:
     return body
 
 
-def decode_body(limit_bytes: int, schema: type[T]) -> T:
-    """Read and validate a JSON body into ``schema``; 400 malformed, 422 invalid."""
-    body = read_json_body(limit_bytes)
+def decode_json(body: bytes) -> Any:
+    """Decode JSON bytes; 400 ApiError when malformed or nested too deeply."""
     try:
-        raw = msgspec.json.decode(body)
+        return msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", str(exc)) from None
     except RecursionError:
         raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+
+
+def decode_body(limit_bytes: int, schema: type[T]) -> T:
+    """Read and validate a JSON body into ``schema``; 400 malformed, 422 invalid."""
+    raw = decode_json(read_json_body(limit_bytes))
     try:
         return msgspec.convert(raw, schema)
     except msgspec.ValidationError as exc:

@@ -30,6 +30,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from api.body import decode_json
 from api.errors import ApiError
 from api.schemas import HeartbeatIn
 from config.settings import Settings
@@ -83,12 +84,7 @@ def choose_bucket(sent_at: datetime, now: datetime, bucket_s: int, max_skew_s: i
 
 def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: datetime) -> tuple[HeartbeatRow, bool]:
     """Validate a heartbeat body into a row; raises a 400/422 ApiError naming the problem."""
-    try:
-        raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "malformed_json", str(exc)) from None
-    except RecursionError:
-        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+    raw = decode_json(body)
     if not isinstance(raw, dict):
         raise ApiError(422, "validation_failed", "the body must be a JSON object")
     try:

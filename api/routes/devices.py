@@ -6,7 +6,7 @@ import msgspec
 from flask import Blueprint, Response, request
 
 from api.auth import admin_required
-from api.body import read_json_body
+from api.body import decode_json, read_json_body
 from api.errors import ApiError
 from api.metrics import timed_read
 from api.responses import json_response
@@ -26,13 +26,7 @@ ENROLL_MAX_BODY_BYTES = 4 * 1024 * 1024
 def enroll() -> Response:
     """Enroll one device (a DeviceIn object) or a batch ({"devices": [...]}); tokens shown once."""
     state = current_state()
-    body = read_json_body(ENROLL_MAX_BODY_BYTES)
-    try:
-        raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "malformed_json", str(exc)) from None
-    except RecursionError:
-        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+    raw = decode_json(read_json_body(ENROLL_MAX_BODY_BYTES))
     try:
         if isinstance(raw, dict) and "devices" in raw:
             batch = msgspec.convert(raw, EnrollBatchIn).devices
