@@ -188,7 +188,11 @@ def test_poller_against_a_real_server(live_server):
     for reading in (second.pool, second.jobs, second.traffic):
         assert reading.ok or reading.kind == UNAVAILABLE, reading
     if second.traffic.ok:
-        assert second.traffic.value.heartbeats_per_s > 0 and second.traffic.value.p50_ms is not None
+        # rates are deltas between two consecutive polls: send one heartbeat between two polls
+        _call(live_server.url + "/v1/heartbeat", "POST", heartbeat_body(),
+              {"Authorization": f"Bearer {enrolled[3]['token']}"})
+        third = poller.poll()
+        assert third.traffic.value.heartbeats_per_s > 0 and third.traffic.value.p50_ms is not None
 
 
 def test_poller_reports_a_wrong_key_and_a_server_that_is_down(live_server):
