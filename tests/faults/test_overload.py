@@ -93,7 +93,7 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     # It stayed up: the master and its worker live, and every answer was a 200 or a 503;
     # a client-side timeout or connection error (status 0: never acknowledged, so never lost;
     # a device retries it) is tolerated for under 2 % of requests. The load driver shares the 2
-    # cores with the server; measured 0.3-1.1 % across runs on 2026-11-27.
+    # cores with the server; measured up to 1.2 % in runs on 2026-11-27.
     assert server.proc.poll() is None and len(psutil.Process(server.proc.pid).children()) == 1
     assert set(statuses) <= {0, 200, 503}, statuses
     assert statuses.get(0, 0) < 0.02 * result.sent, note
