@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 from msgspec import Struct
 from sqlalchemy.pool import Pool, QueuePool
 
@@ -45,20 +46,12 @@ class PostgresFigures(Struct):
     utilization_pct: float
 
 
-class PoolHealth(Struct):
-    """GET /ops/pool_health: the pool figures of every live worker (as in PoolFigures), then
+class PoolHealth(PoolFigures):
+    """GET /ops/pool_health: the pool figures of every live worker (PoolFigures' fields), then
     PostgreSQL's, then the judgement."""
 
     status: Status
     reasons: list[str]
-    workers: int
-    pool_size: int
-    max_overflow: int
-    capacity: int
-    in_use: int
-    overflow: int
-    utilization_pct: float
-    busiest_worker_utilization_pct: float
     postgres: PostgresFigures | None
     postgres_error: str | None
     warn_pct: float
@@ -154,8 +147,6 @@ def assess(
             worse("WARN", f"the pools of all workers may open {pool.capacity} connections, "
                           f"more than the {available} PostgreSQL allows")
     return PoolHealth(
-        status=status, reasons=reasons, workers=pool.workers, pool_size=pool.pool_size,
-        max_overflow=pool.max_overflow, capacity=pool.capacity, in_use=pool.in_use, overflow=pool.overflow,
-        utilization_pct=pool.utilization_pct, busiest_worker_utilization_pct=pool.busiest_worker_utilization_pct,
-        postgres=postgres, postgres_error=postgres_error, warn_pct=WARN_PCT, critical_pct=CRITICAL_PCT, as_of=now,
+        **msgspec.structs.asdict(pool), status=status, reasons=reasons, postgres=postgres,
+        postgres_error=postgres_error, warn_pct=WARN_PCT, critical_pct=CRITICAL_PCT, as_of=now,
     )
