@@ -17,8 +17,8 @@ from gevent.event import AsyncResult
 from gevent.timeout import Timeout
 from sqlalchemy import Engine
 
+from api.concurrency import gevent_active
 from api.errors import ApiError
-from api.ingest import gevent_active
 from db.devices import TokenOwner, changed_token_hashes, find_token_owners, hash_token
 from db.errors import DatabaseUnavailable
 

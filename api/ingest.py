@@ -31,6 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api.body import decode_json
+from api.concurrency import gevent_active
 from api.errors import ApiError
 from api.schemas import HeartbeatIn
 from config.settings import Settings
@@ -375,15 +376,6 @@ class GroupCommitWriter:
             "loop_lag_ms": round(self.loop_lag_s * 1000, 1),
             "shed_fraction": round(self.shed_fraction, 2),
         }
-
-
-def gevent_active() -> bool:
-    """True when the process runs under gevent's monkey-patching (gunicorn -k gevent)."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        return False
-    return bool(monkey.is_module_patched("socket"))
 
 
 def make_writer(

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response
 
 from api.auth import admin_required
-from api.ingest import gevent_active
+from api.concurrency import gevent_active
 from api.metrics import timed_read
 from api.responses import json_response
 from api.state import AppState, current_state
