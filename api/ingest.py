@@ -323,6 +323,11 @@ class GroupCommitWriter:
                 try:
                     prepare_insert(conn)
                     conn.commit()
+                    # One statement per batch, so autocommit makes it its own transaction:
+                    # one round trip instead of three (BEGIN, EXECUTE, COMMIT). PostgreSQL
+                    # commits before it reports the statement complete, so the rows are
+                    # committed when the result arrives.
+                    conn.driver_connection.autocommit = True
                 except psycopg2.Error as exc:
                     try:
                         conn.invalidate()
@@ -331,9 +336,7 @@ class GroupCommitWriter:
                     raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
                 self._conns[key] = conn
             try:
-                flags = insert_heartbeats(conn, rows, prepared=True)
-                conn.commit()
-                return flags
+                return insert_heartbeats(conn, rows, prepared=True)
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 # The connection is gone (database restart, network): outcome unknown, nothing
                 # acknowledged; a retry by the device is deduplicated.
@@ -343,19 +346,12 @@ class GroupCommitWriter:
                 # so the next requests connect afresh instead of failing one by one.
                 self._engine.dispose()
                 raise DatabaseUnavailable("the database connection was lost", retry_after_s=2) from exc
-            except psycopg2.Error as exc:
-                self._rollback(key)
+            except psycopg2.Error as exc:  # autocommit: the failed statement left nothing open
                 if attempt == 1 and _is_missing_partition(exc):
                     create_missing_partitions(self._engine, rows, self._settings)
                     continue
                 raise
         raise AssertionError("unreachable")
-
-    def _rollback(self, key: int) -> None:
-        try:
-            self._conns[key].rollback()
-        except psycopg2.Error:
-            self._discard(key)
 
     def _discard(self, key: int) -> None:
         conn = self._conns.pop(key, None)
