@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from api.concurrency import gevent_active
 from api.errors import ApiError
+from api.metrics import count_token_lookups
 from db.devices import TokenOwner, changed_token_hashes, find_token_owners, hash_token
 from db.errors import DatabaseUnavailable
 
@@ -119,6 +120,7 @@ class TokenCache:
             owners = find_token_owners(conn, [digest])
             conn.rollback()
         self.lookups += 1
+        count_token_lookups(1)
         return self._store(digest, owners.get(digest), now)
 
     def _load_pending(self) -> None:
@@ -138,6 +140,7 @@ class TokenCache:
                         result.set_exception(exc)
                     continue
                 self.lookups += 1
+                count_token_lookups(len(batch))
                 now = time.monotonic()
                 for digest, result in batch.items():
                     result.set(self._store(digest, owners.get(digest), now))

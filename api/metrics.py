@@ -80,6 +80,11 @@ INGEST_FLUSH_SECONDS = Histogram(
 INGEST_FLUSH_ROWS = Histogram(
     f"{PREFIX}_ingest_flush_rows", "Heartbeats written per group-commit flush.", buckets=FLUSH_ROWS_BUCKETS,
 )
+TOKEN_CACHE_MISSES = Counter(
+    f"{PREFIX}_token_cache_misses_total",
+    "Device tokens not in the worker's cache, looked up in the database (a worker's first call "
+    "from each device, and after a rotation or revocation). Flat in steady state.",
+)
 WORKER_PROCESSES = Gauge(
     f"{PREFIX}_worker_processes", "Live API worker processes.", multiprocess_mode="livesum",
 )
@@ -125,6 +130,11 @@ JOB_LAST_SUCCESS = Gauge(
     ["job_name"],
     multiprocess_mode="max",
 )
+
+
+def count_token_lookups(tokens: int) -> None:
+    """Record ``tokens`` token-cache misses answered by one database look-up."""
+    TOKEN_CACHE_MISSES.inc(tokens)
 
 
 def observe_heartbeat(stored: bool, seconds: float) -> None:

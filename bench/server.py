@@ -35,6 +35,12 @@ class BenchServer:
             db = [postmaster, *postmaster.children(recursive=True)]
         return {"api": api, "db": db}
 
+    def workers(self) -> list[psutil.Process]:
+        """The gunicorn worker processes (children of the arbiter, the launcher's child)."""
+        launcher = psutil.Process(self.proc.pid)
+        return [w for arbiter in launcher.children() if "postgres" not in arbiter.name()
+                for w in arbiter.children()]
+
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) used so far by each role, children included."""
         totals = {}

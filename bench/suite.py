@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,34 @@ def stored_heartbeats(cluster: EmbeddedCluster) -> int:
 
 
 def worker_rss_mb(server: BenchServer) -> list[float]:
-    return sorted(round(p.memory_info().rss / 2**20, 1) for p in server.processes()["api"][1:]
-                  if "gunicorn" in " ".join(p.cmdline()))
+    return sorted(round(p.memory_info().rss / 2**20, 1) for p in server.workers())
+
+
+def token_cache_misses(server: BenchServer) -> float:
+    """nexmdm_token_cache_misses_total, all workers."""
+    req = urllib.request.Request(server.url + "/metrics", headers={"x-admin": server.admin_key})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("nexmdm_token_cache_misses_total "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def warm_up(wrk: str, server: BenchServer, tokens: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Post heartbeats until every worker has every device's token cached, as in a fleet's steady
+    state (a device reporting each minute keeps its token cached in every worker): slices of wrk
+    until one looks up (almost) no token, or ``--warmup-max-s``. Each keep-alive connection
+    stays on one worker, so a device reaches both workers only after a few rounds."""
+    started, slice_s = time.monotonic(), 5
+    run_wrk(wrk, server.url, "heartbeat.lua", args.warmup_s, args.connections, tokens)
+    while True:
+        misses0 = token_cache_misses(server)
+        out = run_wrk(wrk, server.url, "heartbeat.lua", slice_s, args.connections, tokens)
+        share = (token_cache_misses(server) - misses0) / max(1.0, out["requests"])
+        elapsed = time.monotonic() - started
+        print(f"  warm-up {elapsed:4.0f} s: {share:.2%} of heartbeats looked their token up", flush=True)
+        if share < 0.001 or elapsed >= args.warmup_max_s:
+            return {"seconds": round(elapsed, 1), "last_miss_share": round(share, 5)}
 
 
 def cpu_of(procs: list[psutil.Process]) -> float:
@@ -91,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--saturation-s", type=int, default=20)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--wrk-devices", type=int, default=20_000, help="devices whose heartbeats wrk posts")
-    parser.add_argument("--warmup-s", type=int, default=20)
+    parser.add_argument("--warmup-s", type=int, default=20, help="first warm-up slice")
+    parser.add_argument("--warmup-max-s", type=int, default=90,
+                        help="stop warming up after this long even if tokens are still looked up")
     parser.add_argument("--sim-devices", type=int, default=10_000)
     parser.add_argument("--sim-interval", type=float, default=4.0)
     parser.add_argument("--sim-duration", type=int, default=60)
@@ -126,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: (a) warm-up, then saturation with wrk ...", flush=True)
         # Steady state: every device's token is in every worker's cache (a fleet reporting each
         # minute keeps them there); the warm-up sends each device a few heartbeats first.
-        run_wrk(wrk, server.url, "heartbeat.lua", args.warmup_s, args.connections, tokens)
+        results["a_warm_up"] = warm_up(wrk, server, tokens, args)
         before = stored_heartbeats(cluster)
         cpu0 = server.cpu_seconds()
         t0 = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.helpers import bearer, enroll, heartbeat_body
 
@@ -96,6 +97,17 @@ def test_device_token_reads_nothing(client, app, admin):
             resp = client.get(url.replace("/1", f"/{device['id']}"), headers=headers)
             assert resp.status_code in (401, 403), (url, resp.status_code)
             assert device["device_uid"] not in resp.get_data(as_text=True)
+
+
+def test_token_cache_misses_are_counted_once_per_token(client, admin):
+    misses = lambda: REGISTRY.get_sample_value("nexmdm_token_cache_misses_total") or 0.0  # noqa: E731
+    (device,) = enroll(client, admin, 1)
+    before = misses()
+    for _ in range(3):  # stored, then duplicates: all authenticated
+        assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(device["token"])).status_code == 200
+    assert misses() == before + 1  # looked up once, then served from the cache
+    client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer("not-a-token"))
+    assert misses() == before + 2
 
 
 def test_revoked_token_stops_at_once_on_the_same_worker(client, admin, engine):
