@@ -35,6 +35,9 @@ SERVER_SETTINGS = {
     "synchronous_commit": "on",
     "fsync": "on",
     "jit": "off",
+    # No parallel query: on two cores shared with the API, the fleet summary's scan of every
+    # device started an extra backend each time (measured: no faster alone) and starved the heartbeat path in bursts.
+    "max_parallel_workers_per_gather": "0",
     "log_min_messages": "warning",
     "log_min_duration_statement": "-1",
     "unix_socket_directories": "",

@@ -102,41 +102,43 @@ def list_devices(
 
 def fleet_summary(conn: Connection, *, offline_after_s: int, from_heartbeats: bool = False) -> dict[str, Any]:
     """Counts for the whole fleet: total, online, offline, never seen, revoked, battery bands
-    and app versions. Two aggregate statements."""
+    and app versions (the 50 most common). One scan: the counts come grouped by app version
+    and are added up here, so the fleet is read once instead of once per question."""
     bands = ",\n".join(
         f"count(*) FILTER (WHERE s.battery_pct >= {lo} AND s.battery_pct < {hi}) AS battery_{name}"
         for name, lo, hi in BATTERY_BANDS
     )
-    row = conn.exec_driver_sql(
+    rows = conn.exec_driver_sql(
         f"""
-        SELECT count(*) AS total,
+        SELECT s.app_version,
+               count(*) AS total,
                count(*) FILTER (WHERE s.received_at >= now() - make_interval(secs => %(offline_after)s)) AS online,
                count(*) FILTER (WHERE s.device_id IS NULL) AS never_seen,
                count(*) FILTER (WHERE d.revoked_at IS NOT NULL) AS revoked,
                count(*) FILTER (WHERE s.charging) AS charging,
                {bands}
         FROM {_source(from_heartbeats)}
-        """,
-        {"offline_after": offline_after_s},
-    ).one()
-    m = row._mapping
-    versions = conn.exec_driver_sql(
-        f"""
-        SELECT s.app_version, count(*) FROM {_source(from_heartbeats)}
-        WHERE s.app_version IS NOT NULL
-        GROUP BY s.app_version ORDER BY count(*) DESC, s.app_version LIMIT 50
+        GROUP BY s.app_version
         """,
         {"offline_after": offline_after_s},
     ).fetchall()
+    counters = ("total", "online", "never_seen", "revoked", "charging", *(f"battery_{n}" for n, _, _ in BATTERY_BANDS))
+    totals = dict.fromkeys(counters, 0)
+    for row in rows:
+        for name in counters:
+            totals[name] += row._mapping[name]
+    versions = sorted(
+        ((r.app_version, r.total) for r in rows if r.app_version is not None), key=lambda v: (-v[1], v[0])
+    )
     return {
-        "total": m["total"],
-        "online": m["online"],
-        "offline": m["total"] - m["online"],
-        "never_seen": m["never_seen"],
-        "revoked": m["revoked"],
-        "charging": m["charging"],
-        "battery": {name: m[f"battery_{name}"] for name, _, _ in BATTERY_BANDS},
-        "app_versions": {v: n for v, n in versions},
+        "total": totals["total"],
+        "online": totals["online"],
+        "offline": totals["total"] - totals["online"],
+        "never_seen": totals["never_seen"],
+        "revoked": totals["revoked"],
+        "charging": totals["charging"],
+        "battery": {name: totals[f"battery_{name}"] for name, _, _ in BATTERY_BANDS},
+        "app_versions": dict(versions[:50]),
     }
 
 
