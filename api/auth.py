@@ -21,6 +21,7 @@ from api.concurrency import gevent_active
 from api.errors import ApiError
 from api.metrics import count_token_lookups
 from db.devices import TokenOwner, changed_token_hashes, find_token_owners, hash_token
+from db.engine import reading
 from db.errors import DatabaseUnavailable
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,9 +117,8 @@ class TokenCache:
                 return result.get(timeout=self.LOOKUP_TIMEOUT_S)
             except Timeout:
                 raise DatabaseUnavailable("the token look-up did not complete in time") from None
-        with self._engine.connect() as conn:
+        with reading(self._engine) as conn:
             owners = find_token_owners(conn, [digest])
-            conn.rollback()
         self.lookups += 1
         count_token_lookups(1)
         return self._store(digest, owners.get(digest), now)
@@ -132,9 +132,8 @@ class TokenCache:
                 for digest in batch:
                     del self._pending[digest]
                 try:
-                    with self._engine.connect() as conn:
+                    with reading(self._engine) as conn:
                         owners = find_token_owners(conn, list(batch))
-                        conn.rollback()
                 except Exception as exc:  # every waiter gets the error (503), the loader goes on
                     for result in batch.values():
                         result.set_exception(exc)
@@ -169,9 +168,8 @@ class TokenCache:
             # changes from now on matter.
             since = datetime.now(UTC) - self.SYNC_OVERLAP
         try:
-            with self._engine.connect() as conn:
+            with reading(self._engine) as conn:
                 hashes, self._synced_db = changed_token_hashes(conn, since)
-                conn.rollback()
         except Exception:  # the database is down: keep serving from the cache, retry next second
             log.warning("token cache sync failed; retrying", exc_info=False)
             return

@@ -14,6 +14,7 @@ from api.routes.heartbeats import int_arg
 from api.schemas import DeviceIn, EnrollBatchIn
 from api.state import current_state
 from db.devices import NewDevice, enroll_devices, revoke_device, rotate_token, token_hashes_of
+from db.engine import reading
 from db.fleet import FleetFilter, get_device_status, list_devices
 
 bp = Blueprint("devices", __name__)
@@ -80,13 +81,12 @@ def revoke(device_id: int) -> Response:
 def device_status(device_id: int) -> Response:
     """The current status of one device (one indexed row of device_last_status)."""
     state = current_state()
-    with state.engine.connect() as conn:
+    with reading(state.engine) as conn:
         status = get_device_status(
             conn, device_id,
             offline_after_s=state.settings.offline_after_seconds,
             from_heartbeats=not state.settings.read_from_last_status,
         )
-        conn.rollback()
     return json_response(status)
 
 
@@ -107,11 +107,10 @@ def fleet_list() -> Response:
     )
     after = int_arg("after", 0, 0, 2**63 - 1)
     limit = int_arg("limit", 100, 1, 1000)
-    with state.engine.connect() as conn:
+    with reading(state.engine) as conn:
         rows, next_after = list_devices(
             conn, flt, after_id=after, limit=limit,
             offline_after_s=state.settings.offline_after_seconds,
             from_heartbeats=not state.settings.read_from_last_status,
         )
-        conn.rollback()
     return json_response({"devices": rows, "next_after": next_after})

@@ -14,6 +14,7 @@ from api.concurrency import gevent_active
 from api.metrics import timed_read
 from api.responses import json_response
 from api.state import AppState, current_state
+from db.engine import reading
 from db.fleet import fleet_summary
 
 bp = Blueprint("fleet", __name__)
@@ -22,13 +23,12 @@ log = logging.getLogger(__name__)
 
 def compute_summary(state: AppState) -> dict[str, Any]:
     """Run the aggregate over the whole fleet (two statements) and stamp it."""
-    with state.engine.connect() as conn:
+    with reading(state.engine) as conn:
         result = fleet_summary(
             conn,
             offline_after_s=state.settings.offline_after_seconds,
             from_heartbeats=not state.settings.read_from_last_status,
         )
-        conn.rollback()
     result["as_of"] = datetime.now(UTC)
     return result
 

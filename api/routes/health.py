@@ -6,6 +6,7 @@ from flask import Blueprint, Response
 
 from api.responses import json_response
 from api.state import current_state
+from db.engine import reading
 
 bp = Blueprint("health", __name__)
 
@@ -21,7 +22,7 @@ def readyz() -> Response:
     """The database answers; 503 with Retry-After when it does not."""
     state = current_state()
     try:
-        with state.engine.connect() as conn:
+        with reading(state.engine) as conn:
             conn.exec_driver_sql("SELECT 1")
     except Exception as exc:  # any failure to reach the database means "not ready"
         detail = str(getattr(exc, "orig", exc) or exc).strip().splitlines()

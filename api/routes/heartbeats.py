@@ -14,6 +14,7 @@ from api.ingest import parse_heartbeat
 from api.metrics import observe_heartbeat, reject_heartbeat
 from api.responses import json_response
 from api.state import current_state
+from db.engine import reading
 from db.fleet import get_device_status
 from db.heartbeats import list_heartbeats
 
@@ -91,8 +92,7 @@ def device_history(device_id: int) -> Response:
     if since >= until:
         raise ApiError(400, "invalid_parameter", "since must be before until")
     limit = int_arg("limit", 1000, 1, HISTORY_MAX_LIMIT)
-    with state.engine.connect() as conn:
+    with reading(state.engine) as conn:
         get_device_status(conn, device_id, offline_after_s=state.settings.offline_after_seconds)
         rows = list_heartbeats(conn, device_id, since, until, limit)
-        conn.rollback()
     return json_response({"device_id": device_id, "since": since, "until": until, "heartbeats": rows})

@@ -35,6 +35,7 @@ from api.pool_health import PoolHealth, assess, postgres_figures, server_pool_fi
 from api.responses import json_response
 from api.state import current_state
 from db.connections import connection_use
+from db.engine import reading
 from scheduler.locking import add_job_listener
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,11 @@ def configure_metrics(app: Flask) -> None:
 def seed_job_last_success(engine: Engine) -> None:
     """Each job's last success from job_runs: after a restart, and for runs made elsewhere."""
     try:
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             rows = conn.exec_driver_sql(
                 "SELECT job, extract(epoch FROM max(finished_at)) FROM job_runs "
                 "WHERE status = 'succeeded' AND finished_at IS NOT NULL GROUP BY job"
             ).all()
-            conn.rollback()
     except SQLAlchemyError as exc:
         log.warning("job last-success times not seeded from job_runs: %s", str(exc).splitlines()[0])
         return
