@@ -75,14 +75,25 @@ def worker_rss_mb(server: BenchServer) -> list[float]:
     return sorted(round(p.memory_info().rss / 2**20, 1) for p in server.workers())
 
 
-def token_cache_misses(server: BenchServer) -> float:
-    """nexmdm_token_cache_misses_total, all workers."""
+def scrape(server: BenchServer, prefix: str) -> dict[str, float]:
+    """The server's samples (all workers) whose series starts with ``prefix``."""
     req = urllib.request.Request(server.url + "/metrics", headers={"x-admin": server.admin_key})
     with urllib.request.urlopen(req, timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("nexmdm_token_cache_misses_total "):
-                return float(line.split()[1])
-    return 0.0
+        return {series: float(value) for series, _, value in
+                (line.rpartition(" ") for line in resp.read().decode().splitlines())
+                if series.startswith(prefix)}
+
+
+def token_cache_misses(server: BenchServer) -> float:
+    """nexmdm_token_cache_misses_total, all workers."""
+    return sum(scrape(server, "nexmdm_token_cache_misses_total").values())
+
+
+def rejected_since(server: BenchServer, before: dict[str, float]) -> dict[str, int]:
+    """Heartbeats answered with an error since ``before`` (a scrape), by error code."""
+    now = scrape(server, "nexmdm_heartbeats_rejected_total{")
+    return {series.split('"')[1]: int(n - before.get(series, 0)) for series, n in now.items()
+            if n > before.get(series, 0)}
 
 
 def warm_up(wrk: str, server: BenchServer, tokens: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -170,11 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         triv = run_wrk(wrk, server.url + "/healthz", "trivial.lua", args.saturation_s, args.connections, tokens)
         results["b_trivial"] = triv
         results["b_ratio"] = round(sat["rate_per_s"] / triv["rate_per_s"], 3)
+        # wrk leaves each worker a backlog of accepted requests, and the load shedding it
+        # provoked decays over about a second after that: (c) starts on a settled server.
+        time.sleep(5)
 
         print(f"bench: (c) simulator {args.sim_devices:,} devices at --interval {args.sim_interval} "
               f"for {args.sim_duration} s, with (d) reads ...", flush=True)
         report_path = var_dir / "simulator-report.json"
         rss_start = worker_rss_mb(server)
+        rejected0 = scrape(server, "nexmdm_heartbeats_rejected_total{")
         sim_cmd = [sys.executable, "-m", "simulator", "--devices", str(args.sim_devices),
                    "--duration", str(args.sim_duration), "--interval", str(args.sim_interval),
                    "--jitter", str(args.sim_interval / 4), "--ramp-up", str(args.sim_ramp_up), "--quiet",
@@ -199,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_cores": {**{k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1},
                           "simulator": round((sim_cpu1 - sim_cpu0) / wall, 2)},
             "worker_rss_mb": {"start": rss_start, "end": rss_end},
+            "server_rejected": rejected_since(server, rejected0),
         }
         results["d_reads"] = json.loads(readers.stdout.strip().splitlines()[-1]) if readers.stdout else {
             "error": readers.stderr[-2000:]}
@@ -247,6 +263,8 @@ def print_table(r: dict[str, Any]) -> None:
         ("c", "  p95", f"{p['p95']}", "< 50 ms", p["p95"] is not None and p["p95"] < 50),
         ("c", "  p99", f"{p['p99']}", "< 150 ms", p["p99"] is not None and p["p99"] < 150),
         ("c", "  lost / errors", f"{lost} / {errors}", "0 / 0", lost == 0 and errors in (0, {})),
+        ("c", "  server's error answers by code",
+         ", ".join(f"{k} {v}" for k, v in sim.get("server_rejected", {}).items()) or "none", "", None),
         ("c", "  CPU cores: API / PostgreSQL / simulator",
          f"{sim['cpu_cores'].get('api')} / {sim['cpu_cores'].get('db')} / {sim['cpu_cores'].get('simulator')}",
          "", None),
