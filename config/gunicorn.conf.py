@@ -7,7 +7,10 @@ _settings = Settings.from_env()
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.web_concurrency
-worker_class = "gevent"
+# gunicorn's gevent worker (-k gevent), sending each response in one write: see
+# config/gunicorn_worker.py.
+worker_class = "config.gunicorn_worker.CoalescingGeventWorker"
+sendfile = False  # every write goes through that worker's buffer, in order
 worker_connections = 4000
 keepalive = 75  # devices and load generators keep connections open between heartbeats
 timeout = 30
