@@ -221,6 +221,7 @@ class GroupCommitWriter:
         self._flushers = [gevent.spawn(self._run, i) for i in range(flushers)]
         self._conns: dict[int, Any] = {}
         self._max_queue_delay_s = settings.ingest_max_queue_delay_ms / 1000
+        self._linger_s = settings.ingest_linger_ms / 1000
         self._max_loop_lag_s = settings.ingest_max_loop_lag_ms / 1000
         self.loop_lag_s = 0.0
         self.shed_fraction = 0.0  # of new heartbeats refused because the loop runs late
@@ -281,6 +282,7 @@ class GroupCommitWriter:
     def _run(self, index: int) -> None:
         while True:
             batch = [self._queue.get()]
+            self._linger(batch)
             gevent.sleep(0)  # let requests that are ready join this batch
             while len(batch) < self._settings.ingest_batch_max:
                 try:
@@ -305,6 +307,20 @@ class GroupCommitWriter:
                 self._on_flush(len(batch), time.perf_counter() - started)
             for (_, result, _), flag in zip(batch, stored, strict=True):
                 result.set(flag)
+
+    def _linger(self, batch: list[Any]) -> None:
+        """Wait up to INGEST_LINGER_MS for the batch to reach INGEST_LINGER_ROWS (see Settings)."""
+        if not self._linger_s:
+            return
+        deadline = time.monotonic() + self._linger_s
+        while len(batch) + self._queue.qsize() < self._settings.ingest_linger_rows:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except Empty:
+                return
 
     def _flush(self, rows: list[HeartbeatRow]) -> list[bool]:
         """One transaction on this flusher's own connection; stored flags after COMMIT."""

@@ -56,6 +56,11 @@ class Settings:
     ingest_batch_max: int = 500
     ingest_queue_max: int = 5_000
     ingest_flushers: int = 1
+    # A flush waits up to INGEST_LINGER_MS after its first heartbeat until INGEST_LINGER_ROWS are
+    # queued: bigger batches under moderate load (fewer statements and commits per heartbeat);
+    # under saturation the rows are there at once and nobody waits. 0 ms: no waiting.
+    ingest_linger_ms: float = 5.0
+    ingest_linger_rows: int = 16
     ingest_timeout_s: float = 10.0
     # Shed (503 + Retry-After) while heartbeats have waited this long to be written (database
     # slow): under overload, latency stays bounded instead of growing until the queue is full.

@@ -85,6 +85,19 @@ def main() -> None:
     out["shed_fraction_after"] = writer.shed_fraction
     out["after_busy"] = attempt(writer, row(device_id, 14))
     out["stats"] = writer.stats()
+
+    # 3. Linger: heartbeats arriving 10 ms apart share one statement when the flush may wait
+    #    (up to 200 ms, until 4 are queued), and the wait ends as soon as the 4th is there; with
+    #    no linger each goes on its own.
+    for name, linger_ms in (("linger", 200), ("no_linger", 0)):
+        w = GroupCommitWriter(engine, settings.with_overrides(ingest_linger_ms=linger_ms, ingest_linger_rows=4))
+        base = 20 if linger_ms else 30
+        sends = []
+        for i in range(4):
+            sends.append(gevent.spawn(attempt, w, row(device_id, base + i)))
+            gevent.sleep(0.01)
+        results = [g.get() for g in sends]
+        out[name] = {"stored": [status for status, _ in results], "first_s": results[0][1], "flushes": w.flushes}
     print(json.dumps(out))
 
 

@@ -38,4 +38,9 @@ def test_group_commit_sheds_quickly_and_recovers(client, admin, engine, database
     assert out["stats"]["shed"] == 1 + out["refused_of_400"]
     with engine.connect() as conn:
         count = conn.exec_driver_sql("SELECT count(*) FROM heartbeats WHERE device_id = %s", (device_id,)).scalar_one()
-    assert count == 6  # idle, 3 stuck, after_stall, after_busy; the refused ones were not written
+    assert count == 6 + 8  # idle, 3 stuck, after_stall, after_busy, 2 x 4 lingering; the refused ones were not written
+    # Linger: four heartbeats 10 ms apart in one statement, written once the fourth arrived (not
+    # after the whole 200 ms); without it, one statement each (or nearly).
+    assert out["linger"]["stored"] == ["stored"] * 4 and out["linger"]["flushes"] == 1, out
+    assert out["linger"]["first_s"] < 0.15, out
+    assert out["no_linger"]["stored"] == ["stored"] * 4 and out["no_linger"]["flushes"] >= 3, out
