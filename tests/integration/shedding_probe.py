@@ -22,9 +22,13 @@ from db.engine import make_engine  # noqa: E402
 from db.errors import Overloaded  # noqa: E402
 from db.heartbeats import HeartbeatRow  # noqa: E402
 
+# One clock for every row of the probe: rows made 10 ms apart on either side of a 10 s boundary
+# would otherwise share a bucket (and the second be a duplicate).
+PROBE_NOW = datetime.now(UTC).replace(microsecond=0)
+
 
 def row(device_id: int, second: int) -> HeartbeatRow:
-    now = datetime.now(UTC).replace(microsecond=0)
+    now = PROBE_NOW
     bucket = datetime.fromtimestamp(int(now.timestamp()) // 10 * 10 - second * 10, UTC)
     return HeartbeatRow(device_id=device_id, bucket_ts=bucket, sent_at=bucket, received_at=now, clock_skew_s=0.0,
                         battery_pct=50, charging=False, network_type="wifi", signal_dbm=None, app_version="1",
