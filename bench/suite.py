@@ -200,11 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         # Enrollment and ramp-up first; readers start with the steady state.
         time.sleep(min(15, args.sim_duration / 4))
         cpu0, sim_cpu0, t0 = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic()
-        readers = subprocess.run(
+        readers = subprocess.Popen(
             [sys.executable, "-m", "bench.readers", "--url", server.url, "--admin-key", server.admin_key,
              "--max-id", str(args.fleet), "--duration", str(max(10, args.sim_duration - 25))],
-            cwd=ROOT, capture_output=True, text=True, timeout=args.sim_duration + 120,
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
+        # Worker RSS every 30 s while (c) and (d) run: flat, or still growing at the end?
+        rss_series = [{"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)}]
+        while readers.poll() is None:
+            try:
+                readers.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                rss_series.append({"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)})
+        readers_out, readers_err = readers.communicate()
         cpu1, sim_cpu1, wall = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic() - t0
         sim_out, _ = sim.communicate(timeout=args.sim_duration + 300)
         rss_end = worker_rss_mb(server)
@@ -213,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             "exit_code": sim.returncode, "report": report, "output_tail": sim_out[-3000:],
             "cpu_cores": {**{k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1},
                           "simulator": round((sim_cpu1 - sim_cpu0) / wall, 2)},
-            "worker_rss_mb": {"start": rss_start, "end": rss_end},
+            "worker_rss_mb": {"start": rss_start, "end": rss_end, "every_30_s": rss_series},
             "server_rejected": rejected_since(server, rejected0),
         }
-        results["d_reads"] = json.loads(readers.stdout.strip().splitlines()[-1]) if readers.stdout else {
-            "error": readers.stderr[-2000:]}
+        results["d_reads"] = json.loads(readers_out.strip().splitlines()[-1]) if readers_out else {
+            "error": readers_err[-2000:]}
     finally:
         server.stop()
 
@@ -230,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "latest.json").write_text(text)
     print(f"\nwritten: bench/results/bench-{stamp}.json")
     return 0
+
+
+def _rss_second_half(rss: dict[str, Any]) -> str:
+    """Each worker's RSS at the middle and at the end of the sampled run: growth that goes on to
+    the end shows here, a start-up plateau does not."""
+    series = rss.get("every_30_s") or []
+    if len(series) < 3:
+        return "n/a"
+    mid, end = series[len(series) // 2], series[-1]
+    return f"{mid['mb']} at {mid['t_s']} s -> {end['mb']} at {end['t_s']} s"
 
 
 def _pick(report: dict[str, Any], *keys: str) -> Any:
@@ -270,6 +288,7 @@ def print_table(r: dict[str, Any]) -> None:
          "", None),
         ("c", "  worker RSS start -> end (MB)", f"{sim['worker_rss_mb']['start']} -> {sim['worker_rss_mb']['end']}",
          "", None),
+        ("c", "  worker RSS, second half of the run (MB)", _rss_second_half(sim["worker_rss_mb"]), "", None),
     ]
     if "device_status" in reads:
         rows += [
