@@ -2,9 +2,10 @@
 
 Two writers share one contract, ``write(row) -> stored``, answered only after COMMIT:
 - DirectWriter: one transaction per heartbeat (plain threads, the Flask test client);
-- GroupCommitWriter: under gevent, a few flusher greenlets per worker drain a bounded queue of
-  concurrent heartbeats into one multi-row statement and one COMMIT, then wake every waiting
-  request. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
+- GroupCommitWriter: under gevent, a flusher greenlet per worker drains a bounded queue of
+  concurrent heartbeats into one multi-row statement (its own transaction, in autocommit), then
+  wakes every waiting request; under moderate load it lingers a few milliseconds for a bigger
+  batch. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
   bound, before any work: a growing fraction of requests while the worker's event loop runs
   INGEST_MAX_LOOP_LAG_MS late (CPU saturated), all of them while heartbeats have waited
   INGEST_MAX_QUEUE_DELAY_MS to be written (database slow), and when the queue is full.
