@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from db.heartbeats import HeartbeatRow
 
 
 def heartbeat_body(sent_at: datetime | str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -31,3 +33,16 @@ def enroll(client, admin: dict[str, str], n: int = 1, prefix: str = "dev", label
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+# One clock per process for writer_row: rows made moments apart on either side of a 10 s boundary
+# would otherwise share a bucket (and the second be stored as a duplicate).
+PROCESS_NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def writer_row(device_id: int, n: int) -> HeartbeatRow:
+    """A heartbeat row for the writer probes, ``n`` 10 s buckets before this process's clock."""
+    bucket = datetime.fromtimestamp(int(PROCESS_NOW.timestamp()) // 10 * 10, UTC) - timedelta(seconds=10 * n)
+    return HeartbeatRow(device_id=device_id, bucket_ts=bucket, sent_at=bucket, received_at=PROCESS_NOW,
+                        clock_skew_s=0.0, battery_pct=50, charging=False, network_type="wifi", signal_dbm=None,
+                        app_version="1", os_version="1", uptime_s=1, free_storage_mb=1, extra_json=None)

@@ -12,7 +12,6 @@ patch_psycopg()
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from datetime import UTC, datetime, timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
@@ -23,14 +22,7 @@ from db.embedded import EmbeddedCluster  # noqa: E402
 from db.engine import make_engine  # noqa: E402
 from db.errors import DatabaseUnavailable  # noqa: E402
 from db.heartbeats import HeartbeatRow  # noqa: E402
-
-
-def row(device_id: int, n: int) -> HeartbeatRow:
-    now = datetime.now(UTC)
-    bucket = datetime.fromtimestamp(int(now.timestamp()) // 10 * 10, UTC) - timedelta(seconds=10 * n)
-    return HeartbeatRow(device_id=device_id, bucket_ts=bucket, sent_at=bucket, received_at=now, clock_skew_s=0.0,
-                        battery_pct=50, charging=False, network_type="wifi", signal_dbm=None, app_version="1",
-                        os_version="1", uptime_s=1, free_storage_mb=1, extra_json=None)
+from tests.helpers import writer_row as row  # noqa: E402
 
 
 def attempt(writer: GroupCommitWriter, r: HeartbeatRow) -> tuple[str, float]:

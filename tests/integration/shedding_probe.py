@@ -12,7 +12,6 @@ patch_psycopg()
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
 
 import gevent  # noqa: E402
 
@@ -21,18 +20,7 @@ from config.settings import Settings  # noqa: E402
 from db.engine import make_engine  # noqa: E402
 from db.errors import Overloaded  # noqa: E402
 from db.heartbeats import HeartbeatRow  # noqa: E402
-
-# One clock for every row of the probe: rows made 10 ms apart on either side of a 10 s boundary
-# would otherwise share a bucket (and the second be a duplicate).
-PROBE_NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-def row(device_id: int, second: int) -> HeartbeatRow:
-    now = PROBE_NOW
-    bucket = datetime.fromtimestamp(int(now.timestamp()) // 10 * 10 - second * 10, UTC)
-    return HeartbeatRow(device_id=device_id, bucket_ts=bucket, sent_at=bucket, received_at=now, clock_skew_s=0.0,
-                        battery_pct=50, charging=False, network_type="wifi", signal_dbm=None, app_version="1",
-                        os_version="1", uptime_s=1, free_storage_mb=1, extra_json=None)
+from tests.helpers import writer_row as row  # noqa: E402
 
 
 def attempt(writer: GroupCommitWriter, r: HeartbeatRow) -> tuple[str, float]:

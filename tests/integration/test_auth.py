@@ -100,7 +100,9 @@ def test_device_token_reads_nothing(client, app, admin):
 
 
 def test_token_cache_misses_are_counted_once_per_token(client, admin):
-    misses = lambda: REGISTRY.get_sample_value("nexmdm_token_cache_misses_total") or 0.0  # noqa: E731
+    def misses() -> float:
+        return REGISTRY.get_sample_value("nexmdm_token_cache_misses_total") or 0.0
+
     (device,) = enroll(client, admin, 1)
     before = misses()
     for _ in range(3):  # stored, then duplicates: all authenticated

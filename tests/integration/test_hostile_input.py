@@ -73,6 +73,16 @@ def encode(value) -> bytes:
     return json.dumps(value, allow_nan=True).encode()
 
 
+def post_heartbeat(client, engine, device, data: bytes):
+    """POST a raw heartbeat body; the answer (already checked to be a clean one) and the row
+    counts before and after it."""
+    before = counts(engine)
+    resp = client.post("/v1/heartbeat", data=data, content_type="application/json",
+                       headers=bearer(device["token"]))
+    assert_clean_error(resp)
+    return resp, before, counts(engine)
+
+
 @pytest.fixture
 def device(client, admin):
     return enroll(client, admin, 1, prefix="hostile")[0]
@@ -81,11 +91,7 @@ def device(client, admin):
 @HYPOTHESIS
 @given(body=heartbeat_like)
 def test_heartbeat_bodies(client, engine, device, body):
-    before = counts(engine)
-    resp = client.post("/v1/heartbeat", data=encode(body), content_type="application/json",
-                       headers=bearer(device["token"]))
-    assert_clean_error(resp)
-    after = counts(engine)
+    resp, before, after = post_heartbeat(client, engine, device, encode(body))
     if resp.status_code == 200:
         stored = resp.get_json()["status"] == "stored"
         assert after[0] == before[0] + stored
@@ -106,11 +112,7 @@ def test_valid_heartbeat_with_one_hostile_field(client, engine, device, field, v
     """A valid body with one field replaced: reaches the deepest paths (bucket, INSERT)."""
     body = heartbeat_body(sent_at=datetime.now(UTC) - timedelta(seconds=10 * second))
     body[field] = value
-    before = counts(engine)
-    resp = client.post("/v1/heartbeat", data=encode(body), content_type="application/json",
-                       headers=bearer(device["token"]))
-    assert_clean_error(resp)
-    after = counts(engine)
+    resp, before, after = post_heartbeat(client, engine, device, encode(body))
     if resp.status_code == 200:
         assert after[0] == before[0] + (resp.get_json()["status"] == "stored")
     else:
@@ -120,12 +122,9 @@ def test_valid_heartbeat_with_one_hostile_field(client, engine, device, field, v
 @HYPOTHESIS
 @given(body=st.binary(max_size=300) | json_values.map(encode))
 def test_heartbeat_raw_bodies(client, engine, device, body):
-    before = counts(engine)
-    resp = client.post("/v1/heartbeat", data=body, content_type="application/json",
-                       headers=bearer(device["token"]))
-    assert_clean_error(resp)
+    resp, before, after = post_heartbeat(client, engine, device, body)
     assert resp.status_code in (400, 422)
-    assert counts(engine) == before
+    assert after == before
 
 
 device_like = st.fixed_dictionaries({}, optional={
