@@ -90,7 +90,6 @@ class TokenCache:
         self._grouped = gevent_active()
         self._pending: dict[bytes, AsyncResult] = {}
         self._loading = False
-        self.lookups = 0
 
     def authenticate(self, token: str) -> int:
         """The device id a token belongs to; raises 401 ApiError otherwise."""
@@ -119,7 +118,6 @@ class TokenCache:
                 raise DatabaseUnavailable("the token look-up did not complete in time") from None
         with reading(self._engine) as conn:
             owners = find_token_owners(conn, [digest])
-        self.lookups += 1
         count_token_lookups(1)
         return self._store(digest, owners.get(digest), now)
 
@@ -138,7 +136,6 @@ class TokenCache:
                     for result in batch.values():
                         result.set_exception(exc)
                     continue
-                self.lookups += 1
                 count_token_lookups(len(batch))
                 now = time.monotonic()
                 for digest, result in batch.items():

@@ -338,13 +338,12 @@ class GroupCommitWriter:
                 except (DBAPIError, psycopg2.Error) as exc:
                     raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
                 try:
-                    prepare_insert(conn)
-                    conn.commit()
                     # One statement per batch, so autocommit makes it its own transaction:
                     # one round trip instead of three (BEGIN, EXECUTE, COMMIT). PostgreSQL
                     # commits before it reports the statement complete, so the rows are
                     # committed when the result arrives.
                     conn.driver_connection.autocommit = True
+                    prepare_insert(conn)
                 except psycopg2.Error as exc:
                     try:
                         conn.invalidate()

@@ -76,7 +76,8 @@ _EXECUTE_PREPARED = f"EXECUTE {PREPARED_NAME}(%(rows)s)"
 
 def prepare_insert(dbapi_conn: DBAPIConnection) -> None:
     """PREPARE the insert statement on a connection that will run it many times: the CTE is
-    then planned once per connection instead of once per batch. Caller commits."""
+    then planned once per connection instead of once per batch. Caller commits, unless the
+    connection is in autocommit."""
     cursor = dbapi_conn.cursor()
     try:
         cursor.execute(f"PREPARE {PREPARED_NAME}(json) AS " + _INSERT_SQL.replace("%(rows)s::json", "$1"))
