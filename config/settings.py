@@ -11,6 +11,14 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def default_var_dir() -> Path:
+    """``var/`` of the checkout; for an installed package (``pip install .``), ``./var`` of the
+    directory it runs in (site-packages is no place for a database)."""
+    if (PROJECT_ROOT / "pyproject.toml").exists():
+        return PROJECT_ROOT / "var"
+    return Path.cwd().resolve() / "var"
+
+
 def _parse_bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in {"1", "true", "yes", "on"}:
@@ -44,8 +52,8 @@ class Settings:
     offline_after_seconds: int = 180
     retention_days: int = 90
     partition_premake_days: int = 7
-    archive_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var" / "archive")
-    var_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "var")
+    archive_dir: Path = field(default_factory=lambda: default_var_dir() / "archive")
+    var_dir: Path = field(default_factory=default_var_dir)
     token_cache_ttl_s: float = 86_400.0
     token_sync_interval_s: float = 1.0
     token_rotation_overlap_s: int = 3600
