@@ -27,7 +27,7 @@ app = create_app(settings, admin_key=ensure_admin_key(settings)[0])
 gc.freeze()
 gc.set_threshold(50_000, 20, 100)
 
-if settings.scheduler_enabled:
+if settings.scheduler_enabled and settings.plane != "device":  # the device plane runs no jobs
     from scheduler.service import start_scheduler  # noqa: E402
 
     start_scheduler(settings, app.extensions["nexmdm"].engine)

@@ -2,7 +2,10 @@
 
 Starts the embedded PostgreSQL when DATABASE_URL is unset, migrates, creates the upcoming
 partitions, empties the Prometheus multiprocess directory (a previous run's counts must not be
-added to this one's), then runs gunicorn (gevent workers). Ctrl-C or SIGTERM stops gunicorn and then the
+added to this one's), then runs one gunicorn (gevent workers) per plane: the device plane on
+HOST:PORT and the operator plane on ADMIN_HOST:ADMIN_PORT (api/planes.py), both written into the
+same multiprocess directory so the operator plane's /metrics shows the whole server. A plane
+that crashes is restarted (api/supervisor.py). Ctrl-C or SIGTERM stops both planes and then the
 embedded database it started.
 """
 
@@ -11,19 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from api.metrics import prepare_multiproc_dir
+from api.supervisor import PlaneSupervisor, planes_to_run
 from config.admin_key import admin_key_path, ensure_admin_key
 from config.settings import Settings
 from db.engine import embedded_cluster, make_engine
 from db.migrate import upgrade
 from db.partitions import ensure_partitions
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def metrics_dir_for(settings: Settings) -> Path:
@@ -43,7 +44,8 @@ def prepare_database(settings: Settings, url: str) -> list[str]:
 
 
 def serve(settings: Settings) -> int:
-    """Run the whole service in the foreground until interrupted; returns gunicorn's exit code."""
+    """Run both planes in the foreground until interrupted; 0 after Ctrl-C/SIGTERM, 1 when a
+    plane kept crashing."""
     cluster = None
     url = settings.database_url
     if not url:
@@ -59,29 +61,26 @@ def serve(settings: Settings) -> int:
             print(f"nexmdm: admin key (x-admin header) is in {admin_key_path(settings)}", flush=True)
         metrics_dir = prepare_multiproc_dir(metrics_dir_for(settings))
         env = dict(os.environ, DATABASE_URL=url, ADMIN_KEY=key, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-        cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.conf.py"), "wsgi:app"]
-        print(
-            f"nexmdm: serving on http://{settings.host}:{settings.port} "
-            f"({settings.web_concurrency} gevent workers); Ctrl-C stops", flush=True,
-        )
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        if settings.split_planes:
+            print(
+                f"nexmdm: device plane on {settings.device_url} ({settings.web_concurrency} gevent workers); "
+                f"operator plane (admin API, /metrics, /ops, scheduler) on {settings.operator_url} "
+                f"({settings.admin_concurrency} worker); Ctrl-C stops both", flush=True,
+            )
+        else:
+            print(
+                f"nexmdm: serving both planes on {settings.device_url} "
+                f"({settings.web_concurrency} gevent workers; SPLIT_PLANES=false); Ctrl-C stops", flush=True,
+            )
+        supervisor = PlaneSupervisor(planes_to_run(settings.split_planes), env,
+                                     say=lambda line: print(line, flush=True))
 
-        def _forward(signum: int, _frame: object) -> None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM if signum == signal.SIGTERM else signal.SIGINT)
+        def _stop(signum: int, _frame: object) -> None:
+            supervisor.request_stop(signum)
 
-        signal.signal(signal.SIGTERM, _forward)
-        signal.signal(signal.SIGINT, _forward)
-        try:
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        return code
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        return supervisor.run()
     finally:
         if cluster is not None:
             print("nexmdm: stopping the embedded PostgreSQL", flush=True)
@@ -91,7 +90,7 @@ def serve(settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m api", description="Run the NexMDM API.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="embedded DB (if DATABASE_URL is unset) + migrations + gunicorn")
+    sub.add_parser("serve", help="embedded DB (if DATABASE_URL is unset) + migrations + both planes")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(Settings.from_env())

@@ -10,13 +10,14 @@ from sqlalchemy import Engine
 from api.auth import TokenCache
 from api.errors import configure_errors
 from api.metrics import MeteredQueuePool
+from api.planes import configure_plane
 from api.state import AppState
 from config.settings import Settings
 from db.engine import make_engine
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: str | None = None) -> Flask:
-    """Build the Flask app. ``settings.database_url`` must be resolved (see db.engine)."""
+    """Build the Flask app of ``settings.plane``. ``settings.database_url`` must be resolved (see db.engine)."""
     app = Flask("nexmdm")
     app.config["MAX_CONTENT_LENGTH"] = None  # limits are per route (api/body.py)
     key = admin_key or settings.admin_key
@@ -30,8 +31,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     )
     configure_logging(settings)
     configure_errors(app)
-    configure_routes(app)
-    configure_metrics(app)
+    configure_plane(app, settings.plane)
+    configure_metrics(app, settings.plane)
     return app
 
 
@@ -39,21 +40,8 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def configure_routes(app: Flask) -> None:
-    from api.openapi import bp as openapi_bp
-    from api.routes.devices import bp as devices_bp
-    from api.routes.fleet import bp as fleet_bp
-    from api.routes.health import bp as health_bp
-    from api.routes.heartbeats import bp as heartbeats_bp
-    from api.routes.observability import bp as observability_bp
-    from api.routes.ops import bp as ops_bp
-
-    for bp in (health_bp, heartbeats_bp, devices_bp, fleet_bp, openapi_bp, ops_bp, observability_bp):
-        app.register_blueprint(bp)
-
-
-def configure_metrics(app: Flask) -> None:
+def configure_metrics(app: Flask, plane: str) -> None:
     """Prometheus: per-endpoint request metrics and the job series (see api/metrics.py)."""
     from api.routes.observability import configure_metrics as configure
 
-    configure(app)
+    configure(app, plane)

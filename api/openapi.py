@@ -74,8 +74,18 @@ def register(op: Operation) -> None:
     OPERATIONS.append(op)
 
 
+def _plane(op: Operation) -> str:
+    """Which plane serves an operation: device, operator, or both (api/planes.py)."""
+    from api.planes import plane_of
+
+    return plane_of(op.method.upper(), op.path.replace("{device_id}", "1")) or "operator"
+
+
 def build_document() -> dict[str, Any]:
     """The whole OpenAPI document."""
+    from api.planes import blueprints
+
+    blueprints()  # every route module imported, so every operation registered
     types: list[Any] = [s.Error]
     for op in OPERATIONS:
         if isinstance(op.request, tuple):
@@ -88,7 +98,7 @@ def build_document() -> dict[str, Any]:
     lookup = dict(zip(map(id, types), refs, strict=True))  # same type twice → same ref
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
-        entry: dict[str, Any] = {"summary": op.summary, "responses": {}}
+        entry: dict[str, Any] = {"summary": op.summary, "responses": {}, "x-nexmdm-plane": _plane(op)}
         if op.auth == "admin":
             entry["security"] = [{"adminKey": []}]
         elif op.auth == "device":
@@ -117,7 +127,9 @@ def build_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "NexMDM", "version": "1.0.0",
-                 "description": "Fleet heartbeat backend. Errors are JSON {error, detail}."},
+                 "description": "Fleet heartbeat backend. Errors are JSON {error, detail}. Two planes: "
+                                "x-nexmdm-plane says whether an operation is served by the device plane "
+                                "(HOST:PORT), the operator plane (ADMIN_HOST:ADMIN_PORT), or both."},
         "paths": paths,
         "components": {
             "schemas": components,

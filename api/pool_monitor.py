@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m api.pool_monitor",
         description="Pool health of a running NexMDM server. Exit 0 OK, 1 WARN, 2 CRITICAL, 3 UNKNOWN.",
     )
-    parser.add_argument("--url", default=f"http://{settings.host}:{settings.port}",
-                        help="the server (default: http://HOST:PORT from the environment)")
+    parser.add_argument("--url", default=settings.operator_url,
+                        help="the operator plane (default: http://ADMIN_HOST:ADMIN_PORT from the environment)")
     parser.add_argument("--admin-key", default=None, help="operator key (default: ADMIN_KEY, else var/admin_key)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
     parser.add_argument("--json", action="store_true", help="print the server's JSON answer as is")

@@ -19,10 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class BenchServer:
-    url: str
+    url: str  # the device plane
     admin_key: str
     proc: subprocess.Popen
     var_dir: Path
+    admin_url: str = ""  # the operator plane ("" = url: one plane)
+
+    def __post_init__(self) -> None:
+        self.admin_url = self.admin_url or self.url
 
     def processes(self) -> dict[str, list[psutil.Process]]:
         """The server's processes, by role: gunicorn (API) and postgres (database)."""
@@ -35,11 +39,21 @@ class BenchServer:
             db = [postmaster, *postmaster.children(recursive=True)]
         return {"api": api, "db": db}
 
-    def workers(self) -> list[psutil.Process]:
-        """The gunicorn worker processes (children of the arbiter, the launcher's child)."""
+    def workers(self, plane: str | None = None) -> list[psutil.Process]:
+        """The gunicorn worker processes (children of each plane's arbiter, the launcher's
+        children), of one plane (device, operator, all) or of every plane."""
         launcher = psutil.Process(self.proc.pid)
-        return [w for arbiter in launcher.children() if "postgres" not in arbiter.name()
-                for w in arbiter.children()]
+        out = []
+        for arbiter in launcher.children():
+            if "postgres" in arbiter.name():
+                continue
+            try:
+                arbiter_plane = arbiter.environ().get("PLANE")
+            except psutil.Error:
+                continue
+            if plane is None or arbiter_plane == plane:
+                out += arbiter.children()
+        return out
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) used so far by each role, children included."""
@@ -64,28 +78,39 @@ class BenchServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start(var_dir: Path, port: int = 8765, workers: int = 2, **env: str) -> BenchServer:
-    """``python -m api serve`` with its own embedded cluster under ``var_dir``."""
+def start(var_dir: Path, port: int = 8765, workers: int = 2, split: bool = True, admin_port: int | None = None,
+          **env: str) -> BenchServer:
+    """``python -m api serve`` with its own embedded cluster under ``var_dir``: the device plane
+    on ``port`` and the operator plane on ``admin_port`` (port + 1), or one plane serving both."""
     var_dir.mkdir(parents=True, exist_ok=True)
+    admin_port = admin_port or port + 1
     environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_KEY")}
-    environ.update(VAR_DIR=str(var_dir), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers), **env)
+    environ.update(VAR_DIR=str(var_dir), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers),
+                   ADMIN_HOST="127.0.0.1", ADMIN_PORT=str(admin_port), SPLIT_PLANES="true" if split else "false",
+                   **env)
     log = (var_dir / "server.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "api", "serve"], cwd=ROOT, env=environ,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    admin_url = f"http://127.0.0.1:{admin_port}" if split else url
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited; see {var_dir / 'server.log'}")
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
-                if resp.status == 200:
-                    key = (var_dir / "admin_key").read_text().strip()
-                    return BenchServer(url, key, proc, var_dir)
+            if all(_ready(u) for u in {url, admin_url}):
+                key = (var_dir / "admin_key").read_text().strip()
+                return BenchServer(url, key, proc, var_dir, admin_url)
         except OSError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
     raise RuntimeError("server did not become ready in 90 s")
+
+
+def _ready(url: str) -> bool:
+    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
+        return resp.status == 200
 
 
 def enroll_devices(server: BenchServer, n: int, prefix: str, batch: int = 5000) -> list[dict]:
@@ -95,7 +120,7 @@ def enroll_devices(server: BenchServer, n: int, prefix: str, batch: int = 5000) 
     for first in range(0, n, batch):
         devices = [{"device_uid": f"{prefix}-{i}"} for i in range(first, min(n, first + batch))]
         req = urllib.request.Request(
-            server.url + "/v1/devices/enroll", data=json.dumps({"devices": devices}).encode(), method="POST",
+            server.admin_url + "/v1/devices/enroll", data=json.dumps({"devices": devices}).encode(), method="POST",
             headers={"Content-Type": "application/json", "x-admin": server.admin_key},
         )
         with urllib.request.urlopen(req, timeout=120) as resp:

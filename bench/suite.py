@@ -72,12 +72,13 @@ def stored_heartbeats(cluster: EmbeddedCluster) -> int:
 
 
 def worker_rss_mb(server: BenchServer) -> list[float]:
-    return sorted(round(p.memory_info().rss / 2**20, 1) for p in server.workers())
+    """RSS of the workers that serve heartbeats (the device plane's, or every worker of one plane)."""
+    return sorted(round(p.memory_info().rss / 2**20, 1) for p in server.workers("device") or server.workers())
 
 
 def scrape(server: BenchServer, prefix: str) -> dict[str, float]:
     """The server's samples (all workers) whose series starts with ``prefix``."""
-    req = urllib.request.Request(server.url + "/metrics", headers={"x-admin": server.admin_key})
+    req = urllib.request.Request(server.admin_url + "/metrics", headers={"x-admin": server.admin_key})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return {series: float(value) for series, _, value in
                 (line.rpartition(" ") for line in resp.read().decode().splitlines())
@@ -124,6 +125,57 @@ def cpu_of(procs: list[psutil.Process]) -> float:
     return total
 
 
+LAYOUTS = {"split": "the planes split (device plane + operator plane)",
+           "single": "one plane (SPLIT_PLANES=false: reads and heartbeats share the workers)"}
+
+
+def run_c_d(server: BenchServer, args: argparse.Namespace, var_dir: Path, layout: str) -> dict[str, Any]:
+    """(c) the simulator at 2,500 heartbeats/s and, during it, (d) the open-loop reads (sent to
+    the operator plane; to the one plane when not split)."""
+    print(f"bench: [{layout}] (c) simulator {args.sim_devices:,} devices at --interval {args.sim_interval} "
+          f"for {args.sim_duration} s, with (d) reads ...", flush=True)
+    report_path = var_dir / f"simulator-report-{layout}.json"
+    rss_start = worker_rss_mb(server)
+    rejected0 = scrape(server, "nexmdm_heartbeats_rejected_total{")
+    sim_cmd = [sys.executable, "-m", "simulator", "--devices", str(args.sim_devices),
+               "--duration", str(args.sim_duration), "--interval", str(args.sim_interval),
+               "--jitter", str(args.sim_interval / 4), "--ramp-up", str(args.sim_ramp_up), "--quiet",
+               "--admin-key", server.admin_key,
+               "--url", server.url, "--admin-url", server.admin_url, "--output", str(report_path)]
+    sim = subprocess.Popen(sim_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sim_ps = psutil.Process(sim.pid)
+    # Enrollment and ramp-up first; readers start with the steady state.
+    time.sleep(min(15, args.sim_duration / 4))
+    cpu0, sim_cpu0, t0 = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic()
+    readers = subprocess.Popen(
+        [sys.executable, "-m", "bench.readers", "--url", server.admin_url, "--admin-key", server.admin_key,
+         "--max-id", str(args.fleet), "--duration", str(max(10, args.sim_duration - 25))],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    # Worker RSS every 30 s while (c) and (d) run: flat, or still growing at the end?
+    rss_series = [{"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)}]
+    while readers.poll() is None:
+        try:
+            readers.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            rss_series.append({"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)})
+    readers_out, readers_err = readers.communicate()
+    cpu1, sim_cpu1, wall = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic() - t0
+    sim_out, _ = sim.communicate(timeout=args.sim_duration + 300)
+    rss_end = worker_rss_mb(server)
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    c_simulator = {
+        "exit_code": sim.returncode, "report": report, "output_tail": sim_out[-3000:],
+        "cpu_cores": {**{k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1},
+                      "simulator": round((sim_cpu1 - sim_cpu0) / wall, 2)},
+        "worker_rss_mb": {"start": rss_start, "end": rss_end, "every_30_s": rss_series},
+        "server_rejected": rejected_since(server, rejected0),
+    }
+    d_reads = json.loads(readers_out.strip().splitlines()[-1]) if readers_out else {
+        "error": readers_err[-2000:]}
+    return {"c_simulator": c_simulator, "d_reads": d_reads}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suite")
     parser.add_argument("--saturation-s", type=int, default=20)
@@ -140,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="WEB_CONCURRENCY (make run's default is 2)")
     parser.add_argument("--sim-ramp-up", type=float, default=10.0,
                         help="seconds over which the simulated devices come online")
+    parser.add_argument("--layouts", default="split,single",
+                        help="server layouts to run (c) and (d) under, in order: split, single (a and b: the first)")
     args = parser.parse_args(argv)
+    args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not args.layouts or any(x not in LAYOUTS for x in args.layouts):
+        parser.error(f"--layouts: a comma-separated list of {', '.join(LAYOUTS)}")
 
     wrk = ensure_wrk()
     var_dir = ROOT / "var" / "bench-suite"
@@ -151,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     # Compressed time: at --interval 4 ± 1 a device sends every 3-5 s, and wrk revisits a device
     # every few seconds, so the dedup bucket must be shorter than that or many sends would be
     # (correctly) answered "duplicate" and cost the server less than a real fleet's heartbeats.
-    server = start(var_dir, port=8766, workers=args.workers, DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
+    server = start(var_dir, port=8766, workers=args.workers, split=args.layouts[0] == "split",
+                   DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
     cluster = EmbeddedCluster(var_dir / "pg")
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}}
     try:
@@ -185,49 +243,22 @@ def main(argv: list[str] | None = None) -> int:
         # provoked decays over about a second after that: (c) starts on a settled server.
         time.sleep(5)
 
-        print(f"bench: (c) simulator {args.sim_devices:,} devices at --interval {args.sim_interval} "
-              f"for {args.sim_duration} s, with (d) reads ...", flush=True)
-        report_path = var_dir / "simulator-report.json"
-        rss_start = worker_rss_mb(server)
-        rejected0 = scrape(server, "nexmdm_heartbeats_rejected_total{")
-        sim_cmd = [sys.executable, "-m", "simulator", "--devices", str(args.sim_devices),
-                   "--duration", str(args.sim_duration), "--interval", str(args.sim_interval),
-                   "--jitter", str(args.sim_interval / 4), "--ramp-up", str(args.sim_ramp_up), "--quiet",
-                   "--admin-key", server.admin_key,
-                   "--url", server.url, "--output", str(report_path)]
-        sim = subprocess.Popen(sim_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sim_ps = psutil.Process(sim.pid)
-        # Enrollment and ramp-up first; readers start with the steady state.
-        time.sleep(min(15, args.sim_duration / 4))
-        cpu0, sim_cpu0, t0 = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic()
-        readers = subprocess.Popen(
-            [sys.executable, "-m", "bench.readers", "--url", server.url, "--admin-key", server.admin_key,
-             "--max-id", str(args.fleet), "--duration", str(max(10, args.sim_duration - 25))],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        # Worker RSS every 30 s while (c) and (d) run: flat, or still growing at the end?
-        rss_series = [{"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)}]
-        while readers.poll() is None:
-            try:
-                readers.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                rss_series.append({"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)})
-        readers_out, readers_err = readers.communicate()
-        cpu1, sim_cpu1, wall = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic() - t0
-        sim_out, _ = sim.communicate(timeout=args.sim_duration + 300)
-        rss_end = worker_rss_mb(server)
-        report = json.loads(report_path.read_text()) if report_path.exists() else {}
-        results["c_simulator"] = {
-            "exit_code": sim.returncode, "report": report, "output_tail": sim_out[-3000:],
-            "cpu_cores": {**{k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1},
-                          "simulator": round((sim_cpu1 - sim_cpu0) / wall, 2)},
-            "worker_rss_mb": {"start": rss_start, "end": rss_end, "every_30_s": rss_series},
-            "server_rejected": rejected_since(server, rejected0),
-        }
-        results["d_reads"] = json.loads(readers_out.strip().splitlines()[-1]) if readers_out else {
-            "error": readers_err[-2000:]}
+        results.update(run_c_d(server, args, var_dir, "split" if args.layouts[0] == "split" else "single"))
     finally:
         server.stop()
+    for layout in args.layouts[1:]:
+        # The same database and fleet, served the other way; (c) and (d) again, side by side.
+        print(f"bench: restarting the service with {LAYOUTS[layout]} for (c) and (d) ...", flush=True)
+        time.sleep(2)
+        server = start(var_dir, port=8766, workers=args.workers, split=layout == "split",
+                       DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
+        try:
+            time.sleep(5)
+            other = run_c_d(server, args, var_dir, layout)
+            results[f"{layout}_layout"] = {"c_simulator": other["c_simulator"], "d_reads": other["d_reads"]}
+        finally:
+            server.stop()
+    results["layouts"] = args.layouts
 
     print_table(results)
     out_dir = ROOT / "bench" / "results"
@@ -302,6 +333,43 @@ def print_table(r: dict[str, Any]) -> None:
     for part, name, value, target, ok in rows:
         verdict = "" if ok is None else ("PASS" if ok else "FAIL")
         print(f"{part:2} {name:42} {value:>34}  {target:10} {verdict}")
+    layouts = r.get("layouts") or ["split"]
+    if len(layouts) > 1:
+        print_side_by_side(r, layouts)
+
+
+def _layout_figures(c: dict[str, Any], d: dict[str, Any]) -> dict[str, str]:
+    rep = c.get("report") or {}
+    q = {k: _pick(rep, f"latency_ms.heartbeat.{k}") for k in ("p50", "p95", "p99", "p999")}
+
+    def read(kind: str) -> str:
+        figures = d.get(kind) or {}
+        return f"{figures.get('p50_ms', '?')} / {figures.get('p95_ms', '?')} / {figures.get('p99_ms', '?')} ms"
+
+    return {
+        "(c) heartbeat p50 / p95 / p99 / p999": " / ".join("?" if v is None else f"{v:.1f}" for v in q.values())
+        + " ms",
+        "(c) lost / errors": f"{_pick(rep, 'no_loss.lost')} / {_pick(rep, 'errors.total')}",
+        "(c) CPU cores: API / PostgreSQL": f"{c['cpu_cores'].get('api')} / {c['cpu_cores'].get('db')}",
+        "(d) device status p50 / p95 / p99": read("device_status"),
+        "(d) fleet summary p50 / p95 / p99": read("fleet_summary"),
+        "(d) answers": ", ".join(f"{k} {v}" for k, v in sorted((d.get("statuses") or {}).items())),
+    }
+
+
+def print_side_by_side(r: dict[str, Any], layouts: list[str]) -> None:
+    """(c) and (d) under each layout, in one table (same machine, same database, one run)."""
+    columns = []
+    for i, layout in enumerate(layouts):
+        part = r if i == 0 else r.get(f"{layout}_layout", {})
+        if "c_simulator" in part:
+            columns.append((layout, _layout_figures(part["c_simulator"], part["d_reads"])))
+    if len(columns) < 2:
+        return
+    print()
+    print(f"{'side by side, one run':38} " + " ".join(f"{name:>34}" for name, _ in columns))
+    for measure in columns[0][1]:
+        print(f"{measure:38} " + " ".join(f"{figures[measure]:>34}" for _, figures in columns))
 
 
 if __name__ == "__main__":

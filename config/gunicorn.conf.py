@@ -1,12 +1,18 @@
-"""gunicorn settings for NexMDM (gevent workers). The launcher (python -m api serve) passes
-HOST, PORT and WEB_CONCURRENCY through the environment; Settings is the one reader."""
+"""gunicorn settings for NexMDM (gevent workers), one gunicorn per plane. The launcher
+(python -m api serve) passes PLANE, HOST/PORT/WEB_CONCURRENCY (device plane, or both planes when
+not split) and ADMIN_HOST/ADMIN_PORT/ADMIN_CONCURRENCY (operator plane) through the environment;
+Settings is the one reader."""
 
 from config.settings import Settings
 
 _settings = Settings.from_env()
 
-bind = f"{_settings.host}:{_settings.port}"
-workers = _settings.web_concurrency
+if _settings.plane == "operator":
+    bind = f"{_settings.admin_host}:{_settings.admin_port}"
+    workers = _settings.admin_concurrency
+else:
+    bind = f"{_settings.host}:{_settings.port}"
+    workers = _settings.web_concurrency
 # gunicorn's gevent worker (-k gevent), sending each response in one write: see
 # config/gunicorn_worker.py.
 worker_class = "config.gunicorn_worker.CoalescingGeventWorker"
@@ -19,7 +25,7 @@ preload_app = False  # no engine, no greenlet before the fork
 accesslog = None
 errorlog = "-"
 loglevel = "warning"
-proc_name = "nexmdm"
+proc_name = f"nexmdm-{_settings.plane}"
 
 
 def on_starting(server) -> None:  # noqa: ANN001 - gunicorn's hook signature

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PLANES = ("device", "operator", "all")
 
 
 def default_var_dir() -> Path:
@@ -39,9 +40,21 @@ class Settings:
     database_url: str | None = None
     # None in development: generated once and stored under var_dir.
     admin_key: str | None = None
+    # The device plane (POST /v1/heartbeat, /healthz, /readyz): what devices reach.
     host: str = "127.0.0.1"
     port: int = 8000
     web_concurrency: int = 2
+    # The operator plane (admin API, /metrics, /ops/*, /openapi.json, the scheduler): its own
+    # worker processes, never on the devices' port.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001
+    admin_concurrency: int = 1
+    # false: one gunicorn serves both planes on HOST:PORT (the layout before the split, kept
+    # for side-by-side benchmarks).
+    split_planes: bool = True
+    # Which endpoints this process serves: device, operator, or all (set by the launcher per
+    # gunicorn; "all" for one-process use such as tests with the Flask test client).
+    plane: str = "all"
     db_pool_size: int = 50
     db_max_overflow: int = 50
     db_pool_timeout_s: float = 5.0
@@ -89,6 +102,10 @@ class Settings:
     # and wipes it. None: metrics of this process only (tests with the Flask test client).
     prometheus_multiproc_dir: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.plane not in PLANES:
+            raise ValueError(f"setting PLANE={self.plane!r}: must be one of {', '.join(PLANES)}")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from the environment (upper-case field names); overrides win."""
@@ -105,6 +122,18 @@ class Settings:
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with some fields replaced."""
         return replace(self, **overrides)
+
+    @property
+    def device_url(self) -> str:
+        """Base URL of the device plane (HOST:PORT)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def operator_url(self) -> str:
+        """Base URL of the operator plane (ADMIN_HOST:ADMIN_PORT; HOST:PORT when not split)."""
+        if not self.split_planes:
+            return self.device_url
+        return f"http://{self.admin_host}:{self.admin_port}"
 
     @property
     def pool_capacity(self) -> int:

@@ -1,4 +1,7 @@
-"""``python -m console [--url U] [--admin-key K]``: the Textual operator console."""
+"""``python -m console [--url U] [--device-url D] [--admin-key K]``: the Textual operator console.
+
+It talks to the operator plane (--url); the simulator it starts sends heartbeats to the device
+plane (--device-url)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run the console until the operator quits."""
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(prog="python -m console", description="NexMDM operator console.")
-    parser.add_argument("--url", default=f"http://{settings.host}:{settings.port}",
-                        help="the NexMDM server (default: http://HOST:PORT from the environment)")
+    parser.add_argument("--url", default=settings.operator_url,
+                        help="the operator plane (default: http://ADMIN_HOST:ADMIN_PORT from the environment)")
+    parser.add_argument("--device-url", default=None,
+                        help="the device plane, for the simulator (default: http://HOST:PORT from the "
+                             "environment; --url when SPLIT_PLANES=false)")
     parser.add_argument("--admin-key", default=None,
                         help="the operator key (default: ADMIN_KEY, else the development key under var/)")
     parser.add_argument("--poll-interval", type=float, default=1.0, metavar="S", help="seconds between polls")
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = ConsoleApp(
         args.url, admin_key,
+        device_url=args.device_url or settings.device_url,
         poll_interval_s=max(0.2, args.poll_interval),
         output_dir=settings.var_dir / "console",
         simulator_command=shlex.split(args.simulator_cmd),

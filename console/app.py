@@ -169,6 +169,7 @@ class ConsoleApp(App[None]):
         url: str,
         admin_key: str | None,
         *,
+        device_url: str | None = None,
         poll_interval_s: float = 1.0,
         output_dir: Path,
         simulator_command: list[str] | tuple[str, ...] = DEFAULT_COMMAND,
@@ -179,7 +180,8 @@ class ConsoleApp(App[None]):
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         super().__init__()
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/")  # the operator plane
+        self.device_url = (device_url or url).rstrip("/")  # the device plane (the simulator's --url)
         self.client = ApiClient(self.url, admin_key)
         self.poller = ServerPoller(self.client)
         self.poll_interval_s = poll_interval_s
@@ -193,7 +195,8 @@ class ConsoleApp(App[None]):
         self.snapshot: ServerSnapshot | None = None
         self.sim = SimulatorProcess(
             lambda event: self.post_message(SimulatorEvent(event)),
-            url=self.url, admin_key=admin_key, output_dir=output_dir, command=simulator_command,
+            url=self.device_url, admin_url=self.url, admin_key=admin_key, output_dir=output_dir,
+            command=simulator_command,
         )
         self.sim_view = SimView()
         self.local_server: LocalServer | None = None
@@ -361,7 +364,8 @@ class ConsoleApp(App[None]):
             return
         self._starting_local = True
         self.local_server = LocalServer(
-            self.url, self.output_dir / "local-server.log", admin_key=self.client.admin_key, env=self.local_server_env,
+            self.url, self.output_dir / "local-server.log", device_url=self.device_url,
+            admin_key=self.client.admin_key, env=self.local_server_env,
         )
         self.log_event(f"starting a local server (log: {self.local_server.log_path}) …", "cyan")
         self.run_worker(self._start_local, thread=True, group="local", exit_on_error=False)

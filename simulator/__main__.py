@@ -1,6 +1,6 @@
 """python -m simulator — a realistic device fleet against a NexMDM server, with an SLI verdict.
 
-    python -m simulator --devices N --duration S --admin-key K [--url U] [--interval 60]
+    python -m simulator --devices N --duration S --admin-key K [--url U] [--admin-url A] [--interval 60]
         [--jitter 15] [--ramp-up S] [--output report.json] [--dry-run] [--read-rate R]
         [--progress-jsonl] [--find-capacity]
 
@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, required=True, help="seconds of load")
     p.add_argument("--admin-key", help="the operator key (x-admin); default: ADMIN_KEY, else the development "
                    "key the server stored in var/admin_key")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default %(default)s)")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the device plane: heartbeats (default %(default)s)")
+    p.add_argument("--admin-url", default=None,
+                   help="the operator plane: enrollment, reads, pool health, the no-loss check "
+                        "(default: --url's host on ADMIN_PORT, 8001; give --url again for a single-plane server)")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between a device's heartbeats (60)")
     p.add_argument("--jitter", type=float, default=None,
                    help="± seconds around each interval (default 15, or interval/4 when --interval is given)")
@@ -86,6 +90,19 @@ def default_admin_key() -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def default_admin_url(url: str) -> str:
+    """The operator plane beside a device plane: the same scheme and host, on ADMIN_PORT."""
+    from urllib.parse import urlsplit
+
+    from config.settings import Settings
+
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return url  # validate() names the bad --url
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{Settings.from_env().admin_port}"
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """SimConfig from parsed flags (jitter defaults to 15 s at 60 s, else a quarter interval)."""
     admin_key = args.admin_key or default_admin_key()
@@ -95,7 +112,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if jitter is None:
         jitter = 15.0 if args.interval == 60.0 else args.interval / 4
     return SimConfig(
-        url=args.url.rstrip("/"), admin_key=admin_key, devices=args.devices, duration_s=args.duration,
+        url=args.url.rstrip("/"), admin_url=(args.admin_url or default_admin_url(args.url)).rstrip("/"),
+        admin_key=admin_key, devices=args.devices, duration_s=args.duration,
         interval_s=args.interval, jitter_s=jitter, ramp_up_s=args.ramp_up, read_rate=args.read_rate,
         flaky_pct=args.flaky_pct, max_connections=args.connections, timeout_s=args.timeout, client=args.client,
         max_retries=args.max_retries, skewed_clock_pct=args.skewed_clock_pct,
@@ -156,14 +174,15 @@ def _ms(value: float | None) -> str:
 def dry_run(cfg: SimConfig, console: Console) -> int:
     """Check configuration, server and key; print the plan; send no load."""
     cfg.validate()
-    api = AdminApi(cfg.url, cfg.admin_key)
+    api = AdminApi(cfg.operator_url, cfg.admin_key)
     try:
-        check_server(api)
+        check_server(api, cfg.url)
     finally:
         api.close()
     cache = cfg.token_cache or default_token_cache(cfg.url)
     plan = {
-        "type": "plan", "url": cfg.url, "devices": cfg.devices, "duration_s": cfg.duration_s,
+        "type": "plan", "url": cfg.url, "admin_url": cfg.operator_url, "devices": cfg.devices,
+        "duration_s": cfg.duration_s,
         "interval_s": cfg.interval_s, "jitter_s": cfg.jitter_s, "ramp_up_s": cfg.ramp_up_s,
         "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
         "expected_heartbeats": math.floor(cfg.expected_per_s * max(0.0, cfg.duration_s - cfg.ramp_up_s / 2)),
@@ -171,7 +190,7 @@ def dry_run(cfg: SimConfig, console: Console) -> int:
         "flaky_pct": cfg.flaky_pct, "token_cache": str(cache), "server": "ok", "admin_key": "ok",
     }
     console.human.write(
-        f"dry run: {cfg.url} answers and the admin key works\n"
+        f"dry run: {cfg.url} (device plane) and {cfg.operator_url} (operator plane) answer and the admin key works\n"
         f"plan: {cfg.devices:,} devices, one heartbeat every {cfg.interval_s:g} s ± {cfg.jitter_s:g} s "
         f"→ {cfg.expected_per_s:,.1f} heartbeats/s (≈ {cfg.equivalent_fleet_at_60s:,} devices at 60 s), "
         f"for {cfg.duration_s:g} s (ramp-up {cfg.ramp_up_s:g} s): about {plan['expected_heartbeats']:,} heartbeats"

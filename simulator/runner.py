@@ -51,7 +51,7 @@ from simulator.transport import TransportError, connect
 class SimConfig:
     """One run's settings (the CLI flags)."""
 
-    url: str
+    url: str  # the device plane (heartbeats)
     admin_key: str
     devices: int
     duration_s: float
@@ -73,6 +73,12 @@ class SimConfig:
     progress_jsonl: bool = False
     show_progress: bool = True
     targets: rep.Targets = rep.SEED_TARGETS
+    admin_url: str = ""  # the operator plane (enrollment, reads, pool health); "" = url (one plane)
+
+    @property
+    def operator_url(self) -> str:
+        """Where the operator calls go: --admin-url, or --url for a single-plane server."""
+        return self.admin_url or self.url
 
     @property
     def expected_per_s(self) -> float:
@@ -87,6 +93,7 @@ class SimConfig:
     def validate(self) -> None:
         """Raise UsageError naming the first bad setting."""
         split_or_usage(self.url)
+        split_or_usage(self.operator_url)
         checks = [
             (self.devices >= 1, "--devices must be at least 1"),
             (self.duration_s > 0, "--duration must be positive"),
@@ -337,6 +344,7 @@ class LoadRun:
     # -- sending ----------------------------------------------------------------------------
     def _worker(self) -> None:
         conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s)
+        reads: Any = None  # the worker's connection to the operator plane, opened on its first read
         queue = self.queue
         try:
             while True:
@@ -347,7 +355,9 @@ class LoadRun:
                     return
                 try:
                     if job.device is None:
-                        self._send_read(conn, job)
+                        if reads is None:
+                            reads = connect(self.cfg.client, self.cfg.operator_url, self.cfg.timeout_s)
+                        self._send_read(reads, job)
                     else:
                         self._send_heartbeat(conn, job)
                 except Exception as exc:  # a generator bug must show in the report, not kill the worker
@@ -356,6 +366,8 @@ class LoadRun:
                     self.inflight -= 1
         finally:
             conn.close()
+            if reads is not None:
+                reads.close()
 
     def _send_heartbeat(self, conn: Any, job: Job) -> None:
         t0 = self.t0
@@ -489,7 +501,7 @@ class LoadRun:
             self.emit(snapshot)
 
     def _pool_poller(self) -> None:
-        api = AdminApi(self.cfg.url, self.cfg.admin_key, timeout_s=5)
+        api = AdminApi(self.cfg.operator_url, self.cfg.admin_key, timeout_s=5)
         try:
             while True:
                 gevent.sleep(1.0)
@@ -551,7 +563,8 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
     return {
         "type": "report",
         "config": {
-            "url": cfg.url, "devices": cfg.devices, "duration_s": cfg.duration_s, "interval_s": cfg.interval_s,
+            "url": cfg.url, "admin_url": cfg.operator_url,
+            "devices": cfg.devices, "duration_s": cfg.duration_s, "interval_s": cfg.interval_s,
             "jitter_s": cfg.jitter_s, "ramp_up_s": cfg.ramp_up_s, "flaky_pct": cfg.flaky_pct,
             "skewed_clock_pct": cfg.skewed_clock_pct,
             "read_rate_per_s": cfg.read_rate, "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
@@ -605,9 +618,9 @@ def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream
     """Check the server, enroll, run the load, check for loss; the report dict.
     ``on_start`` receives the LoadRun (to stop it early from a signal handler)."""
     cfg.validate()
-    api = AdminApi(cfg.url, cfg.admin_key)
+    api = AdminApi(cfg.operator_url, cfg.admin_key)
     try:
-        check_server(api)
+        check_server(api, cfg.url)
         cache = cfg.token_cache or default_token_cache(cfg.url)
         fleet = enroll_fleet(api, cfg.devices, cache, cfg.enroll_batch, stream, cfg.show_progress)
         load = LoadRun(cfg, fleet, emit)

@@ -64,17 +64,28 @@ class AdminApi:
         self._conn.close()
 
 
-def check_server(api: AdminApi) -> dict[str, Any]:
-    """The server answers and the admin key works; UsageError (exit 2) otherwise."""
-    status, body = api.call("GET", "/healthz")
-    if status != 200:
-        raise UsageError(f"{api.url}/healthz answered {status}: {body}")
-    status, body = api.call("GET", "/readyz")
-    if status != 200:
-        raise UsageError(f"{api.url}/readyz answered {status}: the server cannot reach its database ({body})")
+def check_server(api: AdminApi, device_url: str | None = None) -> dict[str, Any]:
+    """Both planes answer and the admin key works; UsageError (exit 2) otherwise. ``api``
+    talks to the operator plane; ``device_url`` is the device plane (None: the same server)."""
+    planes = [api]
+    if device_url and device_url != api.url:
+        planes.insert(0, AdminApi(device_url, "", timeout_s=10))
+    try:
+        for plane in planes:
+            status, body = plane.call("GET", "/healthz")
+            if status != 200:
+                raise UsageError(f"{plane.url}/healthz answered {status}: {body}")
+            status, body = plane.call("GET", "/readyz")
+            if status != 200:
+                raise UsageError(f"{plane.url}/readyz answered {status}: the server cannot reach its database ({body})")
+    finally:
+        if planes[0] is not api:
+            planes[0].close()
     status, body = api.call("GET", "/v1/devices?limit=1")
     if status in (401, 403):
         raise UsageError(f"the admin key was refused ({status}): {body}")
+    if status == 404 and isinstance(body, dict) and body.get("error") == "wrong_plane":
+        raise UsageError(f"{api.url} is not the operator plane (give it as --admin-url): {body.get('detail')}")
     if status != 200:
         raise UsageError(f"GET /v1/devices answered {status}: {body}")
     return {"healthz": "ok", "readyz": "ok", "admin_key": "ok"}

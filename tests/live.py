@@ -1,4 +1,5 @@
-"""A real NexMDM server (gunicorn, gevent workers) for integration tests, stopped by PID."""
+"""A real NexMDM server for integration tests: the device plane and the operator plane, each a
+gunicorn with gevent workers exactly as ``make run`` starts them, stopped by PID."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from api.metrics import PREFIX, live_gauge_values, prepare_multiproc_dir
+from api.supervisor import gunicorn_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,20 +26,31 @@ def free_port() -> int:
 
 @dataclass
 class LiveServer:
+    """``url``/``proc``: the device plane (or both planes when not split); ``admin_url``/
+    ``admin_proc``: the operator plane (the same as the former when not split)."""
+
     url: str
     admin_key: str
     proc: subprocess.Popen
     log_path: Path
     metrics_dir: Path
+    admin_url: str = ""
+    admin_proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.admin_url = self.admin_url or self.url
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        procs = [p for p in (self.proc, self.admin_proc) if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
             try:
-                self.proc.wait(timeout=30)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                proc.kill()
+                proc.wait()
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -50,10 +62,13 @@ def live_workers(metrics_dir: Path) -> int:
 
 
 def start_server(
-    database_url: str, admin_key: str, tmp: Path, workers: int = 2, port: int | None = None, **env: str
+    database_url: str, admin_key: str, tmp: Path, workers: int = 2, port: int | None = None,
+    split: bool = True, admin_workers: int = 1, **env: str,
 ) -> LiveServer:
-    """Start gunicorn exactly as ``make run`` does (same config file), on a free port (or ``port``)."""
+    """Start the planes as ``make run`` does (same config file, one gunicorn per plane) on free
+    ports (or ``port`` for the device plane); ``split=False``: one gunicorn serving both."""
     port = port or free_port()
+    admin_port = free_port() if split else port
     # Set and wiped as the launcher (python -m api serve) does.
     metrics_dir = prepare_multiproc_dir(Path(env.pop("PROMETHEUS_MULTIPROC_DIR", tmp / f"prometheus-{port}")))
     environ = dict(
@@ -63,6 +78,10 @@ def start_server(
         HOST="127.0.0.1",
         PORT=str(port),
         WEB_CONCURRENCY=str(workers),
+        ADMIN_HOST="127.0.0.1",
+        ADMIN_PORT=str(admin_port),
+        ADMIN_CONCURRENCY=str(admin_workers),
+        SPLIT_PLANES="true" if split else "false",
         VAR_DIR=str(tmp),
         ARCHIVE_DIR=str(tmp / "archive"),
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
@@ -70,21 +89,28 @@ def start_server(
     environ.update(env)  # a test's own settings win (e.g. ARCHIVE_DIR)
     log_path = tmp / f"server-{port}.log"
     handle = log_path.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "config" / "gunicorn.conf.py"), "wsgi:app"],
-        cwd=ROOT, env=environ, stdout=handle, stderr=subprocess.STDOUT,
-    )
+
+    def spawn(plane: str) -> subprocess.Popen:
+        return subprocess.Popen(gunicorn_command(), cwd=ROOT, env=dict(environ, PLANE=plane),
+                                stdout=handle, stderr=subprocess.STDOUT)
+
+    proc = spawn("device" if split else "all")
     server = LiveServer(f"http://127.0.0.1:{port}", admin_key, proc, log_path, metrics_dir)
+    if split:
+        server.admin_proc = spawn("operator")
+        server.admin_url = f"http://127.0.0.1:{admin_port}"
+    expected = workers + (admin_workers if split else 0)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if proc.poll() is not None or (server.admin_proc is not None and server.admin_proc.poll() is not None):
                 raise RuntimeError(f"server exited: {server.log()[-3000:]}")
             try:
-                with urllib.request.urlopen(server.url + "/readyz", timeout=1) as resp:
-                    # Ready when every worker has booted (each writes its live gauges on start).
-                    if resp.status == 200 and live_workers(metrics_dir) >= workers:
-                        return server
+                # Ready when both planes answer and every worker has booted (each writes its
+                # live gauges on start).
+                if (_ready(server.url) and _ready(server.admin_url)
+                        and live_workers(metrics_dir) >= expected):
+                    return server
             except OSError:
                 pass
             time.sleep(0.1)
@@ -92,3 +118,8 @@ def start_server(
     except BaseException:  # never leave a server behind (the caller gets no handle to stop it)
         server.stop()
         raise
+
+
+def _ready(url: str) -> bool:
+    with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
+        return resp.status == 200

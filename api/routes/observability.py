@@ -51,8 +51,9 @@ _JOBS_READ_MONO = "nexmdm_job_runs_read_mono"
 JOB_RUNS_REREAD_S = 60.0
 
 
-def configure_metrics(app: Flask) -> None:
-    """Request metrics (every endpoint but the heartbeat), zero-valued series, job runs and successes."""
+def configure_metrics(app: Flask, plane: str = "all") -> None:
+    """Request metrics (every endpoint but the heartbeat), zero-valued series, and (not on the
+    device plane, which runs no jobs) job runs and successes."""
     app.extensions[_EXPORTER] = PrometheusMetrics(
         app,
         path=None,
@@ -63,9 +64,10 @@ def configure_metrics(app: Flask) -> None:
         registry=CollectorRegistry(auto_describe=True),
     )
     initialize_series()
-    add_job_listener(observe_job_report)  # every run in this process: scheduler and /ops/<job>
-    seed_job_last_success(app.extensions["nexmdm"].engine)
-    app.extensions[_JOBS_READ_MONO] = time.monotonic()
+    if plane != "device":
+        add_job_listener(observe_job_report)  # every run in this process: scheduler and /ops/<job>
+        seed_job_last_success(app.extensions["nexmdm"].engine)
+        app.extensions[_JOBS_READ_MONO] = time.monotonic()
     mark_worker_ready()
 
 

@@ -23,17 +23,30 @@ def is_local_url(url: str) -> bool:
     return (urlsplit(url).hostname or "") in LOCAL_HOSTS
 
 
+def _local_address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.hostname not in LOCAL_HOSTS:
+        raise ValueError(f"{url} is not on this machine")
+    return ("127.0.0.1" if parts.hostname == "localhost" else parts.hostname), parts.port or 80
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=1) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 class LocalServer:
-    """``python -m api serve`` bound to the URL's host and port, as a child process."""
+    """``python -m api serve`` as a child process: its operator plane on ``url``'s host and port,
+    its device plane on ``device_url``'s (the same URL: one gunicorn serving both planes)."""
 
     def __init__(self, url: str, log_path: Path, *, admin_key: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        parts = urlsplit(url)
-        if parts.hostname not in LOCAL_HOSTS:
-            raise ValueError(f"{url} is not on this machine")
+                 env: dict[str, str] | None = None, device_url: str | None = None) -> None:
         self.url = url
-        self.host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
-        self.port = parts.port or 80
+        self.admin_host, self.admin_port = _local_address(url)
+        self.host, self.port = _local_address(device_url or url)
         self.log_path = log_path
         self.admin_key = admin_key
         self.extra_env = dict(env or {})
@@ -45,9 +58,12 @@ class LocalServer:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 120.0) -> None:
-        """Start it and wait until /readyz answers 200. RuntimeError (with the log's tail) if not."""
+        """Start it and wait until both planes' /readyz answer 200. RuntimeError (with the log's tail) if not."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, HOST=self.host, PORT=str(self.port), **self.extra_env)
+        env = dict(os.environ, HOST=self.host, PORT=str(self.port), ADMIN_HOST=self.admin_host,
+                   ADMIN_PORT=str(self.admin_port), **self.extra_env)
+        if (self.host, self.port) == (self.admin_host, self.admin_port):
+            env["SPLIT_PLANES"] = "false"
         if self.admin_key:
             env["ADMIN_KEY"] = self.admin_key
         with self.log_path.open("ab") as log:
@@ -59,12 +75,8 @@ class LocalServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"local server exited ({self.proc.returncode}): {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url.rstrip("/") + "/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if all(_ready(url) for url in {self.url, f"http://{self.host}:{self.port}"}):
+                return  # both planes
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"local server not ready within {timeout_s:g} s: {self.log_tail()}")

@@ -198,11 +198,13 @@ class SimulatorProcess:
         url: str,
         admin_key: str | None,
         output_dir: Path,
+        admin_url: str | None = None,
         command: Sequence[str] = DEFAULT_COMMAND,
         stop_grace_s: float = 60.0,
     ) -> None:
         self._on_event = on_event
-        self.url = url
+        self.url = url  # the device plane
+        self.admin_url = admin_url or url  # the operator plane
         self.admin_key = admin_key
         self.output_dir = output_dir
         self.command = list(command)
@@ -226,8 +228,8 @@ class SimulatorProcess:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         self.report_path = self.output_dir / f"sim-{stamp}.json"
         self.log_path = self.output_dir / f"sim-{stamp}.log"
-        argv = [*self.command, *params.args(), "--url", self.url, "--output", str(self.report_path),
-                "--progress-jsonl"]
+        argv = [*self.command, *params.args(), "--url", self.url, "--admin-url", self.admin_url,
+                "--output", str(self.report_path), "--progress-jsonl"]
         shown = list(argv)
         if self.admin_key:
             argv += ["--admin-key", self.admin_key]

@@ -74,13 +74,13 @@ def call(url: str, method: str = "GET", body=None, headers=None):
 @pilot_test
 async def test_panels_update_from_a_live_server(live_server, tmp_path):
     admin = {"x-admin": live_server.admin_key}
-    app = make_app(live_server.url, live_server.admin_key, tmp_path)
+    app = make_app(live_server.admin_url, live_server.admin_key, tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         traffic = app.query_one(TrafficPanel)
         await wait_for(pilot, lambda: traffic.fleet is not None and traffic.fleet.ok, what="first fleet summary")
         assert traffic.fleet.value.total == 0
         assert "connected" in app.sub_title
-        devices = call(live_server.url + "/v1/devices/enroll", "POST",
+        devices = call(live_server.admin_url + "/v1/devices/enroll", "POST",
                        {"devices": [{"device_uid": f"pilot-{i}"} for i in range(12)]}, admin)["devices"]
         for dev in devices[:8]:
             call(live_server.url + "/v1/heartbeat", "POST", heartbeat_body(),
@@ -102,7 +102,7 @@ async def test_panels_update_from_a_live_server(live_server, tmp_path):
 
 @pilot_test
 async def test_polls_never_pile_up_on_a_slow_server(live_server, tmp_path):
-    app = make_app(live_server.url, live_server.admin_key, tmp_path)
+    app = make_app(live_server.admin_url, live_server.admin_key, tmp_path)
     calls, overlaps, active = [], [], [0]
     real_poll = app.poller.poll
 
@@ -129,7 +129,7 @@ async def test_polls_never_pile_up_on_a_slow_server(live_server, tmp_path):
 
 @pilot_test
 async def test_wrong_admin_key_shows_and_is_recovered_from(live_server, tmp_path):
-    app = make_app(live_server.url, "wrong-key", tmp_path)
+    app = make_app(live_server.admin_url, "wrong-key", tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: "ADMIN KEY REJECTED" in app.sub_title, what="auth error in the header")
         assert "admin key rejected (403)" in events_text(app)
@@ -165,7 +165,7 @@ async def test_server_down_shows_and_the_console_recovers(database_url, engine, 
 
 @pilot_test
 async def test_job_keys_post_to_the_server(live_server, tmp_path):
-    app = make_app(live_server.url, live_server.admin_key, tmp_path)
+    app = make_app(live_server.admin_url, live_server.admin_key, tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.polls >= 1, what="first poll")
         await pilot.press("p")
@@ -179,9 +179,10 @@ async def test_job_keys_post_to_the_server(live_server, tmp_path):
 
 @pilot_test
 async def test_offers_a_local_server_when_none_answers_and_stops_it_on_exit(database_url, engine, tmp_path):
-    port = free_port()
+    port, device_port = free_port(), free_port()
     env = local_env(database_url, tmp_path)
-    app = make_app(f"http://127.0.0.1:{port}", ADMIN_KEY, tmp_path, offer_local_server=True, local_server_env=env)
+    app = make_app(f"http://127.0.0.1:{port}", ADMIN_KEY, tmp_path, offer_local_server=True, local_server_env=env,
+                   device_url=f"http://127.0.0.1:{device_port}")
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, StartServerScreen), what="the offer")
         await pilot.press("y")
@@ -189,9 +190,13 @@ async def test_offers_a_local_server_when_none_answers_and_stops_it_on_exit(data
         local = app.local_server
         assert local is not None and local.running
         assert app.query_one(TrafficPanel).fleet.ok
+        # both planes, each on its own port: the console's (operator) and the simulator's (device)
+        with urllib.request.urlopen(f"http://127.0.0.1:{device_port}/readyz", timeout=5) as resp:
+            assert resp.status == 200
     assert local.proc.poll() is not None  # stopped with the console
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    for stopped in (port, device_port):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{stopped}/healthz", timeout=1)
 
 
 @pilot_test
@@ -230,7 +235,7 @@ needs_simulator = pytest.mark.skipif(
 @needs_simulator
 @pilot_test
 async def test_simulator_run_to_its_end_shows_verdict_and_report(live_server, tmp_path):
-    app = make_app(live_server.url, live_server.admin_key, tmp_path)
+    app = make_app(live_server.admin_url, live_server.admin_key, tmp_path, device_url=live_server.url)
     async with app.run_test(size=SIZE) as pilot:
         panel = app.query_one(SimulatorPanel)
         for name, value in (("devices", "40"), ("duration", "3"), ("interval", "1"), ("jitter", "0.2")):
@@ -249,7 +254,7 @@ async def test_simulator_run_to_its_end_shows_verdict_and_report(live_server, tm
 @needs_simulator
 @pilot_test
 async def test_simulator_runs_from_the_console_and_stops_with_a_report(live_server, tmp_path):
-    app = make_app(live_server.url, live_server.admin_key, tmp_path)
+    app = make_app(live_server.admin_url, live_server.admin_key, tmp_path, device_url=live_server.url)
     async with app.run_test(size=SIZE) as pilot:
         panel = app.query_one(SimulatorPanel)
         for name, value in (("devices", "50"), ("duration", "30"), ("interval", "1"), ("jitter", "0.2")):

@@ -166,9 +166,9 @@ def _call(url: str, method: str = "GET", body=None, headers=None):
 
 def test_poller_against_a_real_server(live_server):
     admin = {"x-admin": live_server.admin_key}
-    enrolled = _call(live_server.url + "/v1/devices/enroll", "POST",
+    enrolled = _call(live_server.admin_url + "/v1/devices/enroll", "POST",
                      {"devices": [{"device_uid": f"con-{i}"} for i in range(5)]}, admin)["devices"]
-    poller = ServerPoller(ApiClient(live_server.url, live_server.admin_key))
+    poller = ServerPoller(ApiClient(live_server.admin_url, live_server.admin_key))
     first = poller.poll()
     for dev in enrolled[:3]:
         _call(live_server.url + "/v1/heartbeat", "POST", heartbeat_body(battery_pct=5),
@@ -196,7 +196,7 @@ def test_poller_against_a_real_server(live_server):
 
 
 def test_poller_reports_a_wrong_key_and_a_server_that_is_down(live_server):
-    wrong = ServerPoller(ApiClient(live_server.url, "not-the-key")).poll()
+    wrong = ServerPoller(ApiClient(live_server.admin_url, "not-the-key")).poll()
     assert wrong.status == AUTH and "403" in wrong.message and wrong.fleet.kind == AUTH
     started = time.monotonic()
     down = ServerPoller(ApiClient(f"http://127.0.0.1:{free_port()}", "k")).poll()

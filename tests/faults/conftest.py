@@ -67,7 +67,7 @@ def enroll_fleet(server: LiveServer, n: int, prefix: str = "fault") -> list[Devi
     """Enroll ``n`` devices through the API and return their ids and tokens."""
     body = json.dumps({"devices": [{"device_uid": f"{prefix}-{i}"} for i in range(n)]}).encode()
     req = urllib.request.Request(
-        server.url + "/v1/devices/enroll", data=body, method="POST",
+        server.admin_url + "/v1/devices/enroll", data=body, method="POST",
         headers={"Content-Type": "application/json", "x-admin": server.admin_key},
     )
     with urllib.request.urlopen(req, timeout=60) as resp:

@@ -23,7 +23,7 @@ FAILED_RUNS = re.compile(r'nexmdm_job_runs_total\{job_name="nightly",outcome="fa
 def _metrics(server) -> str:
     import urllib.request
 
-    req = urllib.request.Request(server.url + "/metrics", headers={"x-admin": ADMIN_KEY})
+    req = urllib.request.Request(server.admin_url + "/metrics", headers={"x-admin": ADMIN_KEY})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.read().decode()
 
@@ -38,7 +38,7 @@ def _nightly_fails_and_keeps_the_day(
     server = start_server(url, ADMIN_KEY, tmp_path, workers=2, RETENTION_DAYS="90",
                           ARCHIVE_DIR=str(archive_dir))
     try:
-        status, body = call(server.url + "/ops/nightly", "POST", {}, {"x-admin": ADMIN_KEY})
+        status, body = call(server.admin_url + "/ops/nightly", "POST", {}, {"x-admin": ADMIN_KEY})
         assert status == 500 and body["error"] == "job_failed", body
         report = body["detail"]
         assert report["status"] == "failed" and report["error"]

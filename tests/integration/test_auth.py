@@ -165,7 +165,7 @@ def test_revoked_token_stops_on_every_worker_within_the_sync_interval(database_u
                 return err.code
 
         assert {heartbeat(i) for i in range(20)} == {200}  # both workers have it cached
-        req = urllib.request.Request(server.url + f"/v1/devices/{device.id}/revoke", method="POST",
+        req = urllib.request.Request(server.admin_url + f"/v1/devices/{device.id}/revoke", method="POST",
                                      headers={"x-admin": ADMIN_KEY})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200

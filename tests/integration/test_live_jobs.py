@@ -24,15 +24,16 @@ def test_nightly_and_reconcile_inside_the_gevent_server(engine, tmp_path):
         conn.exec_driver_sql("DELETE FROM device_last_status WHERE device_id = %(d)s", {"d": devices[0]})
 
     server = start_server(str(engine.url.render_as_string(hide_password=False)).replace("+psycopg2", ""),
-                          ADMIN_KEY, tmp_path, workers=2, RETENTION_DAYS="30")
+                          ADMIN_KEY, tmp_path, workers=2, admin_workers=2, RETENTION_DAYS="30")
     try:
         admin = {"x-admin": ADMIN_KEY}
-        # Each worker started a scheduler and ran the partitions job at start-up: one ran, one skipped.
+        # Each operator-plane worker started a scheduler and ran the partitions job at start-up:
+        # one ran, one skipped (the device plane runs none).
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and scalar(engine, "SELECT count(*) FROM job_runs "
                                                              "WHERE job = 'partitions' AND status <> 'running'") < 2:
             time.sleep(0.2)
-        status, listed = call(server.url + "/ops/jobs?job=partitions", headers=admin)
+        status, listed = call(server.admin_url + "/ops/jobs?job=partitions", headers=admin)
         assert status == 200
         succeeded = [r for r in listed["runs"] if r["status"] == "succeeded"]
         assert len(listed["runs"]) == 2 and succeeded, listed
@@ -40,7 +41,7 @@ def test_nightly_and_reconcile_inside_the_gevent_server(engine, tmp_path):
         assert len({r["detail"]["period"] for r in succeeded}) == len(succeeded), listed
         assert {r["trigger"] for r in listed["runs"]} == {"schedule"}
 
-        status, report = call(server.url + "/ops/nightly", "POST", headers=admin)
+        status, report = call(server.admin_url + "/ops/nightly", "POST", headers=admin)
         assert status == 200, (report, server.log()[-2000:])
         assert report["status"] == "succeeded" and report["rows_affected"] == sum(counts)
         assert [a["partition"] for a in report["detail"]["archived"]] == [partition_name(d) for d in days]
@@ -50,7 +51,7 @@ def test_nightly_and_reconcile_inside_the_gevent_server(engine, tmp_path):
         with engine.connect() as conn:
             assert not {partition_name(d) for d in days} & list_partitions(conn)
 
-        status, healed = call(server.url + "/ops/reconcile", "POST", headers=admin)
+        status, healed = call(server.admin_url + "/ops/reconcile", "POST", headers=admin)
         assert status == 200 and (healed["detail"]["inserted"], healed["detail"]["updated"]) == (1, 0)
         status, health = call(server.url + "/readyz")
         assert status == 200

@@ -24,7 +24,7 @@ def call(url: str, method: str = "GET", body=None, headers=None) -> tuple[int, d
 def test_concurrent_heartbeats_through_gunicorn_are_all_stored(live_server, engine):
     admin = {"x-admin": live_server.admin_key}
     devices = [{"device_uid": f"live-{i}"} for i in range(200)]
-    status, enrolled = call(live_server.url + "/v1/devices/enroll", "POST", {"devices": devices}, admin)
+    status, enrolled = call(live_server.admin_url + "/v1/devices/enroll", "POST", {"devices": devices}, admin)
     assert status == 201
 
     def send(dev: dict) -> tuple[int, dict]:
@@ -37,5 +37,5 @@ def test_concurrent_heartbeats_through_gunicorn_are_all_stored(live_server, engi
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM heartbeats").scalar_one() == 200
         assert conn.exec_driver_sql("SELECT count(*) FROM device_last_status").scalar_one() == 200
-    status, summary = call(live_server.url + "/v1/fleet/summary", headers=admin)
+    status, summary = call(live_server.admin_url + "/v1/fleet/summary", headers=admin)
     assert status == 200 and summary["total"] == 200 and summary["online"] == 200

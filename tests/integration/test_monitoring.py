@@ -104,19 +104,20 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO job_runs (job, started_at, finished_at, status) "
                              "VALUES ('nightly', now(), now(), 'succeeded')")
-    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2)
+    # Two operator-plane workers, so two schedulers race for the start-up partitions run.
+    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2, admin_workers=2)
     try:
-        status, body = call(server.url + "/v1/devices/enroll", "POST", {"devices": [{"device_uid": "mon-1"}]},
+        status, body = call(server.admin_url + "/v1/devices/enroll", "POST", {"devices": [{"device_uid": "mon-1"}]},
                             {"x-admin": ADMIN_KEY})
         assert status == 201
         device = body["devices"][0]
         auth = {"Authorization": f"Bearer {device['token']}"}
         assert call(server.url + "/v1/heartbeat", "POST", heartbeat_body(datetime.now(UTC)), auth)[0] == 200
         assert call(server.url + "/v1/heartbeat", "POST", heartbeat_body(battery_pct=-1), auth)[0] == 422
-        # Each worker's scheduler runs partitions at start-up: one runs, the other skips.
+        # Each operator worker's scheduler runs partitions at start-up: one runs, the other skips.
         deadline = time.monotonic() + 20
         while True:
-            m = scrape(server.url, ADMIN_KEY)
+            m = scrape(server.admin_url, ADMIN_KEY)
             runs = {o: m.value("nexmdm_job_runs_total", job_name="partitions", outcome=o)
                     for o in ("succeeded", "skipped", "failed")}
             if sum(runs.values()) >= 2 or time.monotonic() > deadline:

@@ -97,8 +97,8 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
     # No scheduler: its start-up partitions run would overwrite the seeded time.
     server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2, SCHEDULER_ENABLED="false")
     try:
-        url = server.url
-        devices = _enroll(url, 60, "obs")
+        url, admin_url = server.url, server.admin_url  # device plane (2 workers), operator plane (1)
+        devices = _enroll(admin_url, 60, "obs")
         now = datetime.now(UTC)
         # Three distinct 10 s buckets per device: 180 stored, over many new connections.
         jobs = [(d["token"], heartbeat_body(now - timedelta(seconds=20 * k))) for k in range(3) for d in devices]
@@ -112,12 +112,13 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         assert all(code == 200 and body["status"] == "duplicate" for code, body in dups)
         assert all(code == 401 for code, _ in bad_token) and all(code == 422 for code, _ in invalid)
         for d in devices[:5]:
-            assert call(f"{url}/v1/devices/{d['id']}", headers={"x-admin": ADMIN_KEY})[0] == 200
-        assert call(f"{url}/v1/devices?limit=10", headers={"x-admin": ADMIN_KEY})[0] == 200
-        assert call(f"{url}/v1/fleet/summary", headers={"x-admin": ADMIN_KEY})[0] == 200
+            assert call(f"{admin_url}/v1/devices/{d['id']}", headers={"x-admin": ADMIN_KEY})[0] == 200
+        assert call(f"{admin_url}/v1/devices?limit=10", headers={"x-admin": ADMIN_KEY})[0] == 200
+        assert call(f"{admin_url}/v1/fleet/summary", headers={"x-admin": ADMIN_KEY})[0] == 200
 
-        m = scrape(url, ADMIN_KEY)
-        assert m.value("nexmdm_worker_processes") == 2
+        # One scrape of the operator plane covers the device plane's workers too.
+        m = scrape(admin_url, ADMIN_KEY)
+        assert m.value("nexmdm_worker_processes") == 3
         assert m.value("nexmdm_heartbeats_accepted_total") == 180
         assert m.value("nexmdm_heartbeats_duplicate_total") == 20
         assert m.value("nexmdm_heartbeats_rejected_total", reason="token_invalid") == 4
@@ -126,13 +127,13 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         assert m.value("nexmdm_ingest_flush_rows_sum") == 200
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="device") == 5
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="list") == 1
-        assert m.value("nexmdm_db_pool_size_connections") == 100  # 2 workers x DB_POOL_SIZE 50
+        assert m.value("nexmdm_db_pool_size_connections") == 150  # 3 workers x DB_POOL_SIZE 50
         assert m.value("nexmdm_job_runs_total", job_name="nightly", outcome="failed") == 0
         seeded = m.value("nexmdm_job_last_success_timestamp_seconds", job_name="partitions")
         assert abs(seeded - (time.time() - 60)) < 30
-        # The whole count came from both workers: each one's own file holds part of it.
+        # The whole count came from both device-plane workers: each one's own file holds part of it.
         per_worker = _per_worker_counter(server.metrics_dir, "nexmdm_heartbeats_accepted_total")
-        assert len(per_worker) == 2 and all(v > 0 for v in per_worker.values()), per_worker
+        assert len([v for v in per_worker.values() if v > 0]) == 2, per_worker
         assert sum(per_worker.values()) == 180
         # Only bounded labels (request metrics are grouped by endpoint, not by path): no device id.
         label_names = {name for _, labels in m.samples for name, _ in labels}
@@ -145,7 +146,7 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         before = m.buckets(HB)
         more = [(d["token"], heartbeat_body(now - timedelta(seconds=60 + 20 * k))) for k in range(5) for d in devices]
         client = _timed_heartbeats(url, more)
-        after = scrape(url, ADMIN_KEY)
+        after = scrape(admin_url, ADMIN_KEY)
         delta = bucket_delta(after.buckets(HB), before)
         assert delta[-1][1] == len(client) == 300
         # The client also sees what happens outside the handler (HTTP parsing, the loopback, its
@@ -190,13 +191,15 @@ def test_pool_gauges_rise_under_load_and_fall_after(database_url, engine, tmp_pa
                           DB_POOL_SIZE="2", DB_MAX_OVERFLOW="1", DB_POOL_TIMEOUT_S="1")
     admin = {"x-admin": ADMIN_KEY}
     try:
-        url = server.url
+        # Everything here is the operator plane's (its one worker serves the status reads); the
+        # figures cover the device plane's two workers as well.
+        url = server.admin_url
         # No heartbeats here: each ingest flusher keeps a connection checked out once it has
         # written, which would lift the idle baseline above zero.
         devices = _enroll(url, 24, "pool")
         idle = _until(lambda: (h := _pool_health(url))["in_use"] == 0 and h)
-        assert idle["status"] == "OK" and idle["workers"] == 2
-        assert idle["pool_size"] == 4 and idle["capacity"] == 6
+        assert idle["status"] == "OK" and idle["workers"] == 3
+        assert idle["pool_size"] == 6 and idle["capacity"] == 9
         assert idle["postgres"]["max_connections"] == 600
         pg = idle["postgres"]
         assert pg["headroom"] == 600 - pg["reserved_connections"] - pg["in_use"]
@@ -243,12 +246,12 @@ def test_pool_gauges_rise_under_load_and_fall_after(database_url, engine, tmp_pa
 
         def replaced() -> bool:  # the victim's live gauges removed, its successor's written
             pids = {p.stem.rsplit("_", 1)[1] for p in server.metrics_dir.glob("gauge_livesum_*.db")}
-            return str(victim) not in pids and live_workers(server.metrics_dir) == 2
+            return str(victim) not in pids and live_workers(server.metrics_dir) == 3
 
         assert _until(replaced, 15), server.log()[-2000:]
         m = scrape(url, ADMIN_KEY)
-        assert m.value("nexmdm_worker_processes") == 2
-        assert m.value("nexmdm_db_pool_size_connections") == 4
+        assert m.value("nexmdm_worker_processes") == 3
+        assert m.value("nexmdm_db_pool_size_connections") == 6
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="device") == reads
     finally:
         server.stop()

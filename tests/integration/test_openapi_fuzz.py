@@ -19,6 +19,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import ADMIN_KEY
 from tests.faults.conftest import enroll_fleet, stop_server
+from tests.integration.test_live_server import call
 from tests.live import start_server
 
 EXAMPLES_PER_OPERATION = 30
@@ -46,20 +47,23 @@ def test_openapi_operations(fuzz_server, session_engine):
     """Every operation of the live document, fuzzed. (schemathesis's pytest plugin does not
     run under pytest 9, so its strategies are driven with hypothesis directly.)"""
     server, devices = fuzz_server
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(server.admin_url + "/openapi.json")  # the operator plane's
     headers = {"x-admin": ADMIN_KEY, "Authorization": f"Bearer {devices[0].token}"}
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 9
 
     for operation in operations:
+        # Each operation goes to the plane that serves it, as the document says.
+        plane = operation.definition.raw["x-nexmdm-plane"]
+        base_url = server.url if plane in ("device", "both") else server.admin_url
 
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
                   suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy())
         def fuzz(case) -> None:
             before = counts(session_engine)
-            response = case.call(base_url=server.url, headers=headers, timeout=10)
+            response = case.call(base_url=base_url, headers=headers, timeout=10)  # noqa: B023 - run at once
             case.validate_response(response, checks=checks)
             text = response.text
             assert "Traceback" not in text and 'File "' not in text
@@ -69,6 +73,24 @@ def test_openapi_operations(fuzz_server, session_engine):
                 assert counts(session_engine) == before, (case.method, case.path, response.status_code)
 
         fuzz()
+
+
+def test_each_plane_answers_the_others_endpoints_with_a_404_naming_it(fuzz_server):
+    server, devices = fuzz_server
+    document = call(server.admin_url + "/openapi.json")[1]
+    wrong = {"device": server.admin_url, "operator": server.url}
+    checked = 0
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            plane = operation["x-nexmdm-plane"]
+            if plane == "both":
+                continue
+            status, body = call(wrong[plane] + path.replace("{device_id}", str(devices[0].id)), method.upper(),
+                                {} if method == "post" else None, {"x-admin": ADMIN_KEY})
+            assert status == 404 and body["error"] == "wrong_plane", (method, path, status, body)
+            assert f"served by the {plane} plane" in body["detail"], body
+            checked += 1
+    assert checked >= 15
 
 def test_openapi_document_serves_and_covers_every_route(client, app):
     """/openapi.json answers (it failed with a 500 on the enroll union before) and documents

@@ -66,11 +66,13 @@ def test_runbook_commands_work_as_written(engine, database_url, tmp_path):
     server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1)
     env = dict(os.environ, DATABASE_URL=database_url, ARCHIVE_DIR=str(archive_dir), KEY=ADMIN_KEY)
     host = server.url.removeprefix("http://")
+    admin_host = server.admin_url.removeprefix("http://")
 
     def localise(text: str) -> str:
         return (text.replace("20260801", f"{old:%Y%m%d}").replace("2026-08-01", old.isoformat())
                 .replace("2026-08-02", (old + timedelta(days=1)).isoformat())
                 .replace("var/archive/", f"{archive_dir}/").replace("127.0.0.1:8000", host)
+                .replace("127.0.0.1:8001", admin_host)
                 .replace("<id>", str(devices[0])))
 
     steps = runbook_steps()

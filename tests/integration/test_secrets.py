@@ -34,7 +34,7 @@ def test_secrets_never_in_logs_or_answers(app, database_url, engine, tmp_path):
     try:
         devices = enroll_fleet(server, 3, prefix="secret")
         victim = devices[2]
-        _, text = call(server.url + f"/v1/devices/{victim.id}/revoke", "POST", headers={"x-admin": ADMIN_KEY})
+        _, text = call(server.admin_url + f"/v1/devices/{victim.id}/revoke", "POST", headers={"x-admin": ADMIN_KEY})
         answers.append(text)
         json_ct = {"Content-Type": "application/json"}
         good = json.dumps(heartbeat_body()).encode()
@@ -50,12 +50,13 @@ def test_secrets_never_in_logs_or_answers(app, database_url, engine, tmp_path):
         for method, url in admin_routes(app):
             url = url.replace("/1", f"/{devices[0].id}")
             for headers in ({}, {"x-admin": wrong_key}, {"x-admin": devices[0].token}):
-                answers.append(call(server.url + url, method, b"{}", {**headers, **json_ct})[1])
+                answers.append(call(server.admin_url + url, method, b"{}", {**headers, **json_ct})[1])
             if method == "GET":  # the operator's own reads (status, lists, metrics...) too
-                answers.append(call(server.url + url + "?since=bad", method, None, {"x-admin": ADMIN_KEY})[1])
-                answers.append(call(server.url + url, method, None, {"x-admin": ADMIN_KEY})[1])
-        for path in ("/healthz", "/readyz", "/openapi.json", "/nope"):
+                answers.append(call(server.admin_url + url + "?since=bad", method, None, {"x-admin": ADMIN_KEY})[1])
+                answers.append(call(server.admin_url + url, method, None, {"x-admin": ADMIN_KEY})[1])
+        for path in ("/healthz", "/readyz", "/openapi.json", "/nope", "/metrics"):
             answers.append(call(server.url + path)[1])
+            answers.append(call(server.admin_url + path)[1])
     finally:
         stop_server(server)
     log = server.log()

@@ -30,7 +30,8 @@ def test_short_run_passes_loses_nothing_and_streams_progress(live_server, engine
     cache = tmp_path / "tokens.json"
     proc = simulator(
         "--devices", "200", "--duration", "4", "--interval", "1", "--admin-key", live_server.admin_key,
-        "--url", live_server.url, "--flaky-pct", "25", "--read-rate", "20", "--output", str(out),
+        "--url", live_server.url, "--admin-url", live_server.admin_url, "--flaky-pct", "25", "--read-rate", "20",
+        "--output", str(out),
         "--token-cache", str(cache), "--progress-jsonl", *LOOSE_LATENCY,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,6 +47,7 @@ def test_short_run_passes_loses_nothing_and_streams_progress(live_server, engine
     assert report["latency_ms"]["read"]["count"] > 40
     assert {c["name"]: c["status"] for c in report["slis"]}["fast read p95"] in ("PASS", "FAIL")
     assert report["config"]["equivalent_fleet_at_60s"] == 12_000
+    assert report["config"]["admin_url"] == live_server.admin_url  # reads went to the operator plane
     assert len(report["timeseries"]) >= 4 and all("rate_per_s" in s for s in report["timeseries"])
     with engine.connect() as conn:
         stored = conn.exec_driver_sql("SELECT count(*) FROM heartbeats").scalar_one()
@@ -62,7 +64,8 @@ def test_short_run_passes_loses_nothing_and_streams_progress(live_server, engine
 
     # a second run reuses the cached tokens (nothing new is enrolled); an SLI it cannot meet exits 1
     again = simulator("--devices", "200", "--duration", "1", "--interval", "1", "--admin-key",
-                      live_server.admin_key, "--url", live_server.url, "--token-cache", str(cache), "--quiet",
+                      live_server.admin_key, "--url", live_server.url, "--admin-url", live_server.admin_url,
+                      "--token-cache", str(cache), "--quiet",
                       "--target-p95-ms", "0.001", "--target-p99-ms", "10000")
     assert again.returncode == 1, again.stdout[-3000:] + again.stderr[-2000:]
     assert "SLI TARGETS NOT MET: heartbeat p95" in again.stdout
@@ -72,7 +75,7 @@ def test_short_run_passes_loses_nothing_and_streams_progress(live_server, engine
 
 def test_dry_run_checks_the_server_and_sends_nothing(live_server, engine: Engine, tmp_path: Path) -> None:
     proc = simulator("--devices", "5000", "--duration", "60", "--interval", "1", "--admin-key",
-                     live_server.admin_key, "--url", live_server.url, "--dry-run",
+                     live_server.admin_key, "--url", live_server.url, "--admin-url", live_server.admin_url, "--dry-run",
                      "--token-cache", str(tmp_path / "t.json"))
     assert proc.returncode == 0, proc.stderr
     assert "5,000 devices" in proc.stdout and "5,000.0 heartbeats/s" in proc.stdout and "no load sent" in proc.stdout
@@ -83,8 +86,12 @@ def test_dry_run_checks_the_server_and_sends_nothing(live_server, engine: Engine
 
 def test_usage_and_connection_errors_exit_2(live_server, tmp_path: Path) -> None:
     wrong_key = simulator("--devices", "1", "--duration", "1", "--admin-key", "nope", "--url", live_server.url,
-                          "--dry-run")
+                          "--admin-url", live_server.admin_url, "--dry-run")
     assert wrong_key.returncode == 2 and "admin key was refused" in wrong_key.stderr
+    # the device plane given as the operator plane: said so, not a confusing 404
+    wrong_plane = simulator("--devices", "1", "--duration", "1", "--admin-key", live_server.admin_key,
+                            "--url", live_server.url, "--admin-url", live_server.url, "--dry-run")
+    assert wrong_plane.returncode == 2 and "is not the operator plane" in wrong_plane.stderr, wrong_plane.stderr
     nobody = simulator("--devices", "1", "--duration", "1", "--admin-key", "k", "--url",
                        f"http://127.0.0.1:{free_port()}")
     assert nobody.returncode == 2 and "cannot reach the server" in nobody.stderr
@@ -106,7 +113,8 @@ def test_shedding_server_is_retried_after_retry_after_and_loses_nothing(database
         out = tmp_path / "report.json"
         proc = simulator("--devices", "300", "--duration", "2", "--interval", "0.5", "--jitter", "0.05",
                          "--max-retries", "2",
-                         "--admin-key", ADMIN_KEY, "--url", server.url, "--output", str(out), "--quiet",
+                         "--admin-key", ADMIN_KEY, "--url", server.url, "--admin-url", server.admin_url,
+                         "--output", str(out), "--quiet",
                          "--token-cache", str(tmp_path / "t.json"), "--flaky-pct", "0", *LOOSE_LATENCY)
     finally:
         server.stop()
@@ -124,7 +132,8 @@ def test_find_capacity_steps_up_and_reports_the_largest_passing_fleet(live_serve
     out = tmp_path / "capacity.json"
     proc = simulator("--devices", "20", "--duration", "1", "--interval", "1", "--find-capacity",
                      "--capacity-factor", "2", "--capacity-max", "40", "--admin-key", live_server.admin_key,
-                     "--url", live_server.url, "--token-cache", str(tmp_path / "t.json"), "--quiet",
+                     "--url", live_server.url, "--admin-url", live_server.admin_url,
+                     "--token-cache", str(tmp_path / "t.json"), "--quiet",
                      "--output", str(out), *LOOSE_LATENCY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -291,3 +291,11 @@ def test_a_stop_request_ends_the_load_promptly_and_still_accounts_for_everything
     assert 0.5 <= result.load_s <= 4.0
     hb = result.stats.kinds["heartbeat"]
     assert hb.ok == result.stats.sent > 0 and result.abandoned == 0
+
+
+def test_the_operator_plane_defaults_to_the_device_planes_host_on_admin_port() -> None:
+    from simulator.__main__ import default_admin_url
+
+    assert default_admin_url("http://127.0.0.1:8000") == "http://127.0.0.1:8001"
+    assert default_admin_url("http://10.1.2.3:9000/") == "http://10.1.2.3:8001"
+    assert default_admin_url("http://[::1]:8000") == "http://[::1]:8001"

@@ -1,0 +1,51 @@
+"""GET /v1/devices/<id>/heartbeats (operator plane): a device's heartbeat history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from flask import Blueprint, Response, request
+
+from api.auth import admin_required
+from api.errors import ApiError
+from api.responses import json_response
+from api.routes.heartbeats import int_arg
+from api.state import current_state
+from db.engine import reading
+from db.fleet import get_device_status
+from db.heartbeats import list_heartbeats
+
+bp = Blueprint("history", __name__)
+
+HISTORY_DEFAULT_WINDOW = timedelta(hours=24)
+HISTORY_MAX_LIMIT = 10_000
+
+
+def _parse_time(name: str, default: datetime) -> datetime:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", f"{name} must be an ISO 8601 time, got {raw!r}") from None
+    if value.tzinfo is None:
+        raise ApiError(400, "invalid_parameter", f"{name} must carry a time zone (e.g. Z)")
+    return value
+
+
+@bp.get("/v1/devices/<int:device_id>/heartbeats")
+@admin_required
+def device_history(device_id: int) -> Response:
+    """Heartbeats of one device with since <= bucket < until (default: the last 24 h)."""
+    state = current_state()
+    now = datetime.now(UTC)
+    until = _parse_time("until", now + timedelta(seconds=1))
+    since = _parse_time("since", until - HISTORY_DEFAULT_WINDOW)
+    if since >= until:
+        raise ApiError(400, "invalid_parameter", "since must be before until")
+    limit = int_arg("limit", 1000, 1, HISTORY_MAX_LIMIT)
+    with reading(state.engine) as conn:
+        get_device_status(conn, device_id, offline_after_s=state.settings.offline_after_seconds)
+        rows = list_heartbeats(conn, device_id, since, until, limit)
+    return json_response({"device_id": device_id, "since": since, "until": until, "heartbeats": rows})
