@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
 .PHONY: run test test-faults lint bench bench-ingest venv clean-var
-.PHONY: promtool
+.PHONY: promtool pgbouncer cluster-packages drill-cluster
 
 # The development environment: runtime requirements (requirements.txt) plus the test tools
 # (requirements-dev.txt); a production host installs the package alone (`pip install .`).
@@ -21,12 +21,19 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(PY) -m api serve
 
-test: $(STAMP) promtool
+test: $(STAMP) promtool pgbouncer
 	$(PY) -m pytest -q -m "not slow"
 
 # The slow tests (fault and overload scenarios, a few minutes); prints the fault table at the end.
-test-faults: $(STAMP)
+# Includes the short PostgreSQL failover drill (Patroni + etcd + HAProxy), hence cluster-packages.
+test-faults: $(STAMP) cluster-packages
 	$(PY) -m pytest -q -m slow
+
+# The full multi-node drill: etcd, Patroni (primary + synchronous standby + async replica),
+# 3 API nodes, HAProxy; the simulator through HAProxy while an API node and then the primary are
+# SIGKILLed. Prints the table; stops every process it started (by PID), also on failure.
+drill-cluster: $(STAMP) cluster-packages
+	$(PY) -m bench.drill $(DRILL_ARGS)
 
 # promtool (Debian's prometheus package) runs the alert-rule tests. Installed when missing and
 # this is root with apt-get; otherwise those tests skip and say why.
@@ -39,6 +46,31 @@ promtool:
 	  else \
 	    echo "promtool not found (needs root and apt-get to install): the alert-rule tests will skip"; \
 	  fi; }
+
+# Debian packages installed when missing and this is root with apt-get (CI starts from a fresh
+# machine), as for promtool: $(call apt_install,<command or path to test>,<packages>,<what skips>)
+define apt_install
+	@command -v $(1) >/dev/null 2>&1 || test -x $(1) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(2) (Debian) ..."; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        $(2) >/dev/null; } || echo "$(2) could not be installed: $(3)"; \
+	  else \
+	    echo "$(1) not found (needs root and apt-get to install $(2)): $(3)"; \
+	  fi; }
+endef
+
+# PgBouncer 1.18 (Debian 12) for the transaction-pooling tests (tests/integration/test_pgbouncer.py).
+pgbouncer:
+	$(call apt_install,pgbouncer,pgbouncer,the PgBouncer tests will skip)
+
+# What the cluster drill runs: HAProxy, etcd, Patroni, and Debian's PostgreSQL 15 (the version
+# Debian 12's Patroni 3.0.2 supports; see docs/SCALING.md).
+cluster-packages:
+	$(call apt_install,haproxy,haproxy,the cluster drill cannot run)
+	$(call apt_install,etcd,etcd-server etcd-client,the cluster drill cannot run)
+	$(call apt_install,patroni,patroni,the cluster drill cannot run)
+	$(call apt_install,/usr/lib/postgresql/15/bin/postgres,postgresql-15,the cluster drill cannot run)
 
 .PHONY: console
 console: $(STAMP)

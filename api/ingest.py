@@ -207,7 +207,8 @@ class GroupCommitWriter:
     One flusher by default: while a batch is in flight the next one gathers, so batches grow
     with load and the cost per heartbeat falls (measured: two flushers cost 2.3x the database
     CPU per heartbeat of one). Each flusher keeps one pooled connection checked out for its
-    lifetime, PREPAREs the insert on it once, and uses its DBAPI cursor directly; a connection
+    lifetime, PREPAREs the insert on it once (unless DB_PREPARED_STATEMENTS is off: PgBouncer in
+    transaction mode), and uses its DBAPI cursor directly; a connection
     that fails is invalidated and a fresh one taken for the next batch.
     """
 
@@ -343,7 +344,8 @@ class GroupCommitWriter:
                     # commits before it reports the statement complete, so the rows are
                     # committed when the result arrives.
                     conn.driver_connection.autocommit = True
-                    prepare_insert(conn)
+                    if self._settings.db_prepared_statements:
+                        prepare_insert(conn)
                 except psycopg2.Error as exc:
                     try:
                         conn.invalidate()
@@ -352,7 +354,7 @@ class GroupCommitWriter:
                     raise DatabaseUnavailable("the database cannot be reached", retry_after_s=2) from exc
                 self._conns[key] = conn
             try:
-                return insert_heartbeats(conn, rows, prepared=True)
+                return insert_heartbeats(conn, rows, prepared=self._settings.db_prepared_statements)
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 # The connection is gone (database restart, network): outcome unknown, nothing
                 # acknowledged; a retry by the device is deduplicated.

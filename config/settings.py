@@ -59,6 +59,10 @@ class Settings:
     db_max_overflow: int = 50
     db_pool_timeout_s: float = 5.0
     db_statement_timeout_ms: int = 15_000
+    # The group-commit writer PREPAREs its insert once per connection (planned once, not per
+    # batch). Off behind a transaction-pooling PgBouncer (1.18, Debian 12): there the next
+    # statement may run on another server connection, where the prepared statement does not exist.
+    db_prepared_statements: bool = True
     read_from_last_status: bool = True
     dedup_bucket_seconds: int = 10
     max_clock_skew_seconds: int = 300

@@ -82,6 +82,29 @@ def _port_open(port: int) -> bool:
         return False
 
 
+def run_as_user() -> str | None:
+    """The user PostgreSQL must run as: the dedicated system user as root, else ourselves (None)."""
+    return SYSTEM_USER if os.geteuid() == 0 else None
+
+
+def prepare_run_as(user: str | None, paths: list[Path]) -> None:
+    """Create the system user if needed and let it reach ``paths`` (binaries, data parents)."""
+    if user is None:
+        return
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
+            check=True, capture_output=True,
+        )
+    for path in paths:
+        for parent in [path, *path.parents]:
+            mode = parent.stat().st_mode
+            if mode & stat.S_IXOTH == 0:
+                parent.chmod(mode | stat.S_IXOTH | stat.S_IROTH)
+
+
 @dataclass
 class EmbeddedCluster:
     """A PostgreSQL cluster in ``data_dir`` listening on 127.0.0.1 only."""
@@ -92,7 +115,7 @@ class EmbeddedCluster:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
         self.bin_dir = find_bin_dir()
-        self.run_as = SYSTEM_USER if os.geteuid() == 0 else None
+        self.run_as = run_as_user()
         self.log_file = self.data_dir.parent / f"{self.data_dir.name}.log"
         self.port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
 
@@ -109,21 +132,7 @@ class EmbeddedCluster:
         )
 
     def _prepare_user(self) -> None:
-        if self.run_as is None:
-            return
-        try:
-            pwd.getpwnam(self.run_as)
-        except KeyError:
-            subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", self.run_as],
-                check=True, capture_output=True,
-            )
-        # The cluster user must be able to reach the binaries and its data directory.
-        for path in (self.bin_dir, self.data_dir.parent):
-            for parent in [path, *path.parents]:
-                mode = parent.stat().st_mode
-                if mode & stat.S_IXOTH == 0:
-                    parent.chmod(mode | stat.S_IXOTH | stat.S_IROTH)
+        prepare_run_as(self.run_as, [self.bin_dir, self.data_dir.parent])
 
     def initialized(self) -> bool:
         return (self.data_dir / "PG_VERSION").exists()

@@ -42,11 +42,33 @@ def database_url_for_cli(settings: Settings) -> Iterator[str]:
 
 
 def sqlalchemy_url(url: str) -> str:
-    """A PostgreSQL URL with the psycopg2 driver named (SQLAlchemy 2.1 defaults to psycopg 3)."""
+    """A PostgreSQL URL with the psycopg2 driver named (SQLAlchemy 2.1 defaults to psycopg 3).
+
+    A libpq multi-host URL (``postgresql://u:pw@h1:5432,h2:5432/db?target_session_attrs=read-write``,
+    how the API finds the primary after a failover) becomes the query form SQLAlchemy parses,
+    ``postgresql+psycopg2://u:pw@/db?host=h1,h2&port=5432,5432&...``; libpq sees the same hosts."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
+            return "postgresql+psycopg2://" + _multi_host_as_query(url[len(prefix):])
     return url
+
+
+def _multi_host_as_query(rest: str) -> str:
+    """``user@h1:p1,h2:p2/db?q`` -> ``user@/db?host=h1,h2&port=p1,p2&q``; anything else unchanged."""
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    if "," not in hostlist:
+        return rest
+    hosts, ports = [], []
+    for item in hostlist.split(","):
+        host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+        if not colon:
+            host, port = item, "5432"
+        hosts.append(host.removeprefix("[").removesuffix("]"))  # libpq takes bare IPv6 addresses
+        ports.append(port or "5432")
+    path, question, query = tail.partition("?")
+    params = f"host={','.join(hosts)}&port={','.join(ports)}"
+    return f"{userinfo}{at}/{path}?{params}{'&' + query if query else ''}"
 
 
 def make_engine(
