@@ -484,12 +484,14 @@ def start_patroni_cluster(procs: Processes, base: Path, etcd: Etcd, async_replic
 
 @dataclass
 class ApiNode:
-    """One API node: ``python -m api serve`` with its own var/ directory and port."""
+    """One API node: ``python -m api serve`` with its own var/ directory, its device plane on
+    ``port`` and its operator plane on ``admin_port``."""
 
     name: str
     port: int
     var_dir: Path
     env: dict[str, str]
+    admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
@@ -497,12 +499,21 @@ class ApiNode:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
     def ready(self) -> bool:
+        """Both planes answer /readyz with 200."""
         try:
-            return http_json(self.url + "/readyz", timeout_s=1.0)[0] == 200
+            return all(http_json(url + "/readyz", timeout_s=1.0)[0] == 200 for url in (self.url, self.admin_url))
         except OSError:
             return False
 
@@ -510,7 +521,8 @@ class ApiNode:
 def start_api_node(procs: Processes, node: ApiNode, timeout_s: float = 60.0) -> None:
     """Start (or restart) an API node and wait until it answers /readyz."""
     node.var_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HOST="127.0.0.1", PORT=str(node.port), VAR_DIR=str(node.var_dir),
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(node.port), ADMIN_HOST="127.0.0.1",
+               ADMIN_PORT=str(node.admin_port), VAR_DIR=str(node.var_dir),
                ARCHIVE_DIR=str(node.var_dir / "archive"),
                **node.env)
     node.proc = procs.start(node.name, [sys.executable, "-m", "api", "serve"], env=env)
@@ -579,7 +591,7 @@ def haproxy_env(haproxy: Haproxy, api_nodes: list[ApiNode], admin_addresses: lis
         # Two descriptors per connection, and some to spare, within this shell's hard limit.
         NEXMDM_HAPROXY_MAXCONN=str(min(100_000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 1000) // 2)),
     )
-    admin = admin_addresses or [n.address for n in api_nodes]
+    admin = admin_addresses or [n.admin_address for n in api_nodes]
     # The shipped file names three servers per backend; fewer nodes fill them in turn.
     for i in range(max(3, len(api_nodes))):
         env[f"NEXMDM_API_{i + 1}"] = api_nodes[i % len(api_nodes)].address

@@ -197,7 +197,7 @@ class Drill:
         out = self.base / f"sim-{name}.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "simulator", "--devices", str(self.devices), "--duration", str(duration_s),
-               "--admin-key", self.admin_key, "--url", self.haproxy.operator_url,
+               "--admin-key", self.admin_key, "--url", self.haproxy.url, "--admin-url", self.haproxy.operator_url,
                "--interval", str(interval_s), "--jitter", str(interval_s / 4), "--ramp-up", "2",
                "--max-retries", "40", "--timeout", "10", "--connections", "256",
                "--token-cache", str(self.base / "tokens.json"), "--output", str(out), "--quiet"]
@@ -303,7 +303,7 @@ class Drill:
             if status != 200:
                 raise ClusterError(f"{node.name}: heartbeat answered {status} {body}")
         t = time.monotonic()
-        status, body = call(f"{self.api[0].url}/v1/devices/{device_id}/revoke", "POST", None, self.admin)
+        status, body = call(f"{self.api[0].admin_url}/v1/devices/{device_id}/revoke", "POST", None, self.admin)
         if status != 200:
             raise ClusterError(f"revoke answered {status} {body}")
         refused: dict[str, float] = {}

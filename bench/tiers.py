@@ -88,7 +88,8 @@ def run_phase(label: str, procs: Processes, nodes: list[ApiNode], cluster: Embed
     per_node = devices // len(nodes)
     for i, node in enumerate(nodes):
         cmd = [sys.executable, "-m", "simulator", "--devices", str(per_node), "--duration", str(duration_s),
-               "--admin-key", admin_key, "--url", node.url, "--interval", str(interval_s),
+               "--admin-key", admin_key, "--url", node.url, "--admin-url", node.admin_url,
+               "--interval", str(interval_s),
                "--jitter", str(interval_s / 4), "--ramp-up", "5", "--progress-jsonl", "--quiet",
                "--verify-sample", "200", "--token-cache", str(base / f"tokens-{label}-{i}.json"),
                "--output", str(base / f"sim-{label}-{i}.json")]

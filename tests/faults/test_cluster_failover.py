@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -63,7 +64,8 @@ def test_primary_machine_lost_nothing_acknowledged_lost(cluster_dir: Path) -> No
         for node in nodes:
             start_api_node(procs, node)
         haproxy = start_haproxy(procs, cluster_dir, nodes)
-        devices = enroll_fleet(type("Edge", (), {"url": haproxy.operator_url, "admin_key": ADMIN_KEY})(), 600)
+        # Enrolled through HAProxy's operator frontend (the nodes' operator planes).
+        devices = enroll_fleet(SimpleNamespace(admin_url=haproxy.operator_url, admin_key=ADMIN_KEY), 600)
         old, standby = cluster.leader(), cluster.sync_standby()
         assert old is not None and standby is not None
         driver = LoadDriver(haproxy.url, devices, duration_s=20, concurrency=32, drain_s=20)

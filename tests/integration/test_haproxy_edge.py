@@ -31,9 +31,10 @@ pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
 @pytest.fixture
 def edge(live_server, tmp_path: Path) -> Iterator[Haproxy]:
     port = int(live_server.url.rsplit(":", 1)[1])
+    admin_address = live_server.admin_url.removeprefix("http://")
     procs = Processes(tmp_path / "logs")
     try:
-        yield start_haproxy(procs, tmp_path, [ApiNode("api", port, tmp_path, {})])
+        yield start_haproxy(procs, tmp_path, [ApiNode("api", port, tmp_path, {})], [admin_address])
     finally:
         procs.stop_all()
 
@@ -121,7 +122,8 @@ def test_client_cannot_forge_x_forwarded_for(tmp_path: Path) -> None:
     thread.start()
     procs = Processes(tmp_path / "logs")
     try:
-        edge = start_haproxy(procs, tmp_path, [ApiNode("echo", node.server_address[1], tmp_path, {})])
+        address = f"127.0.0.1:{node.server_address[1]}"
+        edge = start_haproxy(procs, tmp_path, [ApiNode("echo", node.server_address[1], tmp_path, {})], [address])
         port = int(edge.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n")

@@ -167,7 +167,7 @@ def test_server_through_pgbouncer_without_prepared_statements(pgbouncer: str, en
                           DB_POOL_SIZE="8", DB_MAX_OVERFLOW="0", SCHEDULER_ENABLED="false")
     try:
         body = json.dumps({"devices": [{"device_uid": f"pgb-{i}"} for i in range(40)]}).encode()
-        req = urllib.request.Request(server.url + "/v1/devices/enroll", data=body, method="POST",
+        req = urllib.request.Request(server.admin_url + "/v1/devices/enroll", data=body, method="POST",
                                      headers={"Content-Type": "application/json", "x-admin": ADMIN_KEY})
         with urllib.request.urlopen(req, timeout=30) as resp:
             tokens = [d["token"] for d in json.loads(resp.read())["devices"]]
