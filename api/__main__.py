@@ -23,6 +23,7 @@ from api.supervisor import PlaneSupervisor, planes_to_run
 from config.admin_key import admin_key_path, ensure_admin_key
 from config.settings import Settings
 from db.engine import embedded_cluster, make_engine
+from db.events import maintain_event_partitions
 from db.migrate import upgrade
 from db.partitions import ensure_partitions
 
@@ -38,7 +39,10 @@ def prepare_database(settings: Settings, url: str) -> list[str]:
     engine = make_engine(settings.with_overrides(db_pool_size=1, db_max_overflow=0), url)
     try:
         with engine.begin() as conn:
-            return ensure_partitions(conn, datetime.now(UTC).date(), settings.partition_premake_days)
+            today = datetime.now(UTC).date()
+            created = ensure_partitions(conn, today, settings.partition_premake_days)
+            events_created, _ = maintain_event_partitions(conn, today, settings.partition_premake_days, None)
+            return created + events_created
     finally:
         engine.dispose()
 

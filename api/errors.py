@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from db.errors import DatabaseUnavailable, DeviceNotFound, DuplicateDevice, Overloaded
+from db.errors import DatabaseUnavailable, DeviceNotFound, DuplicateDevice, Overloaded, WebhookNotFound
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ def configure_errors(app: Flask) -> None:
     @app.errorhandler(DeviceNotFound)
     def _not_found(exc: DeviceNotFound) -> Response:
         return error_response(404, "device_not_found", str(exc))
+
+    @app.errorhandler(WebhookNotFound)
+    def _webhook_not_found(exc: WebhookNotFound) -> Response:
+        return error_response(404, "webhook_not_found", str(exc))
 
     @app.errorhandler(DuplicateDevice)
     def _duplicate(exc: DuplicateDevice) -> Response:

@@ -42,7 +42,7 @@ JOB_DURATION_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 18
 
 # The scheduled jobs (issue 3) and the outcomes job_runs records; pre-created at zero so that
 # increase() sees the first failure and the dashboard has a series before the first run.
-KNOWN_JOBS = ("partitions", "nightly", "reconcile")
+KNOWN_JOBS = ("partitions", "nightly", "reconcile", "events")
 JOB_OUTCOMES = ("succeeded", "failed", "skipped")
 READ_QUERIES = ("device", "list", "summary")
 # Error codes a heartbeat is commonly rejected with (others appear on first use).

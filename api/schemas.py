@@ -101,6 +101,8 @@ class FleetSummary(Struct):
     never_seen: int
     revoked: int
     charging: int
+    offline_over_1h: Annotated[int, Meta(description="seen before, silent for over an hour")]
+    offline_over_24h: Annotated[int, Meta(description="seen before, silent for over a day")]
     battery: dict[str, int]
     app_versions: dict[str, int]
     as_of: datetime
@@ -161,3 +163,90 @@ class JobRun(Struct):
 
 class JobRunList(Struct):
     runs: list[JobRun]
+
+
+EventType = Literal["device_offline", "device_online", "battery_low", "battery_critical", "app_version_changed",
+                    "token_revoked"]
+
+
+class Event(Struct):
+    """One transition of one device, as recorded by the events job."""
+
+    id: int
+    type: EventType
+    device_id: int
+    occurred_at: datetime
+    detail: dict[str, Any]
+
+
+class EventList(Struct):
+    events: list[Event]
+    next_after: Annotated[int | None, Meta(description="oldest-first pages: pass as ?after= for the next page")]
+    next_before: Annotated[int | None, Meta(description="newest-first pages (?before=): pass as ?before=")]
+
+
+WebhookUrl = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$")]
+
+
+class WebhookIn(Struct, forbid_unknown_fields=True):
+    url: WebhookUrl
+    event_types: Annotated[list[EventType], Meta(max_length=6, description="empty: every type")] = []
+    secret: Annotated[str, Meta(min_length=16, max_length=256,
+                                description="HMAC key; generated (and shown once) when absent")] | None = None
+
+
+class Webhook(Struct):
+    id: int
+    url: str
+    event_types: list[str]
+    created_at: datetime
+    cursor_event_id: int
+    pending_deliveries: int = 0
+
+
+class WebhookCreated(Struct):
+    id: int
+    url: str
+    event_types: list[str]
+    created_at: datetime
+    cursor_event_id: int
+    secret: Annotated[str, Meta(description="the signing secret, shown once")]
+
+
+class WebhookList(Struct):
+    webhooks: list[Webhook]
+
+
+class WebhookDeleted(Struct):
+    id: int
+    deleted_at: datetime
+
+
+class DeliveryAttempt(Struct):
+    at: datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+
+
+class WebhookDelivery(Struct):
+    id: int
+    webhook_id: int
+    idempotency_key: str
+    status: Literal["pending", "delivered", "failed", "cancelled"]
+    event_count: int
+    first_event_id: int
+    last_event_id: int
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    last_attempt_at: datetime | None
+    delivered_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    attempt_log: list[DeliveryAttempt]
+
+
+class WebhookDeliveryList(Struct):
+    deliveries: list[WebhookDelivery]
+    next_before: Annotated[int | None, Meta(description="pass as ?before= for older deliveries")]

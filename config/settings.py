@@ -101,6 +101,23 @@ class Settings:
     archive_export_timeout_s: float = 6 * 3600.0
     restore_keep_days: int = 7
     job_runs_keep_days: int = 30
+    # Events (scheduler/jobs/events.py): derived every EVENTS_INTERVAL_S from device_last_status.
+    events_interval_s: int = 30
+    events_retention_days: int = 30
+    battery_low_pct: int = 20
+    battery_critical_pct: int = 10
+    # A band is left only this far above its threshold, so a device at 19-20 % does not flap.
+    battery_hysteresis_pct: int = 5
+    # Webhooks (scheduler/jobs/webhooks.py): batches, signed, retried with backoff for a day.
+    webhooks_enabled: bool = True  # send deliveries from this process's scheduler
+    webhook_batch_max: int = 500
+    webhook_timeout_s: float = 10.0
+    webhook_retry_for_s: int = 86_400
+    webhook_backoff_base_s: float = 1.0
+    webhook_backoff_max_s: float = 3_600.0
+    webhook_max_in_flight: int = 8
+    webhook_poll_interval_s: float = 1.0
+    webhook_deliveries_keep_days: int = 7
     log_level: str = "INFO"
     # Where the gunicorn workers' Prometheus values live (multiprocess mode); the launcher sets
     # and wipes it. None: metrics of this process only (tests with the Flask test client).

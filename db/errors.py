@@ -11,6 +11,12 @@ class DeviceNotFound(DataError):
         self.device_id = device_id
 
 
+class WebhookNotFound(DataError):
+    def __init__(self, webhook_id: int) -> None:
+        super().__init__(f"no webhook {webhook_id}")
+        self.webhook_id = webhook_id
+
+
 class DuplicateDevice(DataError):
     def __init__(self, device_uids: list[str]) -> None:
         super().__init__(f"device_uid already enrolled: {', '.join(device_uids[:10])}")

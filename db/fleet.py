@@ -116,13 +116,16 @@ def fleet_summary(conn: Connection, *, offline_after_s: int, from_heartbeats: bo
                count(*) FILTER (WHERE s.device_id IS NULL) AS never_seen,
                count(*) FILTER (WHERE d.revoked_at IS NOT NULL) AS revoked,
                count(*) FILTER (WHERE s.charging) AS charging,
+               count(*) FILTER (WHERE s.received_at < now() - interval '1 hour') AS offline_over_1h,
+               count(*) FILTER (WHERE s.received_at < now() - interval '24 hours') AS offline_over_24h,
                {bands}
         FROM {_source(from_heartbeats)}
         GROUP BY s.app_version
         """,
         {"offline_after": offline_after_s},
     ).fetchall()
-    counters = ("total", "online", "never_seen", "revoked", "charging", *(f"battery_{n}" for n, _, _ in BATTERY_BANDS))
+    counters = ("total", "online", "never_seen", "revoked", "charging", "offline_over_1h", "offline_over_24h",
+                *(f"battery_{n}" for n, _, _ in BATTERY_BANDS))
     totals = dict.fromkeys(counters, 0)
     for row in rows:
         for name in counters:
@@ -137,6 +140,8 @@ def fleet_summary(conn: Connection, *, offline_after_s: int, from_heartbeats: bo
         "never_seen": totals["never_seen"],
         "revoked": totals["revoked"],
         "charging": totals["charging"],
+        "offline_over_1h": totals["offline_over_1h"],
+        "offline_over_24h": totals["offline_over_24h"],
         "battery": {name: totals[f"battery_{name}"] for name, _, _ in BATTERY_BANDS},
         "app_versions": dict(versions[:50]),
     }

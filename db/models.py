@@ -134,3 +134,77 @@ class JobRun(Base):
     trigger: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
+
+
+class DeviceEventState(Base):
+    """What the events job last saw of each device; an event is a change of this row (0004)."""
+
+    __tablename__ = "device_event_state"
+
+    device_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    online: Mapped[bool | None] = mapped_column(Boolean)  # None: never seen
+    battery_band: Mapped[str | None] = mapped_column(Text)  # ok|low|critical, None: never seen
+    app_version: Mapped[str | None] = mapped_column(Text)
+    revoked: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+
+class Event(Base):
+    """One transition of one device. Partitioned by RANGE (occurred_at), one partition a day
+    (``events_pYYYYMMDD``), dropped after EVENTS_RETENTION_DAYS. Ids grow in commit order: only
+    the events job (under its advisory lock) inserts."""
+
+    __tablename__ = "events"
+
+    device_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    detail: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'"))
+
+    __table_args__ = (
+        Index("ix_events_id", "id"),
+        Index("ix_events_type_id", "type", "id"),
+        {"postgresql_partition_by": "RANGE (occurred_at)"},
+    )
+
+
+class Webhook(Base):
+    """A receiver of events. ``cursor_event_id``: events up to it are already in deliveries."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str]] = mapped_column(ARRAY(Text), server_default=text("'{}'"))  # empty: all
+    secret: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cursor_event_id: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """One signed batch of events for one webhook, and every attempt to deliver it."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str] = mapped_column(Text, unique=True)  # uuid
+    first_event_id: Mapped[int] = mapped_column(BigInteger)
+    last_event_id: Mapped[int] = mapped_column(BigInteger)
+    event_count: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))  # pending|delivered|failed|cancelled
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    attempt_log: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'"))
+
+    __table_args__ = (Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),)

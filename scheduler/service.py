@@ -20,13 +20,17 @@ from scheduler.locking import JobOutcome, JobReport, Progress, run_locked
 
 log = logging.getLogger(__name__)
 
-JOBS = ("partitions", "nightly", "reconcile")
+JOBS = ("partitions", "nightly", "reconcile", "events")
 JOB_FUNC = "scheduler.service:scheduled_run"  # registered by dotted path
 
 
-def period_of(job: str, now: datetime) -> str:
-    """The period a scheduled run belongs to: the UTC day for nightly, the UTC hour otherwise."""
+def period_of(job: str, now: datetime, every_s: int = 30) -> str:
+    """The period a scheduled run belongs to: the UTC day for nightly, ``every_s`` seconds for
+    events, the UTC hour otherwise."""
     now = now.astimezone(UTC)
+    if job == "events":
+        start = int(now.timestamp()) // every_s * every_s
+        return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return now.date().isoformat() if job == "nightly" else now.strftime("%Y-%m-%dT%H")
 
 
@@ -35,17 +39,21 @@ def job_body(
 ) -> Callable[[], JobOutcome]:
     """The body of one job, bound to its inputs (the clock among them, for tests)."""
     from scheduler.jobs.archive import run_nightly
+    from scheduler.jobs.events import run_events
     from scheduler.jobs.partitions import run_partitions
     from scheduler.jobs.reconcile import run_reconcile
 
     if job == "partitions":
         return lambda: run_partitions(engine, today=now.astimezone(UTC).date(),
-                                      premake_days=settings.partition_premake_days, progress=progress)
+                                      premake_days=settings.partition_premake_days, progress=progress,
+                                      events_retention_days=settings.events_retention_days)
     if job == "nightly":
         return lambda: run_nightly(engine, settings, now=now, progress=progress)
     if job == "reconcile":
         return lambda: run_reconcile(engine, statement_timeout_ms=settings.job_statement_timeout_ms,
                                      progress=progress)
+    if job == "events":
+        return lambda: run_events(engine, settings, now=now, progress=progress)
     raise ValueError(f"unknown job {job!r}; one of {', '.join(JOBS)}")
 
 
@@ -64,7 +72,8 @@ def run_job(
     now = now or datetime.now(UTC)
     job_log = logging.getLogger(f"scheduler.jobs.{job}")
     body = job_body(job, engine, settings, now, progress or job_log.info)
-    return run_locked(engine, job, body, trigger=trigger, period=period_of(job, now) if scheduled else None)
+    period = period_of(job, now, settings.events_interval_s) if scheduled else None
+    return run_locked(engine, job, body, trigger=trigger, period=period)
 
 
 def scheduled_run(job: str, engine: Engine, settings: Settings, trigger: str = "schedule") -> None:
@@ -76,8 +85,10 @@ def scheduled_run(job: str, engine: Engine, settings: Settings, trigger: str = "
 
 
 def add_jobs(scheduler: Any, settings: Settings, engine: Engine, trigger: str) -> None:
-    """Register the three jobs (max_instances=1, coalesce) on an APScheduler scheduler."""
+    """Register the jobs (max_instances=1, coalesce) on an APScheduler scheduler, and the
+    webhook dispatcher pass (no job record: it runs every second and leases its webhooks)."""
     from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
 
     crons = {"partitions": settings.partitions_cron, "nightly": settings.nightly_cron,
              "reconcile": settings.reconcile_cron}
@@ -85,11 +96,21 @@ def add_jobs(scheduler: Any, settings: Settings, engine: Engine, trigger: str) -
         extra: dict[str, Any] = {}
         if job == "partitions":
             extra["next_run_time"] = datetime.now(UTC)  # at start-up too
+        when = (IntervalTrigger(seconds=settings.events_interval_s, timezone=UTC) if job == "events"
+                else CronTrigger.from_crontab(crons[job], timezone=UTC))
         scheduler.add_job(
-            JOB_FUNC, CronTrigger.from_crontab(crons[job], timezone=UTC), id=job, name=job,
+            JOB_FUNC, when, id=job, name=job,
             kwargs={"job": job, "engine": engine, "settings": settings, "trigger": trigger},
             max_instances=1, coalesce=True, misfire_grace_time=3600, replace_existing=True, **extra,
         )
+    if not settings.webhooks_enabled:
+        return
+    scheduler.add_job(
+        "scheduler.jobs.webhooks:dispatch_webhooks",
+        IntervalTrigger(seconds=settings.webhook_poll_interval_s, timezone=UTC), id="webhooks", name="webhooks",
+        kwargs={"engine": engine, "settings": settings}, max_instances=1, coalesce=True,
+        misfire_grace_time=60, replace_existing=True,
+    )
 
 
 def start_scheduler(settings: Settings, engine: Engine) -> Any:

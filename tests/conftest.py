@@ -14,11 +14,13 @@ from sqlalchemy import Engine
 from config.settings import PROJECT_ROOT, Settings
 from db.embedded import EmbeddedCluster
 from db.engine import make_engine
+from db.events import maintain_event_partitions
 from db.migrate import upgrade
 from db.partitions import ensure_partitions
 
 ADMIN_KEY = "test-admin-key-0123456789"
-TABLES = "devices, heartbeats, device_last_status, hb_partitions, job_runs"
+TABLES = ("devices, heartbeats, device_last_status, hb_partitions, job_runs, device_event_state, events, "
+          "webhooks, webhook_deliveries")
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +70,7 @@ def engine(session_engine: Engine) -> Engine:
         )]:
             conn.exec_driver_sql(f"DROP TABLE {name}")
         ensure_partitions(conn, datetime.now(UTC).date(), 7)
+        maintain_event_partitions(conn, datetime.now(UTC).date(), 7, None)
     return session_engine
 
 

@@ -85,6 +85,9 @@ def start_server(
         VAR_DIR=str(tmp),
         ARCHIVE_DIR=str(tmp / "archive"),
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        # Webhooks registered by a test (the fuzzer's arbitrary URLs among them) are sent only
+        # where a test asks for it, to its own receiver on 127.0.0.1.
+        WEBHOOKS_ENABLED="false",
     )
     environ.update(env)  # a test's own settings win (e.g. ARCHIVE_DIR)
     log_path = tmp / f"server-{port}.log"

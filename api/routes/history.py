@@ -21,7 +21,8 @@ HISTORY_DEFAULT_WINDOW = timedelta(hours=24)
 HISTORY_MAX_LIMIT = 10_000
 
 
-def _parse_time(name: str, default: datetime) -> datetime:
+def time_arg(name: str, default: datetime | None) -> datetime | None:
+    """An ISO 8601 query parameter with a time zone; 400 otherwise."""
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
@@ -40,8 +41,8 @@ def device_history(device_id: int) -> Response:
     """Heartbeats of one device with since <= bucket < until (default: the last 24 h)."""
     state = current_state()
     now = datetime.now(UTC)
-    until = _parse_time("until", now + timedelta(seconds=1))
-    since = _parse_time("since", until - HISTORY_DEFAULT_WINDOW)
+    until = time_arg("until", now + timedelta(seconds=1))
+    since = time_arg("since", until - HISTORY_DEFAULT_WINDOW)
     if since >= until:
         raise ApiError(400, "invalid_parameter", "since must be before until")
     limit = int_arg("limit", 1000, 1, HISTORY_MAX_LIMIT)

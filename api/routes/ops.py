@@ -47,6 +47,13 @@ def run_reconcile() -> Response:
     return _run("reconcile")
 
 
+@bp.post("/ops/events")
+@admin_required
+def run_events() -> Response:
+    """Derive and record device events now."""
+    return _run("events")
+
+
 @bp.get("/ops/jobs")
 @admin_required
 def jobs() -> Response:

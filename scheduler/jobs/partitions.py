@@ -13,6 +13,7 @@ from datetime import date
 
 from sqlalchemy import Connection, Engine
 
+from db.events import maintain_event_partitions
 from db.partitions import PartitionSpec, create_partition, list_partitions, plan_partitions
 from scheduler.locking import JobOutcome, Progress
 
@@ -39,8 +40,10 @@ def apply_partitions(conn: Connection, plan: list[PartitionSpec], progress: Prog
     return [spec.name for spec in plan]
 
 
-def run_partitions(engine: Engine, *, today: date, premake_days: int, progress: Progress) -> JobOutcome:
-    """The partitions job body: plan against what exists, create what is missing."""
+def run_partitions(engine: Engine, *, today: date, premake_days: int, progress: Progress,
+                   events_retention_days: int | None = None) -> JobOutcome:
+    """The partitions job body: plan against what exists, create what is missing; the same for
+    the events table, whose days past ``events_retention_days`` are dropped (None: none)."""
     with engine.begin() as conn:
         # The same DDL lock as db.partitions.ensure_partitions (start-up, ingest on demand).
         conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
@@ -50,7 +53,11 @@ def run_partitions(engine: Engine, *, today: date, premake_days: int, progress: 
                  f"(today {today} + {premake_days} days ahead)")
         created = apply_partitions(conn, plan, progress)
         defaults = list_default_partitions(conn)
-    detail: dict = {"created": created, "attached": len(existing) + len(created), "today": today.isoformat()}
+        events_created, events_dropped = maintain_event_partitions(conn, today, premake_days, events_retention_days)
+    if events_created or events_dropped:
+        progress(f"events partitions: created {events_created}, dropped past retention {events_dropped}")
+    detail: dict = {"created": created, "attached": len(existing) + len(created), "today": today.isoformat(),
+                    "events_created": events_created, "events_dropped": events_dropped}
     if defaults:
         detail["default_partitions"] = defaults
         progress(f"WARNING: default partition(s) {defaults} exist; rows there block overlapping partitions")

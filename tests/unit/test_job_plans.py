@@ -73,11 +73,17 @@ def test_jobs_are_registered_by_dotted_path_once_at_a_time():
     scheduler.start(paused=True)
     try:
         jobs = {job.id: job for job in scheduler.get_jobs()}
-        assert set(jobs) == {"partitions", "nightly", "reconcile"}
+        assert set(jobs) == {"partitions", "nightly", "reconcile", "events", "webhooks"}
+        dispatcher = jobs.pop("webhooks")  # not a recorded job: a pass every second that leases webhooks
+        assert dispatcher.func_ref == "scheduler.jobs.webhooks:dispatch_webhooks" and dispatcher.max_instances == 1
         for job in jobs.values():
             assert job.func_ref == JOB_FUNC and job.max_instances == 1 and job.coalesce is True
+        assert jobs["events"].trigger.interval == timedelta(seconds=30)
         assert jobs["nightly"].next_run_time.hour == 2 and jobs["nightly"].next_run_time.minute == 15
         # partitions also runs at start-up
         assert jobs["partitions"].next_run_time <= datetime.now(UTC) + timedelta(seconds=1)
     finally:
         scheduler.shutdown(wait=False)
+    scheduler = BackgroundScheduler(timezone=UTC)
+    add_jobs(scheduler, Settings(database_url="unused", webhooks_enabled=False), engine=None, trigger="schedule")
+    assert "webhooks" not in {job.id for job in scheduler.get_jobs()}
