@@ -92,9 +92,15 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["webhooks"]:
+        from api.webhooks_cli import run
+
+        return run(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m api", description="Run the NexMDM API.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="embedded DB (if DATABASE_URL is unset) + migrations + both planes")
+    sub.add_parser("webhooks", help="add, list, delete webhooks and read their delivery logs (--help)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(Settings.from_env())

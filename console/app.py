@@ -35,6 +35,7 @@ from console.sources.simulator import (
     SimReport,
     SimulatorProcess,
 )
+from console.widgets.events import feed_markup
 from console.widgets.jobs import JobsPanel
 from console.widgets.latency import LatencyChart
 from console.widgets.pool import PoolPanel
@@ -236,9 +237,9 @@ class ConsoleApp(App[None]):
         if self.autopoll:
             self.start_poll()
 
-    def log_event(self, text: str, style: str = "") -> None:
-        """Add a line to the Events panel, time-stamped with the app's clock."""
-        stamp = self.clock().astimezone(UTC).strftime("%H:%M:%S")
+    def log_event(self, text: str, style: str = "", at: datetime | None = None) -> None:
+        """Add a line to the Events panel, time-stamped with ``at`` or the app's clock."""
+        stamp = (at or self.clock()).astimezone(UTC).strftime("%H:%M:%S")
         body = f"[{style}]{escape(text)}[/]" if style else escape(text)
         self.query_one("#events", RichLog).write(f"[dim]{stamp}[/] {body}")
 
@@ -285,6 +286,8 @@ class ConsoleApp(App[None]):
         jobs.reading = snap.jobs
         jobs.pending = frozenset(self._pending_jobs)
         self._show_latency()
+        for line in snap.feed:
+            self.log_event(*feed_markup(line), at=line.at)
         if snap.status != self._last_status:
             self._status_changed(snap)
         self._last_status = snap.status

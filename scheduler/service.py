@@ -46,7 +46,8 @@ def job_body(
     if job == "partitions":
         return lambda: run_partitions(engine, today=now.astimezone(UTC).date(),
                                       premake_days=settings.partition_premake_days, progress=progress,
-                                      events_retention_days=settings.events_retention_days)
+                                      events_retention_days=settings.events_retention_days,
+                                      deliveries_keep_days=settings.webhook_deliveries_keep_days)
     if job == "nightly":
         return lambda: run_nightly(engine, settings, now=now, progress=progress)
     if job == "reconcile":

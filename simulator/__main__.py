@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-read-p95-ms", type=float, default=seed.read_p95_ms, help="fast read p95 target (20)")
     p.add_argument("--target-error-pct", type=float, default=seed.error_rate_pct, help="error rate target (0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress line")
+    p.add_argument("--outage-pct", type=float, default=0.0,
+                   help="silence this share of the fleet in %% (a carrier outage) and check the server's "
+                   "device_offline/device_online events for exactly those devices (0 = no outage)")
+    p.add_argument("--outage-at", type=float, default=30.0, help="seconds into the load the outage starts (30)")
+    p.add_argument("--outage-for", type=float, default=240.0,
+                   help="seconds the outage lasts (240; must exceed the server's OFFLINE_AFTER_SECONDS "
+                   "plus its EVENTS_INTERVAL_S)")
+    p.add_argument("--outage-grace", type=float, default=30.0,
+                   help="seconds to wait after the run for the server's events job (30)")
     return p
 
 
@@ -119,6 +128,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_retries=args.max_retries, skewed_clock_pct=args.skewed_clock_pct,
         seed=args.seed, token_cache=args.token_cache, verify_sample=args.verify_sample,
         progress_jsonl=args.progress_jsonl, show_progress=not args.quiet,
+        outage_pct=args.outage_pct, outage_at_s=args.outage_at, outage_for_s=args.outage_for,
+        outage_grace_s=args.outage_grace,
         targets=Targets(heartbeat_p95_ms=args.target_p95_ms, heartbeat_p99_ms=args.target_p99_ms,
                         read_p95_ms=args.target_read_p95_ms, error_rate_pct=args.target_error_pct),
     )

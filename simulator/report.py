@@ -200,6 +200,12 @@ def render_text(report: dict[str, Any]) -> str:
         value = _fmt(c["value"], c["unit"])
         target = c["target"] + (" " + c["unit"] if c["unit"] else "")
         lines.append(f"  {c['name']:<30} {value:>14}   target {target:<10} {c['status']}")
+    outage = report.get("outage")
+    if outage:
+        lines.append(f"  {'outage events':<30} {outage['offline_events']:>7,} offline {outage['online_events']:>7,} "
+                     f"online   of {outage['silenced']:,} silenced  {'PASS' if outage['exact'] else 'FAIL'}")
+        lines.append(f"Outage ({outage['pct']:g} % at {outage['at_s']:g} s for {outage['for_s']:g} s): "
+                     f"{outage['summary']}")
     for warning in report.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     lines += ["", report["summary"]]

@@ -32,6 +32,7 @@ from gevent.queue import Queue
 
 from simulator import report as rep
 from simulator.devices import Behaviour, Device, WallClock, first_send_offset_s, next_send_s, retry_delay_s
+from simulator.outage import check_outage, plan_outage
 from simulator.server import (
     AdminApi,
     EnrolledDevice,
@@ -73,6 +74,11 @@ class SimConfig:
     progress_jsonl: bool = False
     show_progress: bool = True
     targets: rep.Targets = rep.SEED_TARGETS
+    # --outage-pct/--outage-at/--outage-for/--outage-grace (simulator/outage.py); pct 0: no outage
+    outage_pct: float = 0.0
+    outage_at_s: float = 30.0
+    outage_for_s: float = 240.0
+    outage_grace_s: float = 30.0
     admin_url: str = ""  # the operator plane (enrollment, reads, pool health); "" = url (one plane)
 
     @property
@@ -217,6 +223,9 @@ class LoadRun:
         self.pool_latest: float | None = None
         self.phase = "load"
         self.end_s = cfg.duration_s  # moves earlier when a stop is requested
+        self.outage = (plan_outage(len(self.devices), cfg.outage_pct, cfg.outage_at_s, cfg.outage_for_s, cfg.seed)
+                       if cfg.outage_pct else None)
+        self.went_offline_ids: set[int] = set()  # flaky devices that fell silent by themselves
 
     def request_stop(self) -> None:
         """End the load now (a signal, the console's Stop): in-flight sends and their retries
@@ -248,7 +257,11 @@ class LoadRun:
         if device.is_offline(due_s):
             self.stats.count("skipped_offline")
             return
+        if self.outage is not None and self.outage.silences(device.index, due_s):
+            self.stats.count("skipped_outage")
+            return
         if device.maybe_go_offline(self.behaviour, due_s, self.rng):
+            self.went_offline_ids.add(device.device_id)
             self.stats.count("went_offline")
             self.stats.count("skipped_offline")
             return
@@ -628,6 +641,22 @@ def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream
             on_start(load)
         run = load.run()
         no_loss = verify_no_loss(api, run.acked, cfg.verify_sample, stream, cfg.show_progress)
+        outage = None
+        if load.outage is not None:
+            outage = check_outage(api, load.outage, datetime.fromisoformat(run.started_at), run.load_s,
+                                  [d.device_id for d in load.devices], load.went_offline_ids, cfg.outage_grace_s)
     finally:
         api.close()
-    return build_report(cfg, run, no_loss)
+    report = build_report(cfg, run, no_loss)
+    if outage is not None:
+        add_outage_check(report, outage)
+    return report
+
+
+def add_outage_check(report: dict[str, Any], outage: dict[str, Any]) -> None:
+    """Put the outage check in the report; a mismatch fails the run."""
+    report["outage"] = outage
+    if not outage["exact"]:
+        report["verdict"] = "FAIL"
+        report["failed"] = [*report["failed"], "outage events"]
+        report["summary"] = rep.summary_line(False, report["failed"])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+from console.sources.feed import FeedLine, FeedSource, FleetEventsSource
 from console.sources.http import AUTH, DOWN, ERROR, UNAVAILABLE, ApiClient, EndpointError
 from console.sources.metrics import MetricsSample, Traffic, diff_metrics, parse_metrics
 
@@ -80,6 +81,7 @@ class ServerSnapshot:
     traffic: Reading[Traffic]
     jobs: Reading[dict[str, JobRun]]  # the latest run of each job, by job name
     fleet: Reading[FleetSummary]
+    feed: tuple[FeedLine, ...] = ()  # new lines for the Events panel, from every feed source
 
 
 def pool_status(pct: float) -> str:
@@ -168,10 +170,12 @@ class ServerPoller:
     Not thread-safe by design: the console runs one poll at a time (the next is scheduled only
     when the last has finished)."""
 
-    def __init__(self, client: ApiClient, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, client: ApiClient, clock: Callable[[], float] = time.monotonic,
+                 feeds: list[FeedSource] | None = None) -> None:
         self.client = client
         self._clock = clock
         self._last_metrics: MetricsSample | None = None
+        self.feeds: list[FeedSource] = feeds if feeds is not None else [FleetEventsSource(client)]
 
     def poll(self) -> ServerSnapshot:
         """Read every endpoint once; never raises for what the server does."""
@@ -192,7 +196,17 @@ class ServerPoller:
             status, message = DOWN, next(r.message for r in readings if r.kind == DOWN)
         else:
             status, message = "ok", ""
-        return ServerSnapshot(polled_at, self._clock() - started, status, message, pool, traffic, jobs, fleet)
+        feed = self._feed() if status == "ok" else ()
+        return ServerSnapshot(polled_at, self._clock() - started, status, message, pool, traffic, jobs, fleet, feed)
+
+    def _feed(self) -> tuple[FeedLine, ...]:
+        lines: list[FeedLine] = []
+        for source in self.feeds:
+            try:
+                lines += source.poll()
+            except EndpointError as err:  # the source keeps its cursor and tries again next poll
+                lines.append(FeedLine(datetime.now(UTC), source.name, "warn", f"{source.name} events: {err.message}"))
+        return tuple(lines)
 
     def _jobs(self) -> dict[str, JobRun]:
         """The latest run of each job: one call for the recent runs, then one per job still

@@ -9,12 +9,13 @@ days; then the writer creates that day's partition itself and retries (api/inges
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime, time, timedelta
 
 from sqlalchemy import Connection, Engine
 
 from db.events import maintain_event_partitions
 from db.partitions import PartitionSpec, create_partition, list_partitions, plan_partitions
+from db.webhooks import prune_deliveries
 from scheduler.locking import JobOutcome, Progress
 
 __all__ = ["apply_partitions", "plan_partitions", "run_partitions"]
@@ -41,9 +42,10 @@ def apply_partitions(conn: Connection, plan: list[PartitionSpec], progress: Prog
 
 
 def run_partitions(engine: Engine, *, today: date, premake_days: int, progress: Progress,
-                   events_retention_days: int | None = None) -> JobOutcome:
+                   events_retention_days: int | None = None, deliveries_keep_days: int | None = None) -> JobOutcome:
     """The partitions job body: plan against what exists, create what is missing; the same for
-    the events table, whose days past ``events_retention_days`` are dropped (None: none)."""
+    the events table, whose days past ``events_retention_days`` are dropped (None: none); and
+    finished webhook deliveries older than ``deliveries_keep_days`` are deleted."""
     with engine.begin() as conn:
         # The same DDL lock as db.partitions.ensure_partitions (start-up, ingest on demand).
         conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
@@ -54,10 +56,15 @@ def run_partitions(engine: Engine, *, today: date, premake_days: int, progress: 
         created = apply_partitions(conn, plan, progress)
         defaults = list_default_partitions(conn)
         events_created, events_dropped = maintain_event_partitions(conn, today, premake_days, events_retention_days)
+        pruned = 0
+        if deliveries_keep_days is not None:
+            cutoff = datetime.combine(today - timedelta(days=deliveries_keep_days), time(0), tzinfo=UTC)
+            pruned = prune_deliveries(conn, cutoff)
     if events_created or events_dropped:
         progress(f"events partitions: created {events_created}, dropped past retention {events_dropped}")
     detail: dict = {"created": created, "attached": len(existing) + len(created), "today": today.isoformat(),
-                    "events_created": events_created, "events_dropped": events_dropped}
+                    "events_created": events_created, "events_dropped": events_dropped,
+                    "webhook_deliveries_pruned": pruned}
     if defaults:
         detail["default_partitions"] = defaults
         progress(f"WARNING: default partition(s) {defaults} exist; rows there block overlapping partitions")

@@ -205,3 +205,17 @@ def test_deleted_webhook_gets_nothing_more(engine, settings, client, admin, rece
     assert client.delete(f"/v1/webhooks/{hook['id']}", headers=admin).status_code == 200
     assert dispatcher.run_once().delivered == 0 and receiver.received == []
     assert scalar(engine, "SELECT status FROM webhook_deliveries") == "cancelled"
+
+
+def test_partitions_job_prunes_finished_deliveries_past_their_days(engine, settings, client, admin):
+    hook = register(client, admin, "http://127.0.0.1:9/hook")
+    with engine.begin() as conn:
+        for status, days_ago in (("delivered", 10), ("failed", 9), ("pending", 10), ("delivered", 1)):
+            conn.exec_driver_sql(
+                "INSERT INTO webhook_deliveries (webhook_id, idempotency_key, first_event_id, last_event_id, "
+                "event_count, body, status, created_at, next_attempt_at) VALUES (%(w)s, gen_random_uuid(), 1, 1, 1, "
+                "'{}', %(s)s, now() - make_interval(days => %(d)s), now())",
+                {"w": hook["id"], "s": status, "d": days_ago})
+    report = run_job("partitions", engine, settings, progress=lambda line: None)
+    assert report.detail["webhook_deliveries_pruned"] == 2  # kept: the pending one, and the recent one
+    assert scalar(engine, "SELECT string_agg(status, ',' ORDER BY id) FROM webhook_deliveries") == "pending,delivered"
