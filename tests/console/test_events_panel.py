@@ -51,7 +51,7 @@ async def test_events_panel_shows_an_offline_burst_live(live_server, engine, set
         insert_heartbeats(conn, [row(d, t0) for d in devices[:12]])
     run_job("events", engine, settings, now=t0, progress=lambda line: None)  # 12 came online
 
-    app = make_app(live_server.url, live_server.admin_key, tmp_path)
+    app = make_app(live_server.admin_url, live_server.admin_key, tmp_path)
     app.poller.feeds.append(AuditStub())
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: "12 devices came online" in events_text(app), what="the first look")
@@ -74,7 +74,7 @@ async def test_events_panel_shows_an_offline_burst_live(live_server, engine, set
 def test_fleet_source_pages_through_a_big_burst(live_server, engine, settings):
     devices = make_devices(engine, 25)
     t0 = datetime.now(UTC).replace(microsecond=0)
-    source = FleetEventsSource(ApiClient(live_server.url, live_server.admin_key), page=10, max_pages=5)
+    source = FleetEventsSource(ApiClient(live_server.admin_url, live_server.admin_key), page=10, max_pages=5)
     assert source.poll() == [] and source.cursor == 0
     with engine.begin() as conn:
         insert_heartbeats(conn, [row(d, t0) for d in devices])

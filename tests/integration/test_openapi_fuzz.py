@@ -5,6 +5,7 @@ operation, derandomized."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -85,7 +86,7 @@ def test_each_plane_answers_the_others_endpoints_with_a_404_naming_it(fuzz_serve
             plane = operation["x-nexmdm-plane"]
             if plane == "both":
                 continue
-            status, body = call(wrong[plane] + path.replace("{device_id}", str(devices[0].id)), method.upper(),
+            status, body = call(wrong[plane] + re.sub(r"\{[a-z_]+\}", str(devices[0].id), path), method.upper(),
                                 {} if method == "post" else None, {"x-admin": ADMIN_KEY})
             assert status == 404 and body["error"] == "wrong_plane", (method, path, status, body)
             assert f"served by the {plane} plane" in body["detail"], body

@@ -22,7 +22,8 @@ def test_outage_is_reported_exactly_and_a_missed_one_fails(database_url: str, en
     server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, **FAST_EVENTS)
     try:
         common = ("--devices", "40", "--interval", "1.5", "--jitter", "0.2", "--flaky-pct", "0",
-                  "--admin-key", ADMIN_KEY, "--url", server.url, "--token-cache", str(tmp_path / "tokens.json"),
+                  "--admin-key", ADMIN_KEY, "--url", server.url, "--admin-url", server.admin_url,
+                  "--token-cache", str(tmp_path / "tokens.json"),
                   "--outage-pct", "10", "--outage-at", "3", "--outage-grace", "5", "--quiet", *LOOSE_LATENCY)
         out = tmp_path / "outage.json"
         proc = simulator(*common, "--duration", "16", "--outage-for", "8", "--output", str(out))
