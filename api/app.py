@@ -9,15 +9,17 @@ from sqlalchemy import Engine
 
 from api.auth import TokenCache
 from api.errors import configure_errors
-from api.metrics import MeteredQueuePool
+from api.metrics import MeteredQueuePool, observe_replica, set_plane
 from api.planes import configure_plane
 from api.state import AppState
 from config.settings import Settings
 from db.engine import make_engine
+from db.reads import ReadRouter, make_read_router
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: str | None = None) -> Flask:
     """Build the Flask app of ``settings.plane``. ``settings.database_url`` must be resolved (see db.engine)."""
+    set_plane(settings.plane)  # the label of this process's worker and pool gauges
     app = Flask("nexmdm")
     app.config["MAX_CONTENT_LENGTH"] = None  # limits are per route (api/body.py)
     key = admin_key or settings.admin_key
@@ -25,15 +27,38 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
         raise ValueError("create_app needs an admin key (ADMIN_KEY, or config.admin_key.ensure_admin_key)")
     app.config["NEXMDM_ADMIN_KEY"] = key
     engine = engine or make_engine(settings, pool_class=MeteredQueuePool)
+    reads = make_read_router(settings, engine, observe_replica) if settings.plane != "device" else ReadRouter(engine)
     app.extensions["nexmdm"] = AppState(
         settings=settings, engine=engine, admin_key=key,
         tokens=TokenCache(engine, settings.token_cache_ttl_s, settings.token_sync_interval_s),
+        reads=reads,
     )
+    configure_lag_guard(reads, settings)
     configure_logging(settings)
     configure_errors(app)
     configure_plane(app, settings.plane)
     configure_metrics(app, settings.plane)
     return app
+
+
+def configure_lag_guard(reads: ReadRouter, settings: Settings) -> None:
+    """Measure the replica's lag every READ_LAG_CHECK_INTERVAL_S in the background (a greenlet
+    in a gevent worker, else a daemon thread); nothing without a replica."""
+    if not reads.enabled:
+        return
+    from api.concurrency import gevent_active
+
+    interval_s = settings.read_lag_check_interval_s
+    if gevent_active():
+        import gevent
+
+        gevent.spawn(reads.run_guard, gevent.sleep, interval_s)
+    else:
+        import threading
+        import time
+
+        threading.Thread(target=reads.run_guard, args=(time.sleep, interval_s), daemon=True,
+                         name="replica-lag-guard").start()
 
 
 def configure_logging(settings: Settings) -> None:

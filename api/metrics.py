@@ -85,32 +85,48 @@ TOKEN_CACHE_MISSES = Counter(
     "Device tokens not in the worker's cache, looked up in the database (a worker's first call "
     "from each device, and after a rotation or revocation). Flat in steady state.",
 )
+# Worker and pool gauges carry the plane of the worker (device, operator; all when one process
+# serves both): /ops/pool_health reports each plane's pools and their sum.
 WORKER_PROCESSES = Gauge(
-    f"{PREFIX}_worker_processes", "Live API worker processes.", multiprocess_mode="livesum",
+    f"{PREFIX}_worker_processes", "Live API worker processes, by plane.", ["plane"], multiprocess_mode="livesum",
 )
 POOL_SIZE = Gauge(
     f"{PREFIX}_db_pool_size_connections",
-    "Configured pool size (DB_POOL_SIZE), summed over live workers.", multiprocess_mode="livesum",
+    "Configured pool size (DB_POOL_SIZE), summed over live workers, by plane.", ["plane"],
+    multiprocess_mode="livesum",
 )
 POOL_MAX_OVERFLOW = Gauge(
     f"{PREFIX}_db_pool_max_overflow_connections",
-    "Configured pool overflow (DB_MAX_OVERFLOW), summed over live workers.", multiprocess_mode="livesum",
+    "Configured pool overflow (DB_MAX_OVERFLOW), summed over live workers, by plane.", ["plane"],
+    multiprocess_mode="livesum",
 )
 POOL_CHECKED_OUT = Gauge(
     f"{PREFIX}_db_pool_checked_out_connections",
-    "Connections checked out of the pool (in use), summed over live workers.", multiprocess_mode="livesum",
+    "Connections checked out of the pool (in use), summed over live workers, by plane.", ["plane"],
+    multiprocess_mode="livesum",
 )
 POOL_OVERFLOW = Gauge(
     f"{PREFIX}_db_pool_overflow_connections",
-    "Connections open beyond the pool size, summed over live workers.", multiprocess_mode="livesum",
+    "Connections open beyond the pool size, summed over live workers, by plane.", ["plane"],
+    multiprocess_mode="livesum",
 )
 POOL_UTILIZATION = Gauge(
     f"{PREFIX}_db_pool_utilization_ratio",
-    "Checked out / (pool size + max overflow) of the busiest live worker (each worker has its own "
-    "pool; the one that runs out is the one whose requests fail). Server-wide: "
+    "Checked out / (pool size + max overflow) of the busiest live worker of the plane (each worker "
+    "has its own pool; the one that runs out is the one whose requests fail). Server-wide: "
     "checked_out_connections / (size_connections + max_overflow_connections).",
+    ["plane"],
     multiprocess_mode="livemax",
 )
+# Gauges combined over planes by their maximum (the busiest worker), the others by their sum.
+_MAX_OVER_PLANES = {f"{PREFIX}_db_pool_utilization_ratio"}
+_plane = "all"
+
+
+def set_plane(plane: str) -> None:
+    """The plane this process serves: the label of its worker and pool gauges (before the engine)."""
+    global _plane
+    _plane = plane
 POOL_CHECKOUT_WAIT_SECONDS = Histogram(
     f"{PREFIX}_db_pool_checkout_wait_seconds",
     "Time to get a connection from the pool (including opening one), timeouts and failures included.",
@@ -205,9 +221,42 @@ def initialize_series() -> None:
         HEARTBEATS_REJECTED.labels(reason)
 
 
+class ReplicaStateLike(Protocol):
+    """What observe_replica reads from a lag measurement (db.reads.ReplicaState)."""
+
+    reachable: bool
+    lag_s: float | None
+
+
+_replica_gauges: tuple[Gauge, Gauge] | None = None
+
+
+def _replica_series() -> tuple[Gauge, Gauge]:
+    # Created on the first measurement, so only processes that read from a replica export them
+    # (a device-plane worker's zero would otherwise read as "no lag" and "down").
+    global _replica_gauges
+    if _replica_gauges is None:
+        _replica_gauges = (
+            Gauge(f"{PREFIX}_replica_lag_seconds",
+                  "Upper bound of the read replica's lag, measured every second by the lag guard "
+                  "(NaN while it cannot be reached). Above READ_MAX_LAG_S, reads go to the primary.",
+                  multiprocess_mode="livemax"),
+            Gauge(f"{PREFIX}_replica_up", "1 while the read replica answers the lag guard as a standby, else 0.",
+                  multiprocess_mode="livemin"),
+        )
+    return _replica_gauges
+
+
+def observe_replica(state: ReplicaStateLike) -> None:
+    """The lag guard's listener: publish one measurement."""
+    lag, up = _replica_series()
+    up.set(1 if state.reachable else 0)
+    lag.set(state.lag_s if state.reachable and state.lag_s is not None else float("nan"))
+
+
 def mark_worker_ready() -> None:
-    """Count this process among the live workers (summed over live workers)."""
-    WORKER_PROCESSES.set(1)
+    """Count this process among the live workers of its plane (summed over live workers)."""
+    WORKER_PROCESSES.labels(_plane).set(1)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -240,8 +289,11 @@ class MeteredQueuePool(QueuePool):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._capacity = max(1, self.size() + max(0, self._max_overflow))
-        POOL_SIZE.set(self.size())
-        POOL_MAX_OVERFLOW.set(max(0, self._max_overflow))
+        self._gauge_checked_out = POOL_CHECKED_OUT.labels(_plane)
+        self._gauge_overflow = POOL_OVERFLOW.labels(_plane)
+        self._gauge_utilization = POOL_UTILIZATION.labels(_plane)
+        POOL_SIZE.labels(_plane).set(self.size())
+        POOL_MAX_OVERFLOW.labels(_plane).set(max(0, self._max_overflow))
         self._publish()
 
     def _do_get(self) -> Any:
@@ -261,9 +313,9 @@ class MeteredQueuePool(QueuePool):
 
     def _publish(self) -> None:
         checked_out = self.checkedout()
-        POOL_CHECKED_OUT.set(checked_out)
-        POOL_OVERFLOW.set(max(0, self.overflow()))
-        POOL_UTILIZATION.set(checked_out / self._capacity)
+        self._gauge_checked_out.set(checked_out)
+        self._gauge_overflow.set(max(0, self.overflow()))
+        self._gauge_utilization.set(checked_out / self._capacity)
 
 
 def prepare_multiproc_dir(path: Path) -> Path:
@@ -315,20 +367,29 @@ def render_metrics(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry
 
 
 def live_gauge_values(multiproc_dir: Path | None) -> dict[str, float]:
-    """Unlabelled gauge values of the whole server (pool figures, worker count), by name.
+    """The whole server's pool figures and worker count, by name: each gauge summed over the
+    planes (utilisation: the busiest plane's). Multiprocess mode reads only the live-gauge files
+    (cheap); otherwise this process's gauges."""
+    values: dict[str, float] = {}
+    for plane_values in live_gauge_values_by_plane(multiproc_dir).values():
+        for name, value in plane_values.items():
+            values[name] = max(values.get(name, value), value) if name in _MAX_OVER_PLANES else (
+                values.get(name, 0.0) + value)
+    return values
 
-    Multiprocess mode reads only the live-gauge files (cheap); otherwise this process's gauges.
-    """
+
+def live_gauge_values_by_plane(multiproc_dir: Path | None) -> dict[str, dict[str, float]]:
+    """Pool figures and worker count per plane (``{"device": {name: value}, ...}``)."""
     if multiproc_dir is not None:
         files = _sized_files(multiproc_dir.glob("gauge_live*_*.db"))
         families: Iterable[Any] = pc_multiprocess.MultiProcessCollector.merge(files, accumulate=False)
     else:
         families = REGISTRY.collect()
-    values: dict[str, float] = {}
+    planes: dict[str, dict[str, float]] = {}
     for family in families:
         if family.type != "gauge" or not family.name.startswith(PREFIX):
             continue
         for sample in family.samples:
-            if not sample.labels:
-                values[sample.name] = sample.value
-    return values
+            if set(sample.labels) == {"plane"}:
+                planes.setdefault(sample.labels["plane"], {})[sample.name] = sample.value
+    return planes

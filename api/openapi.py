@@ -42,7 +42,7 @@ OPERATIONS: list[Operation] = [
     Operation("post", "/v1/devices/{device_id}/revoke", "Revoke a device", "admin",
               response=s.RevokeOut, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
     Operation("get", "/v1/devices/{device_id}", "Current status of one device", "admin",
-              response=s.DeviceStatus, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
+              response=s.DeviceStatusRead, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
     Operation("get", "/v1/devices", "Fleet list with filters and keyset pagination", "admin",
               response=s.DeviceList,
               params=(("status", "query", "string"), ("battery_below", "query", "integer"),

@@ -15,7 +15,7 @@ import msgspec
 from msgspec import Struct
 from sqlalchemy.pool import Pool, QueuePool
 
-from api.metrics import PREFIX, live_gauge_values
+from api.metrics import PREFIX, live_gauge_values, live_gauge_values_by_plane
 from db.connections import ConnectionUse
 
 WARN_PCT = 80.0
@@ -47,9 +47,10 @@ class PostgresFigures(Struct):
 
 
 class PoolHealth(PoolFigures):
-    """GET /ops/pool_health: the pool figures of every live worker (PoolFigures' fields), then
-    PostgreSQL's, then the judgement."""
+    """GET /ops/pool_health: the pool figures of every live worker of both planes (PoolFigures'
+    fields), each plane's (``planes``), then PostgreSQL's, then the judgement."""
 
+    planes: dict[str, PoolFigures]
     status: Status
     reasons: list[str]
     postgres: PostgresFigures | None
@@ -106,6 +107,15 @@ def server_pool_figures(multiproc_dir: Path | None, pool: Pool) -> PoolFigures:
     return figures_from_pool(pool)
 
 
+def plane_pool_figures(multiproc_dir: Path | None, pool: Pool, plane: str) -> dict[str, PoolFigures]:
+    """Each plane's pool figures (device, operator; all when one process serves both): from the
+    workers' gauges, or this process's pool as ``plane``."""
+    if multiproc_dir is not None:
+        return {name: figures_from_gauges(values)
+                for name, values in sorted(live_gauge_values_by_plane(multiproc_dir).items())}
+    return {plane: figures_from_pool(pool)}
+
+
 def postgres_figures(use: ConnectionUse) -> PostgresFigures:
     return PostgresFigures(
         max_connections=use.max_connections,
@@ -118,7 +128,8 @@ def postgres_figures(use: ConnectionUse) -> PostgresFigures:
 
 
 def assess(
-    pool: PoolFigures, postgres: PostgresFigures | None, postgres_error: str | None, now: datetime
+    pool: PoolFigures, postgres: PostgresFigures | None, postgres_error: str | None, now: datetime,
+    planes: dict[str, PoolFigures] | None = None,
 ) -> PoolHealth:
     """Judge the figures. The status is the worst of: the busiest worker's pool (a worker whose
     pool runs out fails its requests even when the others idle), PostgreSQL's connection use,
@@ -133,8 +144,11 @@ def assess(
             if _RANK[candidate] > _RANK[status]:
                 status = candidate
 
+    by_plane = planes or {}
+    busiest = max(by_plane, key=lambda p: by_plane[p].busiest_worker_utilization_pct, default=None)
+    where = f" of the {busiest} plane" if busiest and len(by_plane) > 1 else ""
     worse(judge(pool.busiest_worker_utilization_pct),
-          f"pool utilisation {pool.busiest_worker_utilization_pct} % in the busiest worker "
+          f"pool utilisation {pool.busiest_worker_utilization_pct} % in the busiest worker{where} "
           f"({pool.utilization_pct} % over {pool.workers} workers)")
     if postgres is None:
         worse("CRITICAL", f"PostgreSQL connection figures unavailable: {postgres_error}")
@@ -147,6 +161,6 @@ def assess(
             worse("WARN", f"the pools of all workers may open {pool.capacity} connections, "
                           f"more than the {available} PostgreSQL allows")
     return PoolHealth(
-        **msgspec.structs.asdict(pool), status=status, reasons=reasons, postgres=postgres,
+        **msgspec.structs.asdict(pool), planes=by_plane, status=status, reasons=reasons, postgres=postgres,
         postgres_error=postgres_error, warn_pct=WARN_PCT, critical_pct=CRITICAL_PCT, as_of=now,
     )

@@ -43,6 +43,11 @@ def format_report(url: str, health: dict[str, Any]) -> str:
         f"(size {h['pool_size']} + max overflow {h['max_overflow']}), overflow {h['overflow']}, "
         f"utilisation {h['utilization_pct']} %, busiest worker {h['busiest_worker_utilization_pct']} %",
     ]
+    for plane, p in (h.get("planes") or {}).items():
+        lines.append(
+            f"    {plane} plane ({p['workers']} workers): {p['in_use']} of {p['capacity']} in use, "
+            f"busiest worker {p['busiest_worker_utilization_pct']} %"
+        )
     pg = h.get("postgres")
     if pg:
         lines.append(

@@ -7,6 +7,8 @@ from typing import Any
 import msgspec
 from flask import Response
 
+from db.reads import ReadSource
+
 _encoder = msgspec.json.Encoder()
 
 
@@ -16,3 +18,10 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response
+
+
+def with_source(body: dict[str, Any], source: ReadSource) -> dict[str, Any]:
+    """A read's answer, saying where it came from (``source``) and the replica's lag then."""
+    body["source"] = source.name
+    body["replica_lag_s"] = source.replica_lag_s
+    return body

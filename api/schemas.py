@@ -89,9 +89,28 @@ class DeviceStatus(Struct):
     free_storage_mb: int | None
 
 
+ReadSourceName = Annotated[
+    Literal["primary", "replica"],
+    Meta(description="where the read was answered: the streaming replica, or the primary (no replica "
+                     "configured, or it lags more than READ_MAX_LAG_S, or it cannot be reached)"),
+]
+ReplicaLag = Annotated[
+    float | None, Meta(description="the replica's lag bound in seconds at the time (null: no replica, or unreachable)")
+]
+
+
+class DeviceStatusRead(DeviceStatus):
+    """GET /v1/devices/<id>: the device's status, and where it was read."""
+
+    source: ReadSourceName
+    replica_lag_s: ReplicaLag
+
+
 class DeviceList(Struct):
     devices: list[DeviceStatus]
     next_after: Annotated[int | None, Meta(description="pass as ?after= for the next page")]
+    source: ReadSourceName
+    replica_lag_s: ReplicaLag
 
 
 class FleetSummary(Struct):
@@ -106,6 +125,8 @@ class FleetSummary(Struct):
     battery: dict[str, int]
     app_versions: dict[str, int]
     as_of: datetime
+    source: ReadSourceName
+    replica_lag_s: ReplicaLag
 
 
 class HeartbeatRecord(Struct):
@@ -130,6 +151,8 @@ class HeartbeatHistory(Struct):
     since: datetime
     until: datetime
     heartbeats: list[HeartbeatRecord]
+    source: ReadSourceName
+    replica_lag_s: ReplicaLag
 
 
 class Error(Struct):

@@ -13,6 +13,7 @@ from api.auth import TokenCache
 from api.ingest import DirectWriter, GroupCommitWriter, make_writer
 from api.metrics import observe_flush
 from config.settings import Settings
+from db.reads import ReadRouter
 
 
 @dataclass
@@ -21,6 +22,7 @@ class AppState:
     engine: Engine
     admin_key: str
     tokens: TokenCache
+    reads: ReadRouter  # the operator plane's reads: the replica when fresh enough, else the primary
     _writer: DirectWriter | GroupCommitWriter | None = None
     summary_cache: tuple[float, Any] | None = None
     summary_refreshing: bool = False

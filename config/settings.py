@@ -52,6 +52,12 @@ class Settings:
     # false: one gunicorn serves both planes on HOST:PORT (the layout before the split, kept
     # for side-by-side benchmarks).
     split_planes: bool = True
+    # A streaming replica for the operator plane's reads (device status, fleet list and summary,
+    # history); None: every read on the primary. Reads fall back to the primary while the
+    # replica's lag exceeds READ_MAX_LAG_S or it cannot be reached (db/reads.py).
+    read_database_url: str | None = None
+    read_max_lag_s: float = 5.0
+    read_lag_check_interval_s: float = 1.0
     # Which endpoints this process serves: device, operator, or all (set by the launcher per
     # gunicorn; "all" for one-process use such as tests with the Flask test client).
     plane: str = "all"

@@ -1,4 +1,4 @@
-"""``python -m db migrate | backfill-last-status | start | stop | url``: database chores."""
+"""``python -m db migrate | backfill-last-status | start | stop | replica start|stop``: database chores."""
 
 from __future__ import annotations
 
@@ -19,9 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("backfill-last-status", help="build device_last_status from heartbeats")
     sub.add_parser("start", help="start the embedded PostgreSQL and print its URL")
     sub.add_parser("stop", help="stop the embedded PostgreSQL")
+    replica = sub.add_parser("replica", help="a local streaming replica of the embedded PostgreSQL (pg_basebackup)")
+    replica.add_argument("action", choices=("start", "stop", "remove"),
+                         help="start (copying the primary on first use), stop, or remove its data")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
 
+    if args.command == "replica":
+        return replica_command(settings, args.action)
     if args.command == "start":
         print(embedded_cluster(settings).start())
         return 0
@@ -45,6 +50,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"device_last_status: {changed} rows inserted or moved forward in {took_s:.1f} s")
             return 0
     return 2
+
+
+def replica_command(settings: Settings, action: str) -> int:
+    """``python -m db replica start|stop|remove`` on the embedded primary of this checkout."""
+    from db.embedded import EmbeddedError
+    from db.replica import local_replica
+
+    if settings.database_url:
+        print("DATABASE_URL is set: make a replica of that server with its own tools; "
+              "this command copies the embedded PostgreSQL", file=sys.stderr)
+        return 2
+    copy = local_replica(settings)
+    if action == "stop":
+        copy.stop()
+        print("replica stopped")
+        return 0
+    if action == "remove":
+        copy.remove()
+        print(f"replica stopped and {copy.data_dir} removed")
+        return 0
+    primary = copy.primary
+    assert primary is not None
+    try:
+        if not (primary.initialized() and primary.running()):
+            print("starting the embedded primary first ...", flush=True)
+            primary.start()
+        if not copy.initialized():
+            print(f"copying the primary into {copy.data_dir} with pg_basebackup ...", flush=True)
+        url = copy.start()
+    except EmbeddedError as exc:
+        print(f"replica: {exc}", file=sys.stderr)
+        return 1
+    print(url)
+    print(f"streaming from the primary; serve operator reads from it with:\n  READ_DATABASE_URL={url} make run")
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ class Scrape:
         """One sample's value (0 when absent)."""
         return self.samples.get((name, frozenset(labels.items())), 0.0)
 
+    def total(self, name: str) -> float:
+        """The sum of a metric's samples over all their label sets (e.g. every plane)."""
+        return sum(value for (sample, _), value in self.samples.items() if sample == name)
+
     def names(self) -> set[str]:
         return {name for name, _ in self.samples}
 

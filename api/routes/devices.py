@@ -9,12 +9,11 @@ from api.auth import admin_required
 from api.body import decode_json, read_json_body
 from api.errors import ApiError
 from api.metrics import timed_read
-from api.responses import json_response
+from api.responses import json_response, with_source
 from api.routes.heartbeats import int_arg
 from api.schemas import DeviceIn, EnrollBatchIn
 from api.state import current_state
 from db.devices import NewDevice, enroll_devices, revoke_device, rotate_token, token_hashes_of
-from db.engine import reading
 from db.fleet import FleetFilter, get_device_status, list_devices
 
 bp = Blueprint("devices", __name__)
@@ -81,13 +80,12 @@ def revoke(device_id: int) -> Response:
 def device_status(device_id: int) -> Response:
     """The current status of one device (one indexed row of device_last_status)."""
     state = current_state()
-    with reading(state.engine) as conn:
-        status = get_device_status(
-            conn, device_id,
-            offline_after_s=state.settings.offline_after_seconds,
-            from_heartbeats=not state.settings.read_from_last_status,
-        )
-    return json_response(status)
+    status, source = state.reads.read(lambda conn: get_device_status(
+        conn, device_id,
+        offline_after_s=state.settings.offline_after_seconds,
+        from_heartbeats=not state.settings.read_from_last_status,
+    ))
+    return json_response(with_source(status, source))
 
 
 @bp.get("/v1/devices")
@@ -107,10 +105,9 @@ def fleet_list() -> Response:
     )
     after = int_arg("after", 0, 0, 2**63 - 1)
     limit = int_arg("limit", 100, 1, 1000)
-    with reading(state.engine) as conn:
-        rows, next_after = list_devices(
-            conn, flt, after_id=after, limit=limit,
-            offline_after_s=state.settings.offline_after_seconds,
-            from_heartbeats=not state.settings.read_from_last_status,
-        )
-    return json_response({"devices": rows, "next_after": next_after})
+    (rows, next_after), source = state.reads.read(lambda conn: list_devices(
+        conn, flt, after_id=after, limit=limit,
+        offline_after_s=state.settings.offline_after_seconds,
+        from_heartbeats=not state.settings.read_from_last_status,
+    ))
+    return json_response(with_source({"devices": rows, "next_after": next_after}, source))

@@ -12,9 +12,8 @@ from flask import Blueprint, Response
 from api.auth import admin_required
 from api.concurrency import gevent_active
 from api.metrics import timed_read
-from api.responses import json_response
+from api.responses import json_response, with_source
 from api.state import AppState, current_state
-from db.engine import reading
 from db.fleet import fleet_summary
 
 bp = Blueprint("fleet", __name__)
@@ -22,15 +21,14 @@ log = logging.getLogger(__name__)
 
 
 def compute_summary(state: AppState) -> dict[str, Any]:
-    """Run the aggregate over the whole fleet (two statements) and stamp it."""
-    with reading(state.engine) as conn:
-        result = fleet_summary(
-            conn,
-            offline_after_s=state.settings.offline_after_seconds,
-            from_heartbeats=not state.settings.read_from_last_status,
-        )
+    """Run the aggregate over the whole fleet (one statement) and stamp it with when and where."""
+    result, source = state.reads.read(lambda conn: fleet_summary(
+        conn,
+        offline_after_s=state.settings.offline_after_seconds,
+        from_heartbeats=not state.settings.read_from_last_status,
+    ))
     result["as_of"] = datetime.now(UTC)
-    return result
+    return with_source(result, source)
 
 
 def _refresh(state: AppState) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from flask import Blueprint, Response, request
+from sqlalchemy import Connection
 
 from api.auth import admin_required
 from api.errors import ApiError
-from api.responses import json_response
+from api.responses import json_response, with_source
 from api.routes.heartbeats import int_arg
 from api.state import current_state
-from db.engine import reading
 from db.fleet import get_device_status
 from db.heartbeats import list_heartbeats
 
@@ -46,7 +46,11 @@ def device_history(device_id: int) -> Response:
     if since >= until:
         raise ApiError(400, "invalid_parameter", "since must be before until")
     limit = int_arg("limit", 1000, 1, HISTORY_MAX_LIMIT)
-    with reading(state.engine) as conn:
+
+    def query(conn: Connection) -> list[dict]:
         get_device_status(conn, device_id, offline_after_s=state.settings.offline_after_seconds)
-        rows = list_heartbeats(conn, device_id, since, until, limit)
-    return json_response({"device_id": device_id, "since": since, "until": until, "heartbeats": rows})
+        return list_heartbeats(conn, device_id, since, until, limit)
+
+    rows, source = state.reads.read(query)
+    return json_response(with_source(
+        {"device_id": device_id, "since": since, "until": until, "heartbeats": rows}, source))

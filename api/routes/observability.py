@@ -31,7 +31,7 @@ from api.metrics import (
     set_job_last_success,
 )
 from api.openapi import Operation, register
-from api.pool_health import PoolHealth, assess, postgres_figures, server_pool_figures
+from api.pool_health import PoolHealth, assess, plane_pool_figures, postgres_figures, server_pool_figures
 from api.responses import json_response
 from api.state import current_state
 from db.connections import connection_use
@@ -126,9 +126,10 @@ def _ops_engine(app: Flask, engine: Engine) -> Engine:
 @bp.get("/ops/pool_health")
 @admin_required
 def pool_health() -> Response:
-    """Pool figures of every live worker, PostgreSQL's connection use, OK/WARN/CRITICAL."""
+    """Pool figures of every live worker (and of each plane), PostgreSQL's connection use, OK/WARN/CRITICAL."""
     state = current_state()
     pool = server_pool_figures(state.settings.prometheus_multiproc_dir, state.engine.pool)
+    planes = plane_pool_figures(state.settings.prometheus_multiproc_dir, state.engine.pool, state.settings.plane)
     postgres, error = None, None
     try:
         with _ops_engine(current_app, state.engine).connect() as conn:
@@ -136,7 +137,7 @@ def pool_health() -> Response:
     except SQLAlchemyError as exc:
         lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         error = lines[0] if lines else type(exc).__name__
-    return json_response(assess(pool, postgres, error, datetime.now(UTC)))
+    return json_response(assess(pool, postgres, error, datetime.now(UTC), planes))
 
 
 register(Operation("get", "/metrics", "Prometheus metrics of every worker (text format)", "admin",

@@ -104,8 +104,10 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO job_runs (job, started_at, finished_at, status) "
                              "VALUES ('nightly', now(), now(), 'succeeded')")
-    # Two operator-plane workers, so two schedulers race for the start-up partitions run.
-    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2, admin_workers=2)
+    # Two operator-plane workers, so two schedulers race for the start-up partitions run. A read
+    # "replica" (the primary itself: the guard finds it is no standby) so the replica series exist.
+    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2, admin_workers=2,
+                          READ_DATABASE_URL=database_url)
     try:
         status, body = call(server.admin_url + "/v1/devices/enroll", "POST", {"devices": [{"device_uid": "mon-1"}]},
                             {"x-admin": ADMIN_KEY})

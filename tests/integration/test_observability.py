@@ -95,25 +95,25 @@ def test_metered_pool_publishes_use_waits_and_timeouts(settings, database_url):
     engine = make_engine(settings.with_overrides(db_pool_size=1, db_max_overflow=1, db_pool_timeout_s=0.2),
                          database_url, pool_class=MeteredQueuePool)
     try:
-        assert sample("nexmdm_db_pool_size_connections") == 1
-        assert sample("nexmdm_db_pool_max_overflow_connections") == 1
+        assert sample("nexmdm_db_pool_size_connections", plane="all") == 1
+        assert sample("nexmdm_db_pool_max_overflow_connections", plane="all") == 1
         timeouts = sample("nexmdm_db_pool_checkout_timeouts_total")
         waits = sample("nexmdm_db_pool_checkout_wait_seconds_count")
         slow_waits = sample("nexmdm_db_pool_checkout_wait_seconds_count") - sample(
             "nexmdm_db_pool_checkout_wait_seconds_bucket", le="0.1")
         with engine.connect():
-            assert sample("nexmdm_db_pool_checked_out_connections") == 1
-            assert sample("nexmdm_db_pool_utilization_ratio") == 0.5
+            assert sample("nexmdm_db_pool_checked_out_connections", plane="all") == 1
+            assert sample("nexmdm_db_pool_utilization_ratio", plane="all") == 0.5
             with engine.connect():
-                assert sample("nexmdm_db_pool_checked_out_connections") == 2
-                assert sample("nexmdm_db_pool_overflow_connections") == 1
-                assert sample("nexmdm_db_pool_utilization_ratio") == 1.0
+                assert sample("nexmdm_db_pool_checked_out_connections", plane="all") == 2
+                assert sample("nexmdm_db_pool_overflow_connections", plane="all") == 1
+                assert sample("nexmdm_db_pool_utilization_ratio", plane="all") == 1.0
                 started = time.perf_counter()
                 with pytest.raises(PoolTimeout):
                     engine.connect()
                 assert time.perf_counter() - started >= 0.2
-        assert sample("nexmdm_db_pool_checked_out_connections") == 0
-        assert sample("nexmdm_db_pool_utilization_ratio") == 0
+        assert sample("nexmdm_db_pool_checked_out_connections", plane="all") == 0
+        assert sample("nexmdm_db_pool_utilization_ratio", plane="all") == 0
         assert sample("nexmdm_db_pool_checkout_timeouts_total") == timeouts + 1
         assert sample("nexmdm_db_pool_checkout_wait_seconds_count") == waits + 3
         now_slow = sample("nexmdm_db_pool_checkout_wait_seconds_count") - sample(

@@ -118,7 +118,7 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
 
         # One scrape of the operator plane covers the device plane's workers too.
         m = scrape(admin_url, ADMIN_KEY)
-        assert m.value("nexmdm_worker_processes") == 3
+        assert m.total("nexmdm_worker_processes") == 3
         assert m.value("nexmdm_heartbeats_accepted_total") == 180
         assert m.value("nexmdm_heartbeats_duplicate_total") == 20
         assert m.value("nexmdm_heartbeats_rejected_total", reason="token_invalid") == 4
@@ -127,7 +127,7 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         assert m.value("nexmdm_ingest_flush_rows_sum") == 200
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="device") == 5
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="list") == 1
-        assert m.value("nexmdm_db_pool_size_connections") == 150  # 3 workers x DB_POOL_SIZE 50
+        assert m.total("nexmdm_db_pool_size_connections") == 150  # 3 workers x DB_POOL_SIZE 50
         assert m.value("nexmdm_job_runs_total", job_name="nightly", outcome="failed") == 0
         seeded = m.value("nexmdm_job_last_success_timestamp_seconds", job_name="partitions")
         assert abs(seeded - (time.time() - 60)) < 30
@@ -137,7 +137,7 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         assert sum(per_worker.values()) == 180
         # Only bounded labels (request metrics are grouped by endpoint, not by path): no device id.
         label_names = {name for _, labels in m.samples for name, _ in labels}
-        bounded = {"reason", "query", "job_name", "outcome", "endpoint", "method", "status", "le", "version"}
+        bounded = {"reason", "query", "job_name", "outcome", "endpoint", "method", "status", "le", "version", "plane"}
         assert label_names <= bounded, label_names - bounded
         assert m.value("nexmdm_http_request_duration_seconds_count",
                        endpoint="devices.device_status", method="GET", status="200") == 5
@@ -200,6 +200,11 @@ def test_pool_gauges_rise_under_load_and_fall_after(database_url, engine, tmp_pa
         idle = _until(lambda: (h := _pool_health(url))["in_use"] == 0 and h)
         assert idle["status"] == "OK" and idle["workers"] == 3
         assert idle["pool_size"] == 6 and idle["capacity"] == 9
+        # Both planes' pools, each on its own: two device workers, one operator worker.
+        planes = idle["planes"]
+        assert set(planes) == {"device", "operator"}
+        assert (planes["device"]["workers"], planes["device"]["capacity"]) == (2, 6)
+        assert (planes["operator"]["workers"], planes["operator"]["capacity"]) == (1, 3)
         assert idle["postgres"]["max_connections"] == 600
         pg = idle["postgres"]
         assert pg["headroom"] == 600 - pg["reserved_connections"] - pg["in_use"]
@@ -216,11 +221,15 @@ def test_pool_gauges_rise_under_load_and_fall_after(database_url, engine, tmp_pa
             busy = _until(lambda: (h := _pool_health(url))["busiest_worker_utilization_pct"] == 100 and h)
             assert busy, "no worker's pool filled up"
             assert busy["status"] == "CRITICAL" and busy["in_use"] >= 3
+            # The reads fill the operator plane's pool; the device plane's stays free.
+            assert busy["planes"]["operator"]["busiest_worker_utilization_pct"] == 100
+            assert busy["planes"]["device"]["in_use"] == 0
+            assert "of the operator plane" in busy["reasons"][0]
             monitor = _monitor(url)
             assert monitor.returncode == 2 and "CRITICAL" in monitor.stdout, monitor.stdout + monitor.stderr
             m = scrape(url, ADMIN_KEY)
-            assert m.value("nexmdm_db_pool_checked_out_connections") >= 3
-            assert m.value("nexmdm_db_pool_utilization_ratio") == 1.0
+            assert m.total("nexmdm_db_pool_checked_out_connections") >= 3
+            assert m.value("nexmdm_db_pool_utilization_ratio", plane="operator") == 1.0
             # Requests beyond the pools' capacity give up after DB_POOL_TIMEOUT_S.
             timeouts = _until(lambda: scrape(url, ADMIN_KEY).value("nexmdm_db_pool_checkout_timeouts_total"))
             assert timeouts >= 1
@@ -232,8 +241,8 @@ def test_pool_gauges_rise_under_load_and_fall_after(database_url, engine, tmp_pa
         after = _until(lambda: (h := _pool_health(url))["in_use"] == 0 and h)
         assert after and after["status"] == "OK"
         m = scrape(url, ADMIN_KEY)
-        assert m.value("nexmdm_db_pool_checked_out_connections") == 0
-        assert m.value("nexmdm_db_pool_utilization_ratio") == 0
+        assert m.total("nexmdm_db_pool_checked_out_connections") == 0
+        assert m.total("nexmdm_db_pool_utilization_ratio") == 0
         waits = m.buckets("nexmdm_db_pool_checkout_wait_seconds")
         assert dict(waits)[float("inf")] - dict(waits)[0.5] >= timeouts  # the timed-out waits lasted ~1 s
         assert _monitor(url).returncode == 0
@@ -250,8 +259,8 @@ def test_pool_gauges_rise_under_load_and_fall_after(database_url, engine, tmp_pa
 
         assert _until(replaced, 15), server.log()[-2000:]
         m = scrape(url, ADMIN_KEY)
-        assert m.value("nexmdm_worker_processes") == 3
-        assert m.value("nexmdm_db_pool_size_connections") == 6
+        assert m.total("nexmdm_worker_processes") == 3
+        assert m.total("nexmdm_db_pool_size_connections") == 6
         assert m.value("nexmdm_last_status_read_duration_seconds_count", query="device") == reads
     finally:
         server.stop()
