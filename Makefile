@@ -82,8 +82,10 @@ lint: $(STAMP)
 bench-ingest: $(STAMP)
 	$(PY) -m bench.ingest
 
+# The performance suite, then the per-tier figures of docs/SCALING.md (one and two API nodes).
 bench: $(STAMP)
 	$(PY) -m bench.suite
+	$(PY) -m bench.tiers
 
 clean-var:
 	$(PY) -m db stop || true

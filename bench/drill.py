@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -223,6 +224,9 @@ class Drill:
 
     def record(self, scenario: str, report: dict[str, Any], recover_s: float | None, note: str) -> None:
         tp, nl = report["throughput"], report["no_loss"]
+        kinds = report["errors"]["by_kind"]
+        if kinds:
+            note += " (" + ", ".join(f"{k.split(':', 1)[-1]}: {n}" for k, n in sorted(kinds.items())) + ")"
         if nl.get("errors"):
             note += f"; {nl['errors']} history reads failed in the no-loss check"
         self.rows.append(Row(scenario, tp["sent"], tp["acknowledged"], nl["lost"], nl["duplicates_stored"],
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     failed: BaseException | None = None
     t0 = time.monotonic()
+    print(f"drill: load average before the start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+          "(other work on this machine shows in the latencies, not in what is lost)", flush=True)
     try:
         drill.start()
         _, token = drill.enroll("drill-probe")
@@ -391,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
               "HAProxy) was acknowledged again")
     for line in drill.checks:
         print(f"check: {line}")
-    print(f"drill: {time.monotonic() - t0:.0f} s in all")
+    print(f"drill: {time.monotonic() - t0:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
     bad = [r for r in drill.rows if r.lost or r.duplicates]
     if failed is not None:
         print(f"drill FAILED: {failed}", file=sys.stderr)

@@ -94,8 +94,12 @@ def run_phase(label: str, procs: Processes, nodes: list[ApiNode], cluster: Embed
                "--jitter", str(interval_s / 4), "--ramp-up", "5", "--progress-jsonl", "--quiet",
                "--verify-sample", "200", "--token-cache", str(base / f"tokens-{label}-{i}.json"),
                "--output", str(base / f"sim-{label}-{i}.json")]
+        (base / f"sim-{label}-{i}.json").unlink(missing_ok=True)
         # Not through procs.start: its progress lines are read here. Registered for stop_all all the same.
-        sim = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # The first simulator's progress lines time the window; the others' go to their log
+        # (an unread pipe would fill and stall them).
+        with (base / f"sim-{label}-{i}.log").open("w") as err:
+            sim = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE if i == 0 else err, stderr=err, text=True)
         procs.entries.append((f"sim-{label}-{i}", sim))
         sims.append(sim)
     api_pids = [n.proc.pid for n in nodes]
@@ -123,8 +127,12 @@ def run_phase(label: str, procs: Processes, nodes: list[ApiNode], cluster: Embed
         if sim.stdout:
             sim.stdout.close()
         sim.wait(timeout=300)
-    for i in range(len(nodes)):
-        reports.append(json.loads((base / f"sim-{label}-{i}.json").read_text()))
+    for i, sim in enumerate(sims):
+        out = base / f"sim-{label}-{i}.json"
+        if not out.exists():
+            raise RuntimeError(f"simulator {label}-{i} exited {sim.returncode} without a report: "
+                               f"{(base / f'sim-{label}-{i}.log').read_text()[-2000:]}")
+        reports.append(json.loads(out.read_text()))
     a, b = marks["start"], marks["end"]
     wall = b["t"] - a["t"]
     rows = b["rows"] - a["rows"]
