@@ -151,13 +151,18 @@ def test_unprepared_insert_works_under_transaction_pooling(pgbouncer: str, engin
 def test_startup_options_need_ignoring(pgbouncer: str, database_url: str) -> None:
     """Our engine sends statement_timeout and timezone as the ``options`` startup parameter:
     PgBouncer 1.18 refuses that unless told to ignore it, and then the server never sees it."""
-    engine = make_engine(Settings(database_url=pgbouncer, db_pool_size=1, db_max_overflow=0), pgbouncer)
+    settings = Settings(database_url=pgbouncer, db_pool_size=1, db_max_overflow=0, db_statement_timeout_ms=12_345)
+    direct = make_engine(settings, database_url)
+    bounced = make_engine(settings, pgbouncer)
     try:
-        with engine.connect() as conn:
-            timeout = conn.execute(text("SHOW statement_timeout")).scalar_one()
+        with direct.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "12345ms"
+        with bounced.connect() as conn:
+            through_pgbouncer = conn.execute(text("SHOW statement_timeout")).scalar_one()
     finally:
-        engine.dispose()
-    assert timeout != "15s", "PgBouncer passed the options parameter on; SCALING.md says otherwise"
+        direct.dispose()
+        bounced.dispose()
+    assert through_pgbouncer != "12345ms", "PgBouncer passed the options parameter on; SCALING.md says otherwise"
 
 
 def test_server_through_pgbouncer_without_prepared_statements(pgbouncer: str, engine, tmp_path: Path) -> None:
