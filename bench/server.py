@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,12 +79,21 @@ class BenchServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start(var_dir: Path, port: int = 8765, workers: int = 2, split: bool = True, admin_port: int | None = None,
-          **env: str) -> BenchServer:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the machine is shared: no fixed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(var_dir: Path, port: int | None = None, workers: int = 2, split: bool = True,
+          admin_port: int | None = None, **env: str) -> BenchServer:
     """``python -m api serve`` with its own embedded cluster under ``var_dir``: the device plane
-    on ``port`` and the operator plane on ``admin_port`` (port + 1), or one plane serving both."""
+    on ``port`` and the operator plane on ``admin_port``, or one plane serving both (free ports
+    unless given)."""
+    port = port or free_port()
+    admin_port = admin_port or free_port()
     var_dir.mkdir(parents=True, exist_ok=True)
-    admin_port = admin_port or port + 1
     environ = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADMIN_KEY")}
     environ.update(VAR_DIR=str(var_dir), PORT=str(port), HOST="127.0.0.1", WEB_CONCURRENCY=str(workers),
                    ADMIN_HOST="127.0.0.1", ADMIN_PORT=str(admin_port), SPLIT_PLANES="true" if split else "false",

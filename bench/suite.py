@@ -1,10 +1,14 @@
-"""``make bench``: the performance suite of issue 7, in one go on this machine.
+"""``make bench``: the performance suite, in one go on this machine.
 
 a. saturation: wrk (C, from Debian) posts real heartbeats for 20,000 enrolled devices (after a
    warm-up that fills every worker's token cache, as a fleet in steady state does);
 b. the same wrk against GET /healthz of the same server: heartbeat/trivial ratio;
-c. the simulator at the rate of 150,000 devices at 60 s (10,000 devices at --interval 4);
-d. device-status and fleet-summary reads during (c), over 150,000+ enrolled devices.
+   (a) and (b) alternate, three rounds by default, and the ratio of each round is printed;
+c. the simulator at the rate of 150,000 devices at 60 s (10,000 devices at --interval 4): five
+   consecutive runs sharing keep-alive connections, then one with a connection per device (10,000
+   open) and one with a new connection per heartbeat; each run's figures, then their spread;
+d. device-status and fleet-summary reads inside each (c) run (the simulator's read mix), over
+   150,000 enrolled devices.
 
 Prints a table and writes bench/results/bench-<time>.json (and latest.json).
 """
@@ -27,6 +31,7 @@ import psutil
 
 from bench.server import ROOT, BenchServer, enroll_devices, start
 from db.embedded import EmbeddedCluster
+from simulator.server import default_token_cache
 
 RESULT_RE = re.compile(r"NEXMDM_RESULT (.*)")
 
@@ -129,56 +134,95 @@ LAYOUTS = {"split": "the planes split (device plane + operator plane)",
            "single": "one plane (SPLIT_PLANES=false: reads and heartbeats share the workers)"}
 
 
-def run_c_d(server: BenchServer, args: argparse.Namespace, var_dir: Path, layout: str) -> dict[str, Any]:
-    """(c) the simulator at 2,500 heartbeats/s and, during it, (d) the open-loop reads (sent to
-    the operator plane; to the one plane when not split)."""
-    print(f"bench: [{layout}] (c) simulator {args.sim_devices:,} devices at --interval {args.sim_interval} "
-          f"for {args.sim_duration} s, with (d) reads ...", flush=True)
-    report_path = var_dir / f"simulator-report-{layout}.json"
+def sim_run(server: BenchServer, args: argparse.Namespace, var_dir: Path, label: str, mode_flags: list[str],
+            profile_to: Path | None = None, enrolls: bool = False) -> dict[str, Any]:
+    """One run of (c): the simulator for ``--sim-duration`` seconds with the (d) read mix in it;
+    CPU by role over the steady state (after the ramp-up, until 5 s before the end), the
+    server's error answers, worker RSS every 30 s; optionally a py-spy flame graph of one API
+    worker over the same window."""
+    report_path = var_dir / f"simulator-{label}.json"
     rss_start = worker_rss_mb(server)
     rejected0 = scrape(server, "nexmdm_heartbeats_rejected_total{")
+    read_rate = args.status_rate + args.summary_rate
     sim_cmd = [sys.executable, "-m", "simulator", "--devices", str(args.sim_devices),
                "--duration", str(args.sim_duration), "--interval", str(args.sim_interval),
                "--jitter", str(args.sim_interval / 4), "--ramp-up", str(args.sim_ramp_up), "--quiet",
-               "--admin-key", server.admin_key,
-               "--url", server.url, "--admin-url", server.admin_url, "--output", str(report_path)]
+               "--read-rate", f"{read_rate:g}",
+               "--read-mix", f"device_status:{args.status_rate:g},fleet_summary:{args.summary_rate:g}",
+               "--target-read-p95-ms", "1000",  # the bench judges each read endpoint on its own target
+               "--verify-sample", "0" if enrolls else str(args.later_verify_sample),
+               "--admin-key", server.admin_key, "--url", server.url, "--admin-url", server.admin_url,
+               "--output", str(report_path), *mode_flags]
+    print(f"bench: (c) {label}: {' '.join(sim_cmd[3:])}", flush=True)
     sim = subprocess.Popen(sim_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sim_ps = psutil.Process(sim.pid)
-    # Enrollment and ramp-up first; readers start with the steady state.
-    time.sleep(min(15, args.sim_duration / 4))
+    # Enrollment (first run only) and the ramp-up happen before the steady state is measured.
+    settle_s = args.sim_ramp_up + args.sim_interval + (4 if enrolls else 1)
+    time.sleep(settle_s)
+    window_s = max(5.0, args.sim_duration - settle_s - 5)
     cpu0, sim_cpu0, t0 = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic()
-    readers = subprocess.Popen(
-        [sys.executable, "-m", "bench.readers", "--url", server.admin_url, "--admin-key", server.admin_key,
-         "--max-id", str(args.fleet), "--duration", str(max(10, args.sim_duration - 25))],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    # Worker RSS every 30 s while (c) and (d) run: flat, or still growing at the end?
-    rss_series = [{"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)}]
-    while readers.poll() is None:
-        try:
-            readers.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+    spy = None
+    if profile_to is not None:
+        spy = start_py_spy((server.workers("device") or server.workers())[0].pid, window_s, profile_to)
+    rss_series = [{"t_s": 0, "mb": worker_rss_mb(server)}]
+    while (elapsed := time.monotonic() - t0) < window_s:
+        time.sleep(min(30.0 - elapsed % 30.0, window_s - elapsed))
+        if time.monotonic() - t0 < window_s - 1:
             rss_series.append({"t_s": round(time.monotonic() - t0), "mb": worker_rss_mb(server)})
-    readers_out, readers_err = readers.communicate()
     cpu1, sim_cpu1, wall = server.cpu_seconds(), cpu_of([sim_ps]), time.monotonic() - t0
+    rss_series.append({"t_s": round(wall), "mb": worker_rss_mb(server)})
     sim_out, _ = sim.communicate(timeout=args.sim_duration + 300)
-    rss_end = worker_rss_mb(server)
+    if spy is not None:
+        spy.wait(timeout=120)
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    c_simulator = {
-        "exit_code": sim.returncode, "report": report, "output_tail": sim_out[-3000:],
+    return {
+        "label": label, "mode": report.get("config", {}).get("connection_mode"), "exit_code": sim.returncode,
+        "report": report, "output_tail": sim_out[-3000:],
         "cpu_cores": {**{k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1},
                       "simulator": round((sim_cpu1 - sim_cpu0) / wall, 2)},
-        "worker_rss_mb": {"start": rss_start, "end": rss_end, "every_30_s": rss_series},
+        "worker_rss_mb": {"start": rss_start, "end": worker_rss_mb(server), "every_30_s": rss_series},
         "server_rejected": rejected_since(server, rejected0),
+        "flame_graph": str(profile_to) if profile_to is not None else None,
     }
-    d_reads = json.loads(readers_out.strip().splitlines()[-1]) if readers_out else {
-        "error": readers_err[-2000:]}
-    return {"c_simulator": c_simulator, "d_reads": d_reads}
+
+
+def start_py_spy(pid: int, seconds: float, svg: Path) -> subprocess.Popen | None:
+    """py-spy sampling one API worker for ``seconds`` into an SVG flame graph (None without py-spy)."""
+    exe = Path(sys.executable).parent / "py-spy"
+    if not exe.exists():
+        print("bench: py-spy is not installed (pip install py-spy): no flame graph", flush=True)
+        return None
+    svg.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([str(exe), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+                             "--nonblocking", "--output", str(svg), "--format", "flamegraph"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def saturation_rounds(wrk: str, server: BenchServer, cluster: EmbeddedCluster, tokens: Path,
+                      args: argparse.Namespace) -> list[dict[str, Any]]:
+    """(a) and (b) alternated ``--ab-rounds`` times on the same server, so each ratio compares
+    neighbours in time (the machine's load drifts between minutes)."""
+    rounds = []
+    for k in range(args.ab_rounds):
+        print(f"bench: (a) saturation with wrk, round {k + 1} of {args.ab_rounds} ...", flush=True)
+        before = stored_heartbeats(cluster)
+        cpu0 = server.cpu_seconds()
+        t0 = time.monotonic()
+        sat = run_wrk(wrk, server.url, "heartbeat.lua", args.saturation_s, args.connections, tokens)
+        wall = time.monotonic() - t0
+        cpu1 = server.cpu_seconds()
+        sat["stored_per_s"] = (stored_heartbeats(cluster) - before) / wall
+        sat["cpu_cores"] = {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1}
+        print(f"bench: (b) trivial endpoint with wrk, round {k + 1} ...", flush=True)
+        triv = run_wrk(wrk, server.url + "/healthz", "trivial.lua", args.saturation_s, args.connections, tokens)
+        rounds.append({"a": sat, "b": triv, "ratio": round(sat["rate_per_s"] / triv["rate_per_s"], 3)})
+    return rounds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.suite")
     parser.add_argument("--saturation-s", type=int, default=20)
+    parser.add_argument("--ab-rounds", type=int, default=3, help="rounds of (a) then (b)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--wrk-devices", type=int, default=20_000, help="devices whose heartbeats wrk posts")
     parser.add_argument("--warmup-s", type=int, default=20, help="first warm-up slice")
@@ -187,13 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sim-devices", type=int, default=10_000)
     parser.add_argument("--sim-interval", type=float, default=4.0)
     parser.add_argument("--sim-duration", type=int, default=60)
+    parser.add_argument("--sim-runs", type=int, default=5, help="consecutive (c) runs with shared connections")
+    parser.add_argument("--modes", default="per-device,new-connection",
+                        help="then one (c) run in each of these connection modes (empty: none)")
+    parser.add_argument("--later-verify-sample", type=int, default=2000,
+                        help="the no-loss check of every (c) run after the first reads this many devices back "
+                             "(the first reads all 10,000)")
+    parser.add_argument("--status-rate", type=float, default=50, help="(d) device-status reads per second")
+    parser.add_argument("--summary-rate", type=float, default=5, help="(d) fleet-summary reads per second")
+    parser.add_argument("--profile", default="",
+                        help="write a py-spy flame graph of one API worker during the first (c) run to "
+                             "bench/results/<this>.svg")
     parser.add_argument("--fleet", type=int, default=150_000, help="devices enrolled in all for the reads")
     parser.add_argument("--dedup-bucket-s", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="WEB_CONCURRENCY (make run's default is 2)")
     parser.add_argument("--sim-ramp-up", type=float, default=10.0,
                         help="seconds over which the simulated devices come online")
     parser.add_argument("--layouts", default="split,single",
-                        help="server layouts to run (c) and (d) under, in order: split, single (a and b: the first)")
+                        help="server layouts, in order: split, single; every run under the first, then one "
+                             "(c) run under each other layout, side by side")
     args = parser.parse_args(argv)
     args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if not args.layouts or any(x not in LAYOUTS for x in args.layouts):
@@ -208,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     # Compressed time: at --interval 4 ± 1 a device sends every 3-5 s, and wrk revisits a device
     # every few seconds, so the dedup bucket must be shorter than that or many sends would be
     # (correctly) answered "duplicate" and cost the server less than a real fleet's heartbeats.
-    server = start(var_dir, port=8766, workers=args.workers, split=args.layouts[0] == "split",
+    server = start(var_dir, workers=args.workers, split=args.layouts[0] == "split",
                    DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
     cluster = EmbeddedCluster(var_dir / "pg")
-    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}}
+    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
+                                           "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
+                               "args": vars(args)}
     try:
         bystanders = max(0, args.fleet - args.sim_devices)
         print(f"bench: enrolling {bystanders:,} devices (the simulator enrolls its {args.sim_devices:,}) ...")
@@ -221,41 +279,39 @@ def main(argv: list[str] | None = None) -> int:
         tokens = var_dir / "tokens.txt"
         tokens.write_text("\n".join(d["token"] for d in devices[: args.wrk_devices]))
 
-        print("bench: (a) warm-up, then saturation with wrk ...", flush=True)
+        print("bench: (a) warm-up ...", flush=True)
         # Steady state: every device's token is in every worker's cache (a fleet reporting each
         # minute keeps them there); the warm-up sends each device a few heartbeats first.
         results["a_warm_up"] = warm_up(wrk, server, tokens, args)
-        before = stored_heartbeats(cluster)
-        cpu0 = server.cpu_seconds()
-        t0 = time.monotonic()
-        sat = run_wrk(wrk, server.url, "heartbeat.lua", args.saturation_s, args.connections, tokens)
-        wall = time.monotonic() - t0
-        cpu1 = server.cpu_seconds()
-        sat["stored_per_s"] = (stored_heartbeats(cluster) - before) / wall
-        sat["cpu_cores"] = {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in cpu1}
-        results["a_saturation"] = sat
-
-        print("bench: (b) trivial endpoint with wrk ...", flush=True)
-        triv = run_wrk(wrk, server.url + "/healthz", "trivial.lua", args.saturation_s, args.connections, tokens)
-        results["b_trivial"] = triv
-        results["b_ratio"] = round(sat["rate_per_s"] / triv["rate_per_s"], 3)
+        results["ab_rounds"] = saturation_rounds(wrk, server, cluster, tokens, args)
         # wrk leaves each worker a backlog of accepted requests, and the load shedding it
         # provoked decays over about a second after that: (c) starts on a settled server.
         time.sleep(5)
-
-        results.update(run_c_d(server, args, var_dir, "split" if args.layouts[0] == "split" else "single"))
+        # A fresh token cache for this server (a previous bench's would be found stale anyway).
+        default_token_cache(server.url).unlink(missing_ok=True)
+        runs = []
+        for k in range(args.sim_runs):
+            profile = ROOT / "bench" / "results" / f"{args.profile}.svg" if args.profile and k == 0 else None
+            runs.append(sim_run(server, args, var_dir, f"shared-{k + 1}", [], profile, enrolls=k == 0))
+        flags = {"per-device": ["--connection-per-device"], "new-connection": ["--new-connection"]}
+        for mode in filter(None, args.modes.split(",")):
+            runs.append(sim_run(server, args, var_dir, mode, flags[mode]))
+        for run in runs:
+            run["layout"] = args.layouts[0]
+        results["c_runs"] = runs
     finally:
         server.stop()
     for layout in args.layouts[1:]:
-        # The same database and fleet, served the other way; (c) and (d) again, side by side.
+        # The same database and fleet, served the other way: one more (c) run, side by side.
         print(f"bench: restarting the service with {LAYOUTS[layout]} for (c) and (d) ...", flush=True)
         time.sleep(2)
-        server = start(var_dir, port=8766, workers=args.workers, split=layout == "split",
+        server = start(var_dir, workers=args.workers, split=layout == "split",
                        DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
         try:
             time.sleep(5)
-            other = run_c_d(server, args, var_dir, layout)
-            results[f"{layout}_layout"] = {"c_simulator": other["c_simulator"], "d_reads": other["d_reads"]}
+            run = sim_run(server, args, var_dir, f"{layout}-layout", [])
+            run["layout"] = layout
+            results["c_runs"].append(run)
         finally:
             server.stop()
     results["layouts"] = args.layouts
@@ -291,85 +347,106 @@ def _pick(report: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+def _spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """'median (min-max)' of the values."""
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+    return f"{fmt.format(ordered[len(ordered) // 2])} ({fmt.format(ordered[0])}-{fmt.format(ordered[-1])})"
+
+
+def _run_row(run: dict[str, Any]) -> tuple[str, str, bool]:
+    """A (c) run in one line, and whether it met (c)'s targets."""
+    rep = run["report"]
+    p = {q: _pick(rep, f"latency_ms.heartbeat.{q}") for q in ("p50", "p95", "p99", "p999")}
+    lost = _pick(rep, "no_loss.lost")
+    errors = _pick(rep, "errors.total")
+    gen = rep.get("generator", {})
+    cores = run["cpu_cores"]
+    reads = rep.get("latency_ms", {}).get("read_endpoints", {})
+    status_p95 = reads.get("device_status", {}).get("p95")
+    summary_p95 = reads.get("fleet_summary", {}).get("p95")
+    ok = (p["p95"] is not None and p["p95"] < 50 and p["p99"] is not None and p["p99"] < 150 and lost == 0
+          and errors == 0)
+    text = (" / ".join("?" if v is None else f"{v:.1f}" for v in p.values()) + " ms; "
+            f"API {cores.get('api')} DB {cores.get('db')} sim {cores.get('simulator')} cores; "
+            f"sim {gen.get('cpu_us_per_request')} µs/req, {gen.get('connections', 0):,} conns; "
+            f"lost {lost} errors {errors}; reads p95 {status_p95} / {summary_p95} ms")
+    return text, _pick(rep, "config.connection_mode") or run.get("mode") or "?", ok
+
+
 def print_table(r: dict[str, Any]) -> None:
-    """The summary table, with each target."""
-    sat, triv, sim, reads = r["a_saturation"], r["b_trivial"], r["c_simulator"], r["d_reads"]
-    rep = sim["report"]
-    rows = [
-        ("a", "heartbeats/s at saturation (wrk)", f"{sat['rate_per_s']:,.0f} (stored {sat['stored_per_s']:,.0f})",
-         ">= 4,000", sat["rate_per_s"] >= 4000),
-        ("a", "  p50 / p95 / p99", f"{sat['p50_ms']:.1f} / {sat['p95_ms']:.1f} / {sat['p99_ms']:.1f} ms", "", None),
-        ("b", "trivial endpoint req/s", f"{triv['rate_per_s']:,.0f}", "", None),
-        ("b", "heartbeat / trivial", f"{r['b_ratio']:.2f}", ">= 0.70", r["b_ratio"] >= 0.7),
-    ]
-    p = {q: _pick(rep, f"latency_ms.heartbeat.{q}", f"latency_ms.{q}", f"heartbeat.{q}_ms", f"{q}_ms")
-         for q in ("p50", "p95", "p99", "p999")}
-    lost = _pick(rep, "no_loss.lost", "lost")
-    errors = _pick(rep, "errors.total", "error_count", "errors")
-    rows += [
-        ("c", "simulator p50 / p95 / p99 / p999",
-         " / ".join("?" if v is None else f"{v:.1f}" for v in p.values()) + " ms", "", None),
-        ("c", "  p95", f"{p['p95']}", "< 50 ms", p["p95"] is not None and p["p95"] < 50),
-        ("c", "  p99", f"{p['p99']}", "< 150 ms", p["p99"] is not None and p["p99"] < 150),
-        ("c", "  lost / errors", f"{lost} / {errors}", "0 / 0", lost == 0 and errors in (0, {})),
-        ("c", "  server's error answers by code",
-         ", ".join(f"{k} {v}" for k, v in sim.get("server_rejected", {}).items()) or "none", "", None),
-        ("c", "  CPU cores: API / PostgreSQL / simulator",
-         f"{sim['cpu_cores'].get('api')} / {sim['cpu_cores'].get('db')} / {sim['cpu_cores'].get('simulator')}",
-         "", None),
-        ("c", "  worker RSS start -> end (MB)", f"{sim['worker_rss_mb']['start']} -> {sim['worker_rss_mb']['end']}",
-         "", None),
-        ("c", "  worker RSS, second half of the run (MB)", _rss_second_half(sim["worker_rss_mb"]), "", None),
-    ]
-    if "device_status" in reads:
-        rows += [
-            ("d", "device status p95", f"{reads['device_status']['p95_ms']:.1f} ms", "< 5 ms",
-             reads["device_status"]["p95_ms"] < 5),
-            ("d", "fleet summary p95", f"{reads['fleet_summary']['p95_ms']:.1f} ms", "< 20 ms",
-             reads["fleet_summary"]["p95_ms"] < 20),
-        ]
+    """The summary table, with each target: every run, then the spread over the runs."""
+    rounds, runs = r["ab_rounds"], r["c_runs"]
     print()
-    print(f"{'':2} {'measure':42} {'value':>34}  {'target':10} verdict")
+    print(f"machine: {r['machine']['cores']} cores, load average {r['machine']['load_avg_1m_at_start']} at start "
+          "(anything above 0 means other work shared the cores)")
+    print("\n(a) heartbeats/s at saturation (wrk), (b) GET /healthz, and their ratio, alternated:")
+    for k, rd in enumerate(rounds, 1):
+        a, b = rd["a"], rd["b"]
+        print(f"  round {k}: (a) {a['rate_per_s']:,.0f}/s (stored {a['stored_per_s']:,.0f}/s; p50/p95/p99 "
+              f"{a['p50_ms']:.1f}/{a['p95_ms']:.1f}/{a['p99_ms']:.1f} ms; API {a['cpu_cores'].get('api')} "
+              f"DB {a['cpu_cores'].get('db')} cores)  (b) {b['rate_per_s']:,.0f}/s  ratio {rd['ratio']:.2f}")
+    sat = [rd["a"]["rate_per_s"] for rd in rounds]
+    ratios = [rd["ratio"] for rd in rounds]
+    first_layout = (r.get("layouts") or ["split"])[0]
+    shared = [run for run in runs if (run.get("mode") or "pooled") == "pooled" and run.get("layout") == first_layout]
+    modes = [run for run in runs if run not in shared]
+    print(f"\n(c) the simulator, {len(shared)} consecutive runs on shared keep-alive connections ({first_layout} "
+          "layout), then one run per connection mode and per other layout; heartbeat p50 / p95 / p99 / p999:")
+    verdicts = []
+    for run in runs:
+        text, mode, ok = _run_row(run)
+        verdicts.append(ok)
+        print(f"  {run['label']:<15} {text}  {'PASS' if ok else 'FAIL'}")
+
+    def pcts(q: str, group: list[dict[str, Any]]) -> list[float]:
+        return [v for v in (_pick(run["report"], f"latency_ms.heartbeat.{q}") for run in group) if v is not None]
+
+    rows = [
+        ("a", "heartbeats/s at saturation, median (min-max)", _spread(sat, "{:,.0f}"), ">= 5,000",
+         bool(sat) and min(sat) >= 5000),
+        ("b", "heartbeat / trivial, median (min-max)", _spread(ratios, "{:.2f}"), ">= 0.70",
+         bool(ratios) and min(ratios) >= 0.7),
+        ("c", "shared: p95 median (min-max), ms", _spread(pcts("p95", shared)), "< 50 each",
+         bool(shared) and all(v < 50 for v in pcts("p95", shared))),
+        ("c", "shared: p99 median (min-max), ms", _spread(pcts("p99", shared)), "< 150 each",
+         bool(shared) and all(v < 150 for v in pcts("p99", shared))),
+        ("c", "shared: API cores median (min-max)", _spread([run["cpu_cores"]["api"] for run in shared], "{:.2f}"),
+         "<= 0.85", bool(shared) and all(run["cpu_cores"]["api"] <= 0.85 for run in shared)),
+        ("c", "simulator CPU µs per heartbeat (shared)",
+         _spread([_pick(run["report"], "generator.cpu_us_per_request") or 0 for run in shared]), "<= 100",
+         bool(shared) and all((_pick(run["report"], "generator.cpu_us_per_request") or 1e9) <= 100
+                              for run in shared)),
+    ]
+    for run in modes:
+        rows.append(("c", f"{run['label']}: p95 / p99, ms",
+                     f"{_pick(run['report'], 'latency_ms.heartbeat.p95')} / "
+                     f"{_pick(run['report'], 'latency_ms.heartbeat.p99')}", "< 50 / < 150", verdicts[runs.index(run)]))
+    rows.append(("c", "every run: lost / errors",
+                 " ".join(f"{_pick(run['report'], 'no_loss.lost')}/{_pick(run['report'], 'errors.total')}"
+                          for run in runs), "0 / 0",
+                 all(_pick(run["report"], "no_loss.lost") == 0 and _pick(run["report"], "errors.total") == 0
+                     for run in runs)))
+    first = runs[0] if runs else None
+    if first:
+        rows += [
+            ("c", "server's error answers by code (all runs)",
+             ", ".join(f"{k} {v}" for run in runs for k, v in run.get("server_rejected", {}).items()) or "none",
+             "", None),
+            ("c", "worker RSS, second half of run 1 (MB)", _rss_second_half(first["worker_rss_mb"]), "", None),
+        ]
+    status = [v for v in (_pick(run["report"], "latency_ms.read_endpoints.device_status.p95") for run in runs) if v]
+    summary = [v for v in (_pick(run["report"], "latency_ms.read_endpoints.fleet_summary.p95") for run in runs) if v]
+    rows += [
+        ("d", "device status p95 median (min-max), ms", _spread(status), "< 5", bool(status) and max(status) < 5),
+        ("d", "fleet summary p95 median (min-max), ms", _spread(summary), "< 20", bool(summary) and max(summary) < 20),
+    ]
+    print()
+    print(f"{'':2} {'measure':46} {'value':>30}  {'target':10} verdict")
     for part, name, value, target, ok in rows:
         verdict = "" if ok is None else ("PASS" if ok else "FAIL")
-        print(f"{part:2} {name:42} {value:>34}  {target:10} {verdict}")
-    layouts = r.get("layouts") or ["split"]
-    if len(layouts) > 1:
-        print_side_by_side(r, layouts)
-
-
-def _layout_figures(c: dict[str, Any], d: dict[str, Any]) -> dict[str, str]:
-    rep = c.get("report") or {}
-    q = {k: _pick(rep, f"latency_ms.heartbeat.{k}") for k in ("p50", "p95", "p99", "p999")}
-
-    def read(kind: str) -> str:
-        figures = d.get(kind) or {}
-        return f"{figures.get('p50_ms', '?')} / {figures.get('p95_ms', '?')} / {figures.get('p99_ms', '?')} ms"
-
-    return {
-        "(c) heartbeat p50 / p95 / p99 / p999": " / ".join("?" if v is None else f"{v:.1f}" for v in q.values())
-        + " ms",
-        "(c) lost / errors": f"{_pick(rep, 'no_loss.lost')} / {_pick(rep, 'errors.total')}",
-        "(c) CPU cores: API / PostgreSQL": f"{c['cpu_cores'].get('api')} / {c['cpu_cores'].get('db')}",
-        "(d) device status p50 / p95 / p99": read("device_status"),
-        "(d) fleet summary p50 / p95 / p99": read("fleet_summary"),
-        "(d) answers": ", ".join(f"{k} {v}" for k, v in sorted((d.get("statuses") or {}).items())),
-    }
-
-
-def print_side_by_side(r: dict[str, Any], layouts: list[str]) -> None:
-    """(c) and (d) under each layout, in one table (same machine, same database, one run)."""
-    columns = []
-    for i, layout in enumerate(layouts):
-        part = r if i == 0 else r.get(f"{layout}_layout", {})
-        if "c_simulator" in part:
-            columns.append((layout, _layout_figures(part["c_simulator"], part["d_reads"])))
-    if len(columns) < 2:
-        return
-    print()
-    print(f"{'side by side, one run':38} " + " ".join(f"{name:>34}" for name, _ in columns))
-    for measure in columns[0][1]:
-        print(f"{measure:38} " + " ".join(f"{figures[measure]:>34}" for _, figures in columns))
+        print(f"{part:2} {name:46} {value:>30}  {target:10} {verdict}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ else:
 # config/gunicorn_worker.py.
 worker_class = "config.gunicorn_worker.CoalescingGeventWorker"
 sendfile = False  # every write goes through that worker's buffer, in order
-worker_connections = 4000
+worker_connections = _settings.worker_connections
 keepalive = 75  # devices and load generators keep connections open between heartbeats
 timeout = 30
 graceful_timeout = 20

@@ -61,6 +61,9 @@ class Settings:
     # Which endpoints this process serves: device, operator, or all (set by the launcher per
     # gunicorn; "all" for one-process use such as tests with the Flask test client).
     plane: str = "all"
+    # Connections one gunicorn worker holds at once (open keep-alive ones included): a fleet
+    # whose devices each keep a connection open needs one per device, spread over the workers.
+    worker_connections: int = 12_000
     db_pool_size: int = 50
     db_max_overflow: int = 50
     db_pool_timeout_s: float = 5.0

@@ -2,7 +2,7 @@
 
     python -m simulator --devices N --duration S --admin-key K [--url U] [--admin-url A] [--interval 60]
         [--jitter 15] [--ramp-up S] [--output report.json] [--dry-run] [--read-rate R]
-        [--progress-jsonl] [--find-capacity]
+        [--progress-jsonl] [--find-capacity] [--connection-per-device | --new-connection]
 
 Exit status: 0 every SLI holds, 1 one fails, 2 usage or connection error. See simulator/README.md
 for the --progress-jsonl line schema.
@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from simulator.devices import NEW_CONNECTION, PER_DEVICE, POOLED, ReadMix
 from simulator.report import SEED_TARGETS, Targets, render_text
 from simulator.runner import LoadRun, SimConfig, run_load_test
 from simulator.server import AdminApi, UsageError, check_server, default_token_cache
@@ -62,7 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flaky-pct", type=float, default=5.0, help="share of flaky devices in %% (5)")
     p.add_argument("--skewed-clock-pct", type=float, default=0.0,
                    help="share of devices whose clock is 10-60 min off, in %% (0)")
-    p.add_argument("--connections", type=int, default=512, help="most keep-alive connections (512)")
+    p.add_argument("--connections", type=int, default=512,
+                   help="most keep-alive connections the fleet shares (512; reads always share them)")
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--connection-per-device", action="store_true",
+                       help="each device keeps its own keep-alive connection between heartbeats")
+    modes.add_argument("--new-connection", action="store_true",
+                       help="a new TCP connection for every heartbeat (as a phone behind NAT)")
+    p.add_argument("--read-mix", type=_read_mix, default=ReadMix(),
+                   help="read endpoints and weights, e.g. device_status:50,fleet_summary:5 "
+                        "(default device_status:70,fleet_list:15,fleet_summary:15)")
     p.add_argument("--max-retries", type=int, default=5, help="retries of a failed heartbeat before giving up (5)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as timed out")
     p.add_argument("--client", choices=("raw", "ghc"), default="raw", help="HTTP client (raw; ghc=geventhttpclient)")
@@ -85,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outage-grace", type=float, default=30.0,
                    help="seconds to wait after the run for the server's events job (30)")
     return p
+
+
+def _read_mix(text: str) -> ReadMix:
+    try:
+        return ReadMix.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_admin_key() -> str | None:
@@ -124,6 +141,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         url=args.url.rstrip("/"), admin_url=(args.admin_url or default_admin_url(args.url)).rstrip("/"),
         admin_key=admin_key, devices=args.devices, duration_s=args.duration,
         interval_s=args.interval, jitter_s=jitter, ramp_up_s=args.ramp_up, read_rate=args.read_rate,
+        read_mix=args.read_mix,
+        connection_mode=PER_DEVICE if args.connection_per_device else NEW_CONNECTION if args.new_connection
+        else POOLED,
         flaky_pct=args.flaky_pct, max_connections=args.connections, timeout_s=args.timeout, client=args.client,
         max_retries=args.max_retries, skewed_clock_pct=args.skewed_clock_pct,
         seed=args.seed, token_cache=args.token_cache, verify_sample=args.verify_sample,

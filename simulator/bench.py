@@ -7,6 +7,7 @@ request, the achieved rate, its own p99 (latency from the intended send time aga
 that does no work, so it is the generator's self-inflicted delay) and its RSS.
 
     python -m simulator.bench [--devices 10000] [--rate 5000] [--duration 10] [--client raw|ghc]
+        [--mode pooled|per-device|new-connection] [--sink-delay-ms 0]
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from simulator.devices import CONNECTION_MODES, POOLED
 
 ACK = (b'{"status":"stored","device_id":1,"bucket_ts":"2026-01-01T00:00:00Z",'
        b'"clock_skew_s":0.0,"skew_corrected":false}')
@@ -60,6 +63,8 @@ def run_sink(port: int, delay_ms: float = 0.0) -> None:
             if delay_ms:
                 gevent.sleep(delay_ms / 1000)
             sock.sendall(RESPONSE if head.startswith(b"POST /v1/heartbeat") else RESPONSE_404)
+            if b"connection: close" in head.lower():
+                return
 
     server = StreamServer(("127.0.0.1", port), handle, backlog=2048)
     server.serve_forever()
@@ -98,20 +103,22 @@ def runqueue_wait_s() -> float | None:
         return None
 
 
-def bench(devices: int, rate: float, duration_s: float, client: str, connections: int) -> dict:
+def bench(devices: int, rate: float, duration_s: float, client: str, connections: int, sink_delay_ms: float = 0.0,
+          connection_mode: str = "pooled") -> dict:
     """One paced run against the sink; the figures."""
     import psutil
 
     from simulator.runner import LoadRun, SimConfig
     from simulator.server import EnrolledDevice
 
-    proc, port = start_sink()
+    proc, port = start_sink(sink_delay_ms)
     try:
         rss_before = psutil.Process().memory_info().rss
         waited_before = runqueue_wait_s()
         cfg = SimConfig(url=f"http://127.0.0.1:{port}", admin_key="bench", devices=devices, duration_s=duration_s,
                         interval_s=devices / rate, jitter_s=devices / rate / 4, client=client,
-                        max_connections=connections, drain_s=5, show_progress=False)
+                        max_connections=connections, drain_s=5, show_progress=False,
+                        connection_mode=connection_mode)
         fleet = [EnrolledDevice(i + 1, f"bench-{i}", f"token-{i:032d}") for i in range(devices)]
         run = LoadRun(cfg, fleet, emit=lambda snap: None).run()
         rss_after = psutil.Process().memory_info().rss
@@ -127,6 +134,7 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
     load_s = min(run.wall_s, duration_s)
     return {
         "client": client,
+        "connection_mode": connection_mode,
         "devices": devices,
         "target_rate_per_s": rate,
         "achieved_rate_per_s": round(hb.ok / load_s, 1),
@@ -140,6 +148,7 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
         "lag_p99_ms": run.lag_ms["p99"],
         "gc_max_pause_ms": run.gc_max_pause_ms,
         "connections": run.connections,
+        "connects": run.connects,
         "runqueue_wait_ms": round((waited_after - waited_before) * 1000, 1) if waited_before is not None else None,
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "rss_mb": round(rss_after / 2**20, 1),
@@ -155,20 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--client", choices=("raw", "ghc"), default="raw")
     p.add_argument("--connections", type=int, default=512)
+    p.add_argument("--mode", choices=CONNECTION_MODES, default=POOLED,
+                   help="how devices hold connections: pooled (shared), per-device, new-connection")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     p.add_argument("--sink", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--sink-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--sink-delay-ms", type=float, default=0.0,
+                   help="the sink answers after this long, as a server would (0)")
     args = p.parse_args(argv)
     if args.sink:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
         run_sink(args.sink, args.sink_delay_ms)
         return 0
-    figures = bench(args.devices, args.rate, args.duration, args.client, args.connections)
+    figures = bench(args.devices, args.rate, args.duration, args.client, args.connections, args.sink_delay_ms,
+                    args.mode)
     if args.json:
         print(json.dumps(figures))
     else:
         print(
-            f"client={figures['client']} devices={figures['devices']:,} paced {figures['target_rate_per_s']:,.0f}/s "
+            f"client={figures['client']} mode={figures['connection_mode']} devices={figures['devices']:,} "
+            f"paced {figures['target_rate_per_s']:,.0f}/s "
             f"for {args.duration:g} s (shared 2-core machine)\n"
             f"  achieved rate     {figures['achieved_rate_per_s']:,.1f}/s  ({figures['requests']:,} requests, "
             f"{figures['errors']} errors)\n"
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  CPU contention    waited {figures['runqueue_wait_ms']} ms for a CPU while runnable; "
             f"load average {figures['load_avg_1m']} on {os.cpu_count()} cores\n"
             f"  RSS               {figures['rss_mb']} MB  (+{figures['rss_growth_mb']} MB for the fleet and run), "
-            f"{figures['connections']} connections"
+            f"{figures['connections']:,} connections at most, {figures['connects']:,} opened"
         )
     return 0
 

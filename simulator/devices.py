@@ -1,5 +1,6 @@
 """What a simulated device does: when it sends (the open-loop schedule), what it reports
-(battery, network, signal, app version), and how a flaky one misbehaves.
+(battery, network, signal, app version), how it connects, how a flaky one misbehaves, how
+its clock may be off, when it resends and retries, and what an operator reads meanwhile.
 
 Everything here is pure and deterministic for a given ``random.Random``: no I/O, no clock
 reads except where a function takes ``now``. The runner (runner.py) decides when to call it.
@@ -17,6 +18,15 @@ import time
 from dataclasses import dataclass
 
 NETWORKS = ("wifi", "wifi", "wifi", "cellular", "cellular", "ethernet")
+
+# How devices hold their TCP connections (--connections, --connection-per-device, --new-connection):
+POOLED = "pooled"  # heartbeats share at most --connections keep-alive connections (a pooling proxy)
+PER_DEVICE = "per-device"  # each device keeps its own connection open between heartbeats
+NEW_CONNECTION = "new-connection"  # a new TCP connection for every heartbeat (a phone behind NAT)
+CONNECTION_MODES = (POOLED, PER_DEVICE, NEW_CONNECTION)
+
+# Failures a device retries with the same body (4xx answers are final).
+RETRYABLE_KINDS = frozenset({"timeout", "connection", "bad_answer"})
 
 
 def first_send_offset_s(index: int, n_devices: int, interval_s: float, ramp_up_s: float, rng: random.Random) -> float:
@@ -39,6 +49,66 @@ def retry_delay_s(attempt: int, retry_after_s: float | None, rng: random.Random,
     return max(floor, backoff) * (1.0 + 0.5 * rng.random())
 
 
+def is_retryable(kind: str) -> bool:
+    """Whether a failed send of this error kind is retried: timeouts, dropped connections,
+    unreadable answers and 5xx answers are; client errors are not."""
+    return kind in RETRYABLE_KINDS or kind.startswith("http_5")
+
+
+def resend_delay_s(interval_s: float, rng: random.Random) -> float:
+    """How soon a flaky device resends a heartbeat whose answer it lost: 0.5-1.5 × min(2 s,
+    a quarter interval)."""
+    return min(2.0, interval_s / 4) * (0.5 + rng.random())
+
+
+def clock_offsets_s(n_devices: int, skewed_share: float, rng: random.Random) -> list[float]:
+    """Per device, how far its clock is off: 0 for most, 10-60 minutes either way for
+    ``skewed_share`` of them (the server then picks the dedup bucket by its own clock)."""
+    offsets = []
+    for _ in range(n_devices):
+        offset = 0.0
+        if rng.random() < skewed_share:
+            offset = rng.choice((-1, 1)) * rng.uniform(600, 3600)
+        offsets.append(offset)
+    return offsets
+
+
+@dataclass(frozen=True)
+class ReadMix:
+    """What operators read while the fleet reports, as weights per endpoint (Locust's task
+    weights). The default: mostly single-device status, some fleet lists and summaries."""
+
+    device_status: float = 70.0
+    fleet_list: float = 15.0
+    fleet_summary: float = 15.0
+
+    @classmethod
+    def parse(cls, text: str) -> ReadMix:
+        """``device_status:50,fleet_summary:5`` (endpoints left out weigh 0); ValueError if bad."""
+        weights = dict.fromkeys(cls.__dataclass_fields__, 0.0)
+        for part in text.split(","):
+            name, _, value = part.partition(":")
+            name = name.strip()
+            if name not in weights:
+                raise ValueError(f"unknown read endpoint {name!r}; choose from {', '.join(weights)}")
+            weights[name] = float(value)
+            if weights[name] < 0:
+                raise ValueError(f"the weight of {name} must not be negative")
+        if not sum(weights.values()):
+            raise ValueError("at least one read endpoint needs a positive weight")
+        return cls(**weights)
+
+    def pick(self, device_id: int, rng: random.Random) -> tuple[str, bytes]:
+        """(endpoint name, request path) of one read; ``device_id`` for a device-status read."""
+        total = self.device_status + self.fleet_list + self.fleet_summary
+        pick = rng.random() * total
+        if pick < self.device_status:
+            return "device_status", b"/v1/devices/%d" % device_id
+        if pick < self.device_status + self.fleet_list:
+            return "fleet_list", b"/v1/devices?limit=50&status=online"
+        return "fleet_summary", b"/v1/fleet/summary"
+
+
 @dataclass(frozen=True)
 class Behaviour:
     """Fleet-wide behaviour knobs."""
@@ -53,6 +123,8 @@ class Behaviour:
     rollout_version: str = "1.1.0"
     rollout_start_s: float = 0.0  # run time at which the rollout starts
     rollout_end_s: float = 0.0  # ... and has reached every device
+    connection_mode: str = POOLED
+    read_mix: ReadMix = ReadMix()
 
 
 class Device:

@@ -1,4 +1,5 @@
-"""The verdict (each SLI against its target) and the report, as text and as JSON.
+"""The verdict (each SLI against its target) and the report: the per-second progress
+snapshot, the final report dict (what ``--output`` writes), and its text.
 
 The text keeps the original load test's shape: configuration, heartbeat latency
 p50/p95/p99/p999 with targets, each SLI check with PASS/FAIL, then ``ALL SLI TARGETS MET`` or
@@ -8,7 +9,12 @@ the list of what failed.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from simulator.stats import KindStats, Stats, percentiles_ms
+
+if TYPE_CHECKING:
+    from simulator.runner import RunResult, SimConfig
 
 POOL_SUSTAINED_S = 10  # utilisation counts as sustained when it holds for this many 1-s samples
 
@@ -106,6 +112,170 @@ def checks_as_json(checks: list[SliCheck]) -> list[dict[str, Any]]:
     return [asdict(c) for c in checks]
 
 
+def error_rate_pct(hb: KindStats, rd: KindStats) -> float | None:
+    """Failed requests (heartbeats and reads) in % of all attempts; None before any."""
+    attempts = hb.ok + hb.errors + rd.ok + rd.errors
+    return round(100.0 * (hb.errors + rd.errors) / attempts, 3) if attempts else None
+
+
+def progress_snapshot(stats: Stats, window: dict[str, Any], read_window: dict[str, Any], sent_window: int,
+                      lag_p99_ms: float | None, pool_samples: list[float], targets: Targets, *, t_s: float,
+                      phase: str, expected_per_s: float, in_flight: int, connections: int,
+                      pool_latest: float | None) -> dict[str, Any]:
+    """One per-second ``progress`` line (the schema is in simulator/README.md)."""
+    hb, rd = stats.kinds["heartbeat"], stats.kinds["read"]
+    cumulative = percentiles_ms(hb.total)
+    read_cumulative = percentiles_ms(rd.total) if rd.ok or rd.errors else None
+    error_rate = error_rate_pct(hb, rd)
+    checks = check_slis(cumulative, read_cumulative, error_rate, None, None, sustained_pool_pct(pool_samples),
+                        targets)
+    all_met, failed = verdict(checks)
+    return {
+        "type": "progress",
+        "t_s": t_s,
+        "phase": phase,
+        "sent": stats.sent,
+        "acked": hb.ok,
+        "errors": hb.errors + rd.errors,
+        "rate_per_s": window["ok"],
+        "sent_per_s": sent_window,
+        "expected_per_s": round(expected_per_s, 1),
+        "p50_ms": cumulative["p50"], "p95_ms": cumulative["p95"], "p99_ms": cumulative["p99"],
+        "p999_ms": cumulative["p999"], "max_ms": cumulative["max"],
+        "window": {k: window[k] for k in ("ok", "errors", "p50", "p95", "p99", "p999", "max")},
+        "reads": {"ok": rd.ok, "errors": rd.errors, "rate_per_s": read_window["ok"],
+                  "p95_ms": read_cumulative["p95"] if read_cumulative else None},
+        "error_rate_pct": error_rate,
+        "in_flight": in_flight,
+        "connections": connections,
+        "lag_p99_ms": lag_p99_ms,
+        "pool_utilisation_pct": pool_latest,
+        "verdict_so_far": "PASS" if all_met else "FAIL",
+        "failing": failed,
+    }
+
+
+def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dict[str, Any]:
+    """The report dict (also what --output writes and the final --progress-jsonl line carries)."""
+    stats = run.stats
+    hb, rd = stats.kinds["heartbeat"], stats.kinds["read"]
+    hb_pct = percentiles_ms(hb.total)
+    error_rate = error_rate_pct(hb, rd)
+    pool_pct = sustained_pool_pct(run.pool_samples)
+    checks = check_slis(hb_pct, percentiles_ms(rd.total) if cfg.read_rate > 0 else None, error_rate,
+                        no_loss.get("lost"), no_loss.get("duplicates_stored"), pool_pct, cfg.targets)
+    if no_loss.get("errors"):  # what could not be read back cannot be claimed as kept
+        checks = [SliCheck(c.name, c.value, c.target, c.unit, "FAIL") if c.name == "acknowledged heartbeats lost"
+                  else c for c in checks]
+    all_met, failed = verdict(checks)
+    attempts = hb.ok + hb.errors + rd.ok + rd.errors
+    new_version = sum(n for v, n in run.versions.items() if v != "1.0.0")
+    return {
+        "type": "report",
+        "config": _config_section(cfg, run),
+        "targets": asdict(cfg.targets),
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "throughput": _throughput_section(stats, run.load_s or 1.0),
+        "latency_ms": {"heartbeat": {**hb_pct, "count": hb.ok},
+                       "read": {**percentiles_ms(rd.total), "count": rd.ok},
+                       "read_endpoints": {name[5:]: {**percentiles_ms(k.total), "count": k.ok, "errors": k.errors}
+                                          for name, k in sorted(stats.kinds.items()) if name.startswith("read:")}},
+        "errors": {"total": hb.errors + rd.errors, "attempts": attempts, "rate_pct": error_rate,
+                   "by_kind": {**{f"heartbeat:{k}": v for k, v in hb.errors_by_kind.items()},
+                               **{f"read:{k}": v for k, v in rd.errors_by_kind.items()}}},
+        "no_loss": no_loss,
+        "generator": _generator_section(run, attempts, stats.counters.get("queued_at_connection_limit", 0)),
+        "pool": {"samples": len(run.pool_samples), "sustained_pct": pool_pct,
+                 "max_pct": max(run.pool_samples) if run.pool_samples else None},
+        "rollout": {"from": "1.0.0", "to": "1.1.0", "devices": cfg.devices, "devices_on_new": new_version},
+        "slis": checks_as_json(checks),
+        "verdict": "PASS" if all_met else "FAIL",
+        "failed": failed,
+        "warnings": _warnings(cfg, run, no_loss, attempts),
+        "summary": summary_line(all_met, failed),
+        "timeseries": run.series,
+    }
+
+
+def add_outage_check(report: dict[str, Any], outage: dict[str, Any]) -> None:
+    """Put the outage check (simulator/outage.py) in the report; a mismatch fails the run."""
+    report["outage"] = outage
+    if not outage["exact"]:
+        report["verdict"] = "FAIL"
+        report["failed"] = [*report["failed"], "outage events"]
+        report["summary"] = summary_line(False, report["failed"])
+
+
+def _config_section(cfg: SimConfig, run: RunResult) -> dict[str, Any]:
+    return {
+        "url": cfg.url, "admin_url": cfg.operator_url, "devices": cfg.devices, "duration_s": cfg.duration_s,
+        "interval_s": cfg.interval_s,
+        "jitter_s": cfg.jitter_s, "ramp_up_s": cfg.ramp_up_s, "flaky_pct": cfg.flaky_pct,
+        "skewed_clock_pct": cfg.skewed_clock_pct,
+        "read_rate_per_s": cfg.read_rate, "read_mix": asdict(cfg.read_mix),
+        "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
+        "equivalent_fleet_at_60s": cfg.equivalent_fleet_at_60s, "client": cfg.client,
+        "connection_mode": cfg.connection_mode,
+        "max_connections": cfg.max_connections, "timeout_s": cfg.timeout_s, "seed": cfg.seed,
+        "stopped_early_at_s": round(run.load_s, 2) if run.load_s < cfg.duration_s else None,
+    }
+
+
+def _throughput_section(stats: Stats, load_s: float) -> dict[str, Any]:
+    c = stats.counters
+    hb = stats.kinds["heartbeat"]
+    return {
+        "sent": stats.sent, "acknowledged": hb.ok, "stored": c.get("stored", 0),
+        "duplicate": c.get("duplicate", 0), "achieved_per_s": round(hb.ok / load_s, 1),
+        "lost_answer_retries": c.get("lost_answer_resends", 0),
+        "retries_answered_duplicate": c.get("resend_answered_duplicate", 0),
+        "first_sends_answered_duplicate": c.get("first_send_duplicate", 0),
+        "retries": c.get("retries", 0), "gave_up": c.get("gave_up", 0),
+        "abandoned_retries": c.get("abandoned_retries", 0),
+        "skipped_offline": c.get("skipped_offline", 0), "went_offline": c.get("went_offline", 0),
+        "reads": stats.kinds["read"].ok,
+    }
+
+
+def _generator_section(run: RunResult, attempts: int, queued: int) -> dict[str, Any]:
+    return {
+        "lag_p99_ms": run.lag_ms.get("p99"), "lag_max_ms": run.lag_ms.get("max"),
+        "cpu_s": round(run.cpu_s, 2), "cpu_sys_s": round(run.cpu_sys_s, 2),
+        "cpu_us_per_request": round(run.cpu_s * 1e6 / attempts, 1) if attempts else None,
+        "rss_mb": run.rss_mb, "connections": run.connections, "connects": run.connects,
+        "wall_s": round(run.wall_s, 2),
+        "gc_max_pause_ms": run.gc_max_pause_ms, "sends_queued_at_connection_limit": queued,
+    }
+
+
+def _warnings(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any], attempts: int) -> list[str]:
+    c = run.stats.counters
+    warnings = []
+    queued = c.get("queued_at_connection_limit", 0)
+    if queued > 0.01 * max(1, attempts):
+        warnings.append(
+            f"{queued:,} sends waited because all {cfg.max_connections} connections were busy: the server "
+            "was not answering fast enough; the wait counts in the latencies (from the intended send time). "
+            "--connections raises the concurrency offered to the server")
+    elif run.lag_ms.get("p99") is not None and run.lag_ms["p99"] > 50:
+        warnings.append(
+            f"the generator ran behind its own schedule (lag p99 {run.lag_ms['p99']} ms) with connections to "
+            "spare: it was short of CPU; latencies include that delay; use fewer devices per process or a less "
+            "loaded machine")
+    if c.get("first_send_duplicate"):
+        warnings.append(
+            f"{c['first_send_duplicate']:,} first sends were answered 'duplicate': two different heartbeats of "
+            "one device fell into one dedup bucket. Expected when interval - jitter "
+            f"({cfg.interval_s - cfg.jitter_s:g} s) is shorter than the server's DEDUP_BUCKET_SECONDS (10 s by "
+            "default): the server then stores fewer rows than a real fleet would make it store")
+    if no_loss.get("errors"):
+        warnings.append(f"{no_loss['errors']} history reads failed during the no-loss check")
+    if c.get("stored_twice"):
+        warnings.append(f"{c['stored_twice']} resends of a stored heartbeat were answered 'stored' again")
+    return warnings
+
+
 def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "n/a"
@@ -134,7 +304,10 @@ def render_text(report: dict[str, Any]) -> str:
         f"  duration            {cfg['duration_s']:g} s (ramp-up {cfg['ramp_up_s']:g} s)"
         + (f", stopped early at {cfg['stopped_early_at_s']:g} s" if cfg.get("stopped_early_at_s") else ""),
         f"  read mix            {_fmt(cfg['read_rate_per_s'], 'reads/s') if cfg['read_rate_per_s'] else 'off'}",
-        f"  client              {cfg['client']}, up to {cfg['max_connections']:,} connections",
+        f"  client              {cfg['client']}, " + (
+            f"up to {cfg['max_connections']:,} shared connections" if cfg.get("connection_mode", "pooled") == "pooled"
+            else "a connection per device" if cfg["connection_mode"] == "per-device"
+            else "a new connection per heartbeat"),
         "",
         "Throughput",
         f"  heartbeats sent     {tp['sent']:,}  (attempts, retries included)",
@@ -187,7 +360,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Generator: lag p99 {_fmt(gen['lag_p99_ms'], 'ms')}, {_fmt(gen['cpu_us_per_request'], 'µs')} CPU/request, "
-        f"RSS {_fmt(gen['rss_mb'], 'MB')}, {gen['connections']} connections",
+        f"RSS {_fmt(gen['rss_mb'], 'MB')}, {gen['connections']:,} connections at most "
+        f"({gen.get('connects', 0):,} opened)",
     ]
     rollout = report.get("rollout")
     if rollout:

@@ -1,9 +1,12 @@
-"""The load: pace the enrolled fleet open-loop against the server, then build the report.
+"""The load: pace the enrolled fleet open-loop against the server.
 
-One scheduler greenlet pops due sends from a heap and hands them to worker greenlets, each
-owning one keep-alive connection (spawned on demand up to ``max_connections``). A device is a
-small object, not a greenlet, so 100,000 devices cost memory, not scheduling. Every request
-ends in one ``Stats.record`` call with its latency measured from the *intended* send time.
+One scheduler greenlet pops due sends from a heap and dispatches them the way the fleet holds
+its connections (``Behaviour.connection_mode``, see devices.py): to worker greenlets that each
+own one shared keep-alive connection (pooled, spawned on demand up to ``max_connections``), on
+the device's own keep-alive connection (per device), or on a new connection per heartbeat. A
+device is a small object, not a greenlet, so 100,000 devices cost memory, not scheduling.
+Every request ends in one ``Stats.record`` call with its latency measured from the *intended*
+send time. What a device does is in devices.py; the report is built in report.py.
 
 Retries: a 503 (Retry-After honoured), a 5xx, a timeout or a dropped connection are retried
 with the same body after a jittered exponential backoff; the latency of the eventual answer
@@ -20,8 +23,9 @@ import resource
 import sys
 import time
 from array import array
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,7 +35,22 @@ import msgspec
 from gevent.queue import Queue
 
 from simulator import report as rep
-from simulator.devices import Behaviour, Device, WallClock, first_send_offset_s, next_send_s, retry_delay_s
+from simulator.devices import (
+    CONNECTION_MODES,
+    NEW_CONNECTION,
+    PER_DEVICE,
+    POOLED,
+    Behaviour,
+    Device,
+    ReadMix,
+    WallClock,
+    clock_offsets_s,
+    first_send_offset_s,
+    is_retryable,
+    next_send_s,
+    resend_delay_s,
+    retry_delay_s,
+)
 from simulator.outage import check_outage, plan_outage
 from simulator.server import (
     AdminApi,
@@ -47,6 +66,11 @@ from simulator.server import (
 from simulator.stats import Stats, merge, new_histogram, percentiles_ms, record_us
 from simulator.transport import TransportError, connect
 
+# The scheduler sleeps at least this long between dispatch rounds: at 2,500 sends/s it wakes
+# about 1,000 times a second instead of once per send. The added wait (at most 1 ms) counts in
+# the latencies, which start at the intended send time.
+TICK_S = 0.001
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -60,8 +84,10 @@ class SimConfig:
     jitter_s: float = 15.0
     ramp_up_s: float = 0.0
     read_rate: float = 0.0
+    read_mix: ReadMix = ReadMix()
     flaky_pct: float = 5.0
     skewed_clock_pct: float = 0.0
+    connection_mode: str = POOLED
     max_connections: int = 512
     timeout_s: float = 10.0
     max_retries: int = 5
@@ -109,10 +135,13 @@ class SimConfig:
             (self.read_rate >= 0, "--read-rate must not be negative"),
             (0 <= self.flaky_pct <= 100, "--flaky-pct must be between 0 and 100"),
             (0 <= self.skewed_clock_pct <= 100, "--skewed-clock-pct must be between 0 and 100"),
+            (self.connection_mode in CONNECTION_MODES, f"the connection mode must be one of {CONNECTION_MODES}"),
             (self.max_connections >= 1, "--connections must be at least 1"),
             (self.timeout_s > 0, "--timeout must be positive"),
             (self.max_retries >= 0, "--max-retries must not be negative"),
             (self.client in ("raw", "ghc"), "--client must be raw or ghc"),
+            (self.connection_mode == POOLED or self.client == "raw",
+             "--connection-per-device and --new-connection use the raw client"),
             (bool(self.admin_key), "--admin-key is required"),
         ]
         for ok, message in checks:
@@ -167,6 +196,7 @@ class RunResult:
     gc_max_pause_ms: float = 0.0
     load_s: float = 0.0
     cpu_sys_s: float = 0.0  # of cpu_s, in the kernel (mostly loopback TCP)
+    connects: int = 0  # TCP connections opened during the run
 
 
 class _GcPauses:
@@ -183,6 +213,21 @@ class _GcPauses:
             self.max_s = max(self.max_s, time.perf_counter() - self._start)
 
 
+@contextmanager
+def _frozen_heap() -> Iterator[_GcPauses]:
+    """Keep what exists now (the fleet, its schedule) out of the collector's scans, whose pauses
+    would otherwise show in the generator's own tail latency; measure the pauses left."""
+    gc.collect()
+    gc.freeze()
+    pauses = _GcPauses()
+    gc.callbacks.append(pauses)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(pauses)
+        gc.unfreeze()
+
+
 class LoadRun:
     """Pace the fleet open-loop for ``duration_s`` seconds (then drain retries)."""
 
@@ -193,16 +238,17 @@ class LoadRun:
         self.behaviour = Behaviour(
             interval_s=cfg.interval_s, jitter_s=cfg.jitter_s, flaky_share=cfg.flaky_pct / 100,
             rollout_start_s=cfg.ramp_up_s + 0.2 * cfg.duration_s, rollout_end_s=cfg.ramp_up_s + 0.8 * cfg.duration_s,
+            connection_mode=cfg.connection_mode, read_mix=cfg.read_mix,
         )
         self.devices = [
             Device(i, d.device_id, d.device_uid, d.token, self.rng, self.rng.random() < self.behaviour.flaky_share,
                    self.rng.random())
             for i, d in enumerate(fleet)
         ]
-        skew_rng = random.Random(cfg.seed + 1)  # a separate stream: the rest of the fleet is unchanged
-        for device in self.devices:
-            if skew_rng.random() < cfg.skewed_clock_pct / 100:
-                device.clock_offset_s = skew_rng.choice((-1, 1)) * skew_rng.uniform(600, 3600)
+        # a separate stream: the rest of the fleet is the same with or without skewed clocks
+        offsets = clock_offsets_s(len(self.devices), cfg.skewed_clock_pct / 100, random.Random(cfg.seed + 1))
+        for device, offset in zip(self.devices, offsets, strict=True):
+            device.clock_offset_s = offset
         self.emit = emit
         self.admin_headers = admin_headers or f"x-admin: {cfg.admin_key}\r\n".encode()
         self.stats = Stats()
@@ -215,6 +261,14 @@ class LoadRun:
         self.workers: list[gevent.Greenlet] = []
         self.idle = 0
         self.inflight = 0
+        # per-device mode: each device's own connection (None until its first send), and
+        # whether a send is using it (a retry may overlap the next scheduled send)
+        self.device_conns: list[Any] = [None] * len(self.devices) if cfg.connection_mode == PER_DEVICE else []
+        self.device_busy = bytearray(len(self.devices)) if cfg.connection_mode == PER_DEVICE else bytearray()
+        self.open_conns = 0
+        self.peak_conns = 0
+        self.connects = 0
+        self.hb_headers_extra = b"Connection: close\r\n" if cfg.connection_mode == NEW_CONNECTION else b""
         self.clock = WallClock()
         self.skewed_clock = WallClock()  # its own cache: offsets would thrash the shared one
         self.t0 = 0.0
@@ -233,6 +287,101 @@ class LoadRun:
         now = time.perf_counter() - self.t0 if self.t0 else 0.0
         self.end_s = min(self.end_s, now)
 
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """The whole load phase; returns once every send is answered or abandoned."""
+        self._schedule_first_sends()
+        with _frozen_heap() as gc_pauses:
+            started_at = datetime.now(UTC).isoformat()
+            usage0 = resource.getrusage(resource.RUSAGE_SELF)
+            self.t0 = time.perf_counter()
+            helpers = [gevent.spawn(self._sampler), gevent.spawn(self._pool_poller)]
+            self._pace()
+            abandoned = self._drain()
+            wall_s = time.perf_counter() - self.t0
+            usage1 = resource.getrusage(resource.RUSAGE_SELF)
+            self._stop(helpers)
+        self._sample(final=True)
+        return self._result(usage0, usage1, wall_s, abandoned, started_at, gc_pauses.max_s)
+
+    def _schedule_first_sends(self) -> None:
+        cfg = self.cfg
+        for i, device in enumerate(self.devices):
+            device.app_version = self.behaviour.base_version
+            self._push(first_send_offset_s(i, len(self.devices), cfg.interval_s, cfg.ramp_up_s, self.rng), device, None)
+
+    def _pace(self) -> None:
+        """Dispatch sends as they come due until the load ends and every retry has drained
+        (or ``drain_s`` has passed)."""
+        cfg = self.cfg
+        read_period = 1.0 / cfg.read_rate if cfg.read_rate > 0 else None
+        next_read = 0.0
+        heap = self.heap
+        perf = time.perf_counter
+        while True:
+            now = perf() - self.t0
+            while heap and heap[0][0] <= now:
+                due, _, device, job = heapq.heappop(heap)
+                if job is None:
+                    self._tick(device, due)
+                else:
+                    self._dispatch(job)
+            while read_period is not None and next_read <= now and next_read < self.end_s:
+                self._dispatch(self._read_job(next_read))
+                next_read += read_period
+            if now >= self.end_s:
+                if self.phase == "load":
+                    self.phase = "drain"
+                    # scheduled sends past the end (a stop, or first sends beyond a short run)
+                    # are dropped at once; retries and resends stay and drain
+                    heap[:] = [entry for entry in heap if entry[3] is not None]
+                    heapq.heapify(heap)
+                if (not heap and self.inflight == 0) or now >= self.end_s + cfg.drain_s:
+                    return
+            wake = heap[0][0] if heap else now + 0.05
+            if read_period is not None and next_read < self.end_s:
+                wake = min(wake, next_read)
+            gevent.sleep(max(TICK_S, min(wake - now, 0.05)))
+
+    def _drain(self) -> int:
+        """Give up on retries still scheduled and wait for the sends in flight; the number abandoned."""
+        abandoned = len(self.heap)
+        if abandoned:
+            self.stats.count("abandoned_retries", abandoned)
+        wait_until = time.perf_counter() + self.cfg.timeout_s + 1
+        while self.inflight and time.perf_counter() < wait_until:
+            gevent.sleep(0.05)
+        return abandoned
+
+    def _stop(self, helpers: list[gevent.Greenlet]) -> None:
+        for _ in self.workers:
+            self.queue.put(None)
+        gevent.joinall(self.workers, timeout=2)
+        gevent.killall(self.workers, block=False)
+        gevent.killall(helpers, block=False)
+        for conn in self.device_conns:
+            if conn is not None:
+                self.connects += conn.connects
+                conn.close()
+
+    def _result(self, usage0: Any, usage1: Any, wall_s: float, abandoned: int, started_at: str,
+                gc_max_pause_s: float) -> RunResult:
+        versions: dict[str, int] = {}
+        for d in self.devices:
+            versions[d.app_version] = versions.get(d.app_version, 0) + 1
+        merge(self.lag, self.lag_window)
+        connections = len(self.workers) + self.peak_conns
+        return RunResult(
+            stats=self.stats, series=self.series, acked=self.acked,
+            lag_ms=percentiles_ms(self.lag), pool_samples=self.pool_samples,
+            cpu_s=(usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
+            cpu_sys_s=usage1.ru_stime - usage0.ru_stime,
+            wall_s=wall_s, rss_mb=round(usage1.ru_maxrss / 1024, 1), connections=connections,
+            abandoned=abandoned, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
+            versions=versions, gc_max_pause_ms=round(gc_max_pause_s * 1000, 2),
+            load_s=min(self.end_s, self.cfg.duration_s), connects=self.connects,
+        )
+
     # -- scheduling -------------------------------------------------------------------------
     def _push(self, due_s: float, device: Device | None, job: Job | None) -> None:
         self.seq += 1
@@ -240,12 +389,31 @@ class LoadRun:
 
     def _dispatch(self, job: Job) -> None:
         self.inflight += 1
-        self.queue.put(job)
-        if self.queue.qsize() > self.idle:
-            if len(self.workers) < self.cfg.max_connections:
-                self.workers.append(gevent.spawn(self._worker))
-            else:
-                self.stats.count("queued_at_connection_limit")
+        mode = self.cfg.connection_mode
+        if job.device is None or mode == POOLED:  # reads always share the pool (an operator's client)
+            self.queue.put(job)
+            if self.queue.qsize() > self.idle:
+                if len(self.workers) < self.cfg.max_connections:
+                    self.workers.append(gevent.spawn(self._worker))
+                else:
+                    self.stats.count("queued_at_connection_limit")
+            return
+        index = job.device.index
+        if mode == PER_DEVICE and not self.device_busy[index]:
+            conn = self.device_conns[index]
+            if conn is None:
+                conn = self.device_conns[index] = self._open()
+            self.device_busy[index] = 1
+            gevent.spawn_raw(self._send_own, conn, job, index)
+        else:  # a new connection: every heartbeat, or a device whose own one is busy
+            gevent.spawn_raw(self._send_once, self._open(), job)
+
+    def _open(self) -> Any:
+        conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s)
+        self.open_conns += 1
+        if self.open_conns > self.peak_conns:
+            self.peak_conns = self.open_conns
+        return conn
 
     def _tick(self, device: Device, due_s: float) -> None:
         """A device's scheduled send comes due."""
@@ -268,91 +436,10 @@ class LoadRun:
         device.advance(self.behaviour, due_s, self.rng)
         self._dispatch(Job(device, due_s, device.loses_answer(self.behaviour, self.rng)))
 
-    def run(self) -> RunResult:
-        """The whole load phase; returns once every send is answered or abandoned."""
-        cfg = self.cfg
-        for i, device in enumerate(self.devices):
-            device.app_version = self.behaviour.base_version
-            self._push(first_send_offset_s(i, len(self.devices), cfg.interval_s, cfg.ramp_up_s, self.rng), device, None)
-        # The fleet and its heap are long-lived: keep them out of the collector's scans, whose
-        # pauses would otherwise show up in the generator's own tail latency.
-        gc.collect()
-        gc.freeze()
-        gc_pause = _GcPauses()
-        gc.callbacks.append(gc_pause)
-        read_period = 1.0 / cfg.read_rate if cfg.read_rate > 0 else None
-        next_read = 0.0
-        started_at = datetime.now(UTC).isoformat()
-        usage0 = resource.getrusage(resource.RUSAGE_SELF)
-        self.t0 = time.perf_counter()
-        sampler = gevent.spawn(self._sampler)
-        pool = gevent.spawn(self._pool_poller)
-        heap = self.heap
-        perf = time.perf_counter
-        while True:
-            now = perf() - self.t0
-            while heap and heap[0][0] <= now:
-                due, _, device, job = heapq.heappop(heap)
-                if job is None:
-                    self._tick(device, due)
-                else:
-                    self._dispatch(job)
-            while read_period is not None and next_read <= now and next_read < self.end_s:
-                self._dispatch(self._read_job(next_read))
-                next_read += read_period
-            if now >= self.end_s:
-                if self.phase == "load":
-                    self.phase = "drain"
-                    # scheduled sends past the end (a stop, or first sends beyond a short run)
-                    # are dropped at once; retries and resends stay and drain
-                    heap[:] = [entry for entry in heap if entry[3] is not None]
-                    heapq.heapify(heap)
-                if (not heap and self.inflight == 0) or now >= self.end_s + cfg.drain_s:
-                    break
-            wake = heap[0][0] if heap else now + 0.05
-            if read_period is not None and next_read < self.end_s:
-                wake = min(wake, next_read)
-            gevent.sleep(max(0.0, min(wake - now, 0.05)))
-        abandoned = len(heap)
-        if abandoned:
-            self.stats.count("abandoned_retries", abandoned)
-        wait_until = perf() + cfg.timeout_s + 1
-        while self.inflight and perf() < wait_until:
-            gevent.sleep(0.05)
-        wall_s = perf() - self.t0
-        usage1 = resource.getrusage(resource.RUSAGE_SELF)
-        for _ in self.workers:
-            self.queue.put(None)
-        gevent.joinall(self.workers, timeout=2)
-        gevent.killall(self.workers, block=False)
-        sampler.kill()
-        pool.kill()
-        gc.callbacks.remove(gc_pause)
-        gc.unfreeze()
-        self._sample(final=True)
-        versions: dict[str, int] = {}
-        for d in self.devices:
-            versions[d.app_version] = versions.get(d.app_version, 0) + 1
-        merge(self.lag, self.lag_window)
-        return RunResult(
-            stats=self.stats, series=self.series, acked=self.acked,
-            lag_ms=percentiles_ms(self.lag), pool_samples=self.pool_samples,
-            cpu_s=(usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
-            cpu_sys_s=usage1.ru_stime - usage0.ru_stime,
-            wall_s=wall_s, rss_mb=round(usage1.ru_maxrss / 1024, 1), connections=len(self.workers),
-            abandoned=abandoned, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
-            versions=versions, gc_max_pause_ms=round(gc_pause.max_s * 1000, 2),
-            load_s=min(self.end_s, cfg.duration_s),
-        )
-
     def _read_job(self, intended_s: float) -> Job:
         device = self.devices[self.rng.randrange(len(self.devices))]
-        pick = self.rng.random()
-        if pick < 0.7:
-            return Job(None, intended_s, path=f"/v1/devices/{device.device_id}".encode(), endpoint="device_status")
-        if pick < 0.85:
-            return Job(None, intended_s, path=b"/v1/devices?limit=50&status=online", endpoint="fleet_list")
-        return Job(None, intended_s, path=b"/v1/fleet/summary", endpoint="fleet_summary")
+        endpoint, path = self.behaviour.read_mix.pick(device.device_id, self.rng)
+        return Job(None, intended_s, path=path, endpoint=endpoint)
 
     # -- sending ----------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -366,21 +453,44 @@ class LoadRun:
                 self.idle -= 1
                 if job is None:
                     return
-                try:
-                    if job.device is None:
-                        if reads is None:
-                            reads = connect(self.cfg.client, self.cfg.operator_url, self.cfg.timeout_s)
-                        self._send_read(reads, job)
-                    else:
-                        self._send_heartbeat(conn, job)
-                except Exception as exc:  # a generator bug must show in the report, not kill the worker
-                    self.stats.record("heartbeat" if job.device else "read", 0, f"generator:{type(exc).__name__}")
-                finally:
-                    self.inflight -= 1
+                if job.device is None:
+                    if reads is None:
+                        reads = connect(self.cfg.client, self.cfg.operator_url, self.cfg.timeout_s)
+                    self._send(reads, job)
+                else:
+                    self._send(conn, job)
         finally:
+            self.connects += getattr(conn, "connects", 0)
             conn.close()
             if reads is not None:
                 reads.close()
+
+    def _send_own(self, conn: Any, job: Job, index: int) -> None:
+        """A send on the device's own keep-alive connection."""
+        try:
+            self._send(conn, job)
+        finally:
+            self.device_busy[index] = 0
+
+    def _send_once(self, conn: Any, job: Job) -> None:
+        """A send on a connection of its own, closed afterwards."""
+        try:
+            self._send(conn, job)
+        finally:
+            self.connects += conn.connects
+            self.open_conns -= 1
+            conn.close()
+
+    def _send(self, conn: Any, job: Job) -> None:
+        try:
+            if job.device is None:
+                self._send_read(conn, job)
+            else:
+                self._send_heartbeat(conn, job)
+        except Exception as exc:  # a generator bug must show in the report, not kill the sender
+            self.stats.record("heartbeat" if job.device else "read", 0, f"generator:{type(exc).__name__}")
+        finally:
+            self.inflight -= 1
 
     def _send_heartbeat(self, conn: Any, job: Job) -> None:
         t0 = self.t0
@@ -393,8 +503,9 @@ class LoadRun:
             else:
                 job.body = device.body(self.clock.now_iso())
         self.stats.sent_one()
+        headers = device.auth_header + self.hb_headers_extra if self.hb_headers_extra else device.auth_header
         try:
-            answer = conn.request(b"POST", b"/v1/heartbeat", device.auth_header, job.body)
+            answer = conn.request(b"POST", b"/v1/heartbeat", headers, job.body)
         except TransportError as exc:
             self._failed(job, exc.kind, None, time.perf_counter())
             return
@@ -422,8 +533,8 @@ class LoadRun:
             stats.count("first_send_duplicate")
         if job.lose_answer:
             stats.count("lost_answer_resends")
-            delay = min(2.0, self.cfg.interval_s / 4) * (0.5 + self.rng.random())
-            resend = Job(device, end - t0 + delay, body=job.body, resend_of=ack.status)
+            resend = Job(device, end - t0 + resend_delay_s(self.cfg.interval_s, self.rng), body=job.body,
+                         resend_of=ack.status)
             self._push(resend.intended_s, device, resend)
 
     def _failed(self, job: Job, kind: str, retry_after_s: float | None, end: float) -> None:
@@ -431,8 +542,7 @@ class LoadRun:
         self.stats.record(kind_of, int((end - self.t0 - job.intended_s) * 1e6), kind)
         if job.device is None:
             self.stats.record(f"read:{job.endpoint}", 0, kind)
-        retryable = kind in ("timeout", "connection", "bad_answer") or kind.startswith("http_5")
-        if job.device is None or not retryable:
+        if job.device is None or not is_retryable(kind):
             return
         job.attempt += 1
         if job.attempt > self.cfg.max_retries:
@@ -468,10 +578,8 @@ class LoadRun:
 
     def _sample(self, final: bool = False) -> None:
         stats = self.stats
-        hb = stats.kinds["heartbeat"]
-        rd = stats.kinds["read"]
-        window = hb.roll_window()
-        read_window = rd.roll_window()
+        window = stats.kinds["heartbeat"].roll_window()
+        read_window = stats.kinds["read"].roll_window()
         for name, kind in stats.kinds.items():
             if name.startswith("read:"):
                 kind.roll_window()
@@ -479,36 +587,12 @@ class LoadRun:
         merge(self.lag, self.lag_window)
         self.lag_window = new_histogram()
         sent_window, stats.window_sent = stats.window_sent, 0
-        cumulative = percentiles_ms(hb.total)
-        read_cumulative = percentiles_ms(rd.total) if rd.ok or rd.errors else None
-        attempts = hb.ok + hb.errors + rd.ok + rd.errors
-        error_rate = round(100.0 * (hb.errors + rd.errors) / attempts, 3) if attempts else None
-        checks = rep.check_slis(cumulative, read_cumulative, error_rate, None, None,
-                                rep.sustained_pool_pct(self.pool_samples), self.cfg.targets)
-        all_met, failed = rep.verdict(checks)
-        snapshot = {
-            "type": "progress",
-            "t_s": round(time.perf_counter() - self.t0, 3),
-            "phase": "final" if final else self.phase,
-            "sent": stats.sent,
-            "acked": hb.ok,
-            "errors": hb.errors + rd.errors,
-            "rate_per_s": window["ok"],
-            "sent_per_s": sent_window,
-            "expected_per_s": round(self.cfg.expected_per_s, 1),
-            "p50_ms": cumulative["p50"], "p95_ms": cumulative["p95"], "p99_ms": cumulative["p99"],
-            "p999_ms": cumulative["p999"], "max_ms": cumulative["max"],
-            "window": {k: window[k] for k in ("ok", "errors", "p50", "p95", "p99", "p999", "max")},
-            "reads": {"ok": rd.ok, "errors": rd.errors, "rate_per_s": read_window["ok"],
-                      "p95_ms": read_cumulative["p95"] if read_cumulative else None},
-            "error_rate_pct": error_rate,
-            "in_flight": self.inflight,
-            "connections": len(self.workers),
-            "lag_p99_ms": lag_window["p99"],
-            "pool_utilisation_pct": self.pool_latest,
-            "verdict_so_far": "PASS" if all_met else "FAIL",
-            "failing": failed,
-        }
+        snapshot = rep.progress_snapshot(
+            stats, window, read_window, sent_window, lag_window["p99"], self.pool_samples, self.cfg.targets,
+            t_s=round(time.perf_counter() - self.t0, 3), phase="final" if final else self.phase,
+            expected_per_s=self.cfg.expected_per_s, in_flight=self.inflight,
+            connections=len(self.workers) + self.open_conns, pool_latest=self.pool_latest,
+        )
         if not final:
             self.series.append(snapshot)
             self.emit(snapshot)
@@ -532,100 +616,6 @@ class LoadRun:
             api.close()
 
 
-def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dict[str, Any]:
-    """The report dict (also what --output writes and the final --progress-jsonl line carries)."""
-    stats = run.stats
-    hb, rd = stats.kinds["heartbeat"], stats.kinds["read"]
-    hb_pct = percentiles_ms(hb.total)
-    read_pct = percentiles_ms(rd.total) if cfg.read_rate > 0 else None
-    attempts = hb.ok + hb.errors + rd.ok + rd.errors
-    errors = hb.errors + rd.errors
-    error_rate = round(100.0 * errors / attempts, 3) if attempts else None
-    pool_pct = rep.sustained_pool_pct(run.pool_samples)
-    checks = rep.check_slis(hb_pct, read_pct, error_rate, no_loss.get("lost"), no_loss.get("duplicates_stored"),
-                            pool_pct, cfg.targets)
-    if no_loss.get("errors"):  # what could not be read back cannot be claimed as kept
-        checks = [rep.SliCheck(c.name, c.value, c.target, c.unit, "FAIL") if c.name == "acknowledged heartbeats lost"
-                  else c for c in checks]
-    all_met, failed = rep.verdict(checks)
-    c = stats.counters
-    load_s = run.load_s or 1.0
-    warnings = []
-    queued = c.get("queued_at_connection_limit", 0)
-    if queued > 0.01 * max(1, attempts):
-        warnings.append(
-            f"{queued:,} sends waited because all {cfg.max_connections} connections were busy: the server "
-            "was not answering fast enough; the wait counts in the latencies (from the intended send time). "
-            "--connections raises the concurrency offered to the server")
-    elif run.lag_ms.get("p99") is not None and run.lag_ms["p99"] > 50:
-        warnings.append(
-            f"the generator ran behind its own schedule (lag p99 {run.lag_ms['p99']} ms) with connections to "
-            "spare: it was short of CPU; latencies include that delay; use fewer devices per process or a less "
-            "loaded machine")
-    if c.get("first_send_duplicate"):
-        warnings.append(
-            f"{c['first_send_duplicate']:,} first sends were answered 'duplicate': two different heartbeats of "
-            "one device fell into one dedup bucket. Expected when interval - jitter "
-            f"({cfg.interval_s - cfg.jitter_s:g} s) is shorter than the server's DEDUP_BUCKET_SECONDS (10 s by "
-            "default): the server then stores fewer rows than a real fleet would make it store")
-    if no_loss.get("errors"):
-        warnings.append(f"{no_loss['errors']} history reads failed during the no-loss check")
-    if c.get("stored_twice"):
-        warnings.append(f"{c['stored_twice']} resends of a stored heartbeat were answered 'stored' again")
-    new_version = sum(n for v, n in run.versions.items() if v != "1.0.0")
-    return {
-        "type": "report",
-        "config": {
-            "url": cfg.url, "admin_url": cfg.operator_url,
-            "devices": cfg.devices, "duration_s": cfg.duration_s, "interval_s": cfg.interval_s,
-            "jitter_s": cfg.jitter_s, "ramp_up_s": cfg.ramp_up_s, "flaky_pct": cfg.flaky_pct,
-            "skewed_clock_pct": cfg.skewed_clock_pct,
-            "read_rate_per_s": cfg.read_rate, "expected_heartbeats_per_s": round(cfg.expected_per_s, 2),
-            "equivalent_fleet_at_60s": cfg.equivalent_fleet_at_60s, "client": cfg.client,
-            "max_connections": cfg.max_connections, "timeout_s": cfg.timeout_s, "seed": cfg.seed,
-            "stopped_early_at_s": round(run.load_s, 2) if run.load_s < cfg.duration_s else None,
-        },
-        "targets": asdict(cfg.targets),
-        "started_at": run.started_at,
-        "finished_at": run.finished_at,
-        "throughput": {
-            "sent": stats.sent, "acknowledged": hb.ok, "stored": c.get("stored", 0),
-            "duplicate": c.get("duplicate", 0), "achieved_per_s": round(hb.ok / load_s, 1),
-            "lost_answer_retries": c.get("lost_answer_resends", 0),
-            "retries_answered_duplicate": c.get("resend_answered_duplicate", 0),
-            "first_sends_answered_duplicate": c.get("first_send_duplicate", 0),
-            "retries": c.get("retries", 0), "gave_up": c.get("gave_up", 0),
-            "abandoned_retries": c.get("abandoned_retries", 0),
-            "skipped_offline": c.get("skipped_offline", 0), "went_offline": c.get("went_offline", 0),
-            "reads": rd.ok,
-        },
-        "latency_ms": {"heartbeat": {**hb_pct, "count": hb.ok},
-                       "read": {**percentiles_ms(rd.total), "count": rd.ok},
-                       "read_endpoints": {name[5:]: {**percentiles_ms(k.total), "count": k.ok, "errors": k.errors}
-                                          for name, k in sorted(stats.kinds.items()) if name.startswith("read:")}},
-        "errors": {"total": errors, "attempts": attempts, "rate_pct": error_rate,
-                   "by_kind": {**{f"heartbeat:{k}": v for k, v in hb.errors_by_kind.items()},
-                               **{f"read:{k}": v for k, v in rd.errors_by_kind.items()}}},
-        "no_loss": no_loss,
-        "generator": {
-            "lag_p99_ms": run.lag_ms.get("p99"), "lag_max_ms": run.lag_ms.get("max"),
-            "cpu_s": round(run.cpu_s, 2), "cpu_sys_s": round(run.cpu_sys_s, 2),
-            "cpu_us_per_request": round(run.cpu_s * 1e6 / attempts, 1) if attempts else None,
-            "rss_mb": run.rss_mb, "connections": run.connections, "wall_s": round(run.wall_s, 2),
-            "gc_max_pause_ms": run.gc_max_pause_ms, "sends_queued_at_connection_limit": queued,
-        },
-        "pool": {"samples": len(run.pool_samples), "sustained_pct": pool_pct,
-                 "max_pct": max(run.pool_samples) if run.pool_samples else None},
-        "rollout": {"from": "1.0.0", "to": "1.1.0", "devices": cfg.devices, "devices_on_new": new_version},
-        "slis": rep.checks_as_json(checks),
-        "verdict": "PASS" if all_met else "FAIL",
-        "failed": failed,
-        "warnings": warnings,
-        "summary": rep.summary_line(all_met, failed),
-        "timeseries": run.series,
-    }
-
-
 def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream: TextIO = sys.stderr,
                   on_start: Callable[[LoadRun], None] | None = None) -> dict[str, Any]:
     """Check the server, enroll, run the load, check for loss; the report dict.
@@ -647,16 +637,7 @@ def run_load_test(cfg: SimConfig, emit: Callable[[dict[str, Any]], None], stream
                                   [d.device_id for d in load.devices], load.went_offline_ids, cfg.outage_grace_s)
     finally:
         api.close()
-    report = build_report(cfg, run, no_loss)
+    report = rep.build_report(cfg, run, no_loss)
     if outage is not None:
-        add_outage_check(report, outage)
+        rep.add_outage_check(report, outage)
     return report
-
-
-def add_outage_check(report: dict[str, Any], outage: dict[str, Any]) -> None:
-    """Put the outage check in the report; a mismatch fails the run."""
-    report["outage"] = outage
-    if not outage["exact"]:
-        report["verdict"] = "FAIL"
-        report["failed"] = [*report["failed"], "outage events"]
-        report["summary"] = rep.summary_line(False, report["failed"])

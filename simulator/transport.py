@@ -56,7 +56,7 @@ def _retry_after(value: bytes | str | None) -> float | None:
 class RawConnection:
     """One keep-alive connection speaking just enough HTTP/1.1 for the NexMDM API."""
 
-    __slots__ = ("_addr", "_timeout_s", "_sock", "_prefix", "_base")
+    __slots__ = ("_addr", "_timeout_s", "_sock", "_prefix", "_base", "connects")
 
     def __init__(self, url: str, timeout_s: float) -> None:
         host, port, base = split_url(url)
@@ -65,6 +65,7 @@ class RawConnection:
         self._sock: socket.socket | None = None
         self._base = base.encode()
         self._prefix = f"Host: {host}:{port}\r\nUser-Agent: nexmdm-simulator\r\n".encode()
+        self.connects = 0  # TCP connections this object opened
 
     def close(self) -> None:
         """Close the connection (a new one opens on the next request)."""
@@ -80,6 +81,7 @@ class RawConnection:
         except OSError as exc:
             raise TransportError("connection", str(exc)) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connects += 1
         self._sock = sock
         return sock
 
@@ -194,6 +196,7 @@ class GhcConnection:
         self._base = base
         self._client = HTTPClient(host, port, concurrency=1, connection_timeout=timeout_s,
                                   network_timeout=timeout_s)
+        self.connects = 0  # not counted by geventhttpclient
 
     def close(self) -> None:
         """Close the connection."""

@@ -299,3 +299,52 @@ def test_the_operator_plane_defaults_to_the_device_planes_host_on_admin_port() -
     assert default_admin_url("http://127.0.0.1:8000") == "http://127.0.0.1:8001"
     assert default_admin_url("http://10.1.2.3:9000/") == "http://10.1.2.3:8001"
     assert default_admin_url("http://[::1]:8000") == "http://[::1]:8001"
+
+
+@pytest.fixture
+def sink():
+    from simulator.bench import start_sink
+
+    proc, port = start_sink()
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("mode", "connects_per_send"), [("per-device", None), ("new-connection", 1.0)])
+def test_connection_modes_hold_connections_as_devices_do(sink: str, mode: str, connects_per_send) -> None:
+    from simulator.runner import LoadRun, SimConfig
+
+    cfg = SimConfig(url=sink, admin_key="k", devices=40, duration_s=2.0, interval_s=0.5, jitter_s=0.1,
+                    flaky_pct=0, drain_s=3, connection_mode=mode, max_connections=4)
+    result = LoadRun(cfg, _fleet(40), emit=lambda s: None).run()
+    hb = result.stats.kinds["heartbeat"]
+    assert hb.errors == 0 and hb.ok == result.stats.sent >= 120  # 40 devices, ~4 sends each
+    if connects_per_send is None:  # each device opened its own connection once and kept it
+        assert result.connects == 40 and result.connections >= 40
+    else:  # a new connection every time
+        assert result.connects == result.stats.sent
+
+
+def test_pooled_devices_share_few_connections(sink: str) -> None:
+    from simulator.runner import LoadRun, SimConfig
+
+    cfg = SimConfig(url=sink, admin_key="k", devices=40, duration_s=2.0, interval_s=0.5, jitter_s=0.1,
+                    flaky_pct=0, drain_s=3, max_connections=4)
+    result = LoadRun(cfg, _fleet(40), emit=lambda s: None).run()
+    assert result.stats.sent >= 120 and result.connects <= 4 and result.connections <= 4
+
+
+def test_read_mix_parses_weights_and_picks_by_them() -> None:
+    from simulator.devices import ReadMix
+
+    mix = ReadMix.parse("device_status:50,fleet_summary:5")
+    assert (mix.device_status, mix.fleet_list, mix.fleet_summary) == (50, 0, 5)
+    rng = random.Random(2)
+    picks = [mix.pick(7, rng) for _ in range(11_000)]
+    assert {p for _, p in picks} == {b"/v1/devices/7", b"/v1/fleet/summary"}
+    summaries = sum(1 for name, _ in picks if name == "fleet_summary")
+    assert 800 <= summaries <= 1200  # 1 in 11
+    for bad in ("nope:1", "device_status:-1", "fleet_list:0"):
+        with pytest.raises(ValueError):
+            ReadMix.parse(bad)
