@@ -38,6 +38,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     configure_errors(app)
     configure_plane(app, settings.plane)
     configure_metrics(app, settings.plane)
+    configure_heartbeat_path(app)
     return app
 
 
@@ -63,6 +64,16 @@ def configure_lag_guard(reads: ReadRouter, settings: Settings) -> None:
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def configure_heartbeat_path(app: Flask) -> None:
+    """POST /v1/heartbeat by the lean WSGI path in front of Flask (HEARTBEAT_LEAN_PATH), on the
+    planes that serve heartbeats."""
+    state: AppState = app.extensions["nexmdm"]
+    if state.settings.heartbeat_lean_path and state.settings.plane in ("device", "all"):
+        from api.heartbeat_wsgi import install
+
+        install(app, state)
 
 
 def configure_metrics(app: Flask, plane: str) -> None:

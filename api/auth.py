@@ -180,8 +180,13 @@ class TokenCache:
 
 
 def bearer_token() -> str:
-    """The bearer token of the request; 401 when absent or malformed."""
-    header = request.environ.get("HTTP_AUTHORIZATION", "")
+    """The bearer token of the current request (see ``bearer_token_from``)."""
+    return bearer_token_from(request.environ)
+
+
+def bearer_token_from(environ: dict[str, Any]) -> str:
+    """The bearer token of a WSGI request; 401 when absent or malformed."""
+    header = environ.get("HTTP_AUTHORIZATION", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "token_required", "send the device token as 'Authorization: Bearer <token>'")

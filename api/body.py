@@ -13,12 +13,17 @@ T = TypeVar("T")
 
 
 def read_json_body(limit_bytes: int) -> bytes:
+    """The current request's raw body (see ``read_json_body_from``)."""
+    return read_json_body_from(request.environ, limit_bytes)
+
+
+def read_json_body_from(environ: dict[str, Any], limit_bytes: int) -> bytes:
     """The raw body; 415 unless JSON, 413 when over ``limit_bytes``, 400 when empty, 422 with NUL.
 
-    Reads the WSGI environ directly: on the heartbeat hot path Werkzeug's lazily parsed
-    request attributes (mimetype, stream wrappers) cost more than the JSON decoding.
+    Reads the WSGI environ directly (the heartbeat's lean path has no Flask request): on the
+    hot path Werkzeug's lazily parsed request attributes (mimetype, stream wrappers) cost more
+    than the JSON decoding.
     """
-    environ = request.environ
     mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
     if mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json")

@@ -39,9 +39,22 @@ class ErrorResponse(Response):
     error_code: str = ""
 
 
+def error_body(code: str, detail: Any) -> bytes:
+    """The JSON of every error answer: ``{"error": code, "detail": detail}``."""
+    return msgspec.json.encode({"error": code, "detail": detail})
+
+
+def overloaded_answer(exc: Overloaded) -> tuple[str, list[tuple[str, str]], bytes]:
+    """(status line, headers, body) of a load-shedding refusal, without Flask: the heartbeat's
+    lean path answers it (api/heartbeat_wsgi.py), byte for byte as the handler below does."""
+    body = error_body("overloaded", str(exc))
+    return "503 SERVICE UNAVAILABLE", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                       ("Retry-After", str(exc.retry_after_s))], body
+
+
 def error_response(status: int, code: str, detail: Any, headers: dict[str, str] | None = None) -> Response:
-    """A JSON error body ``{"error": code, "detail": detail}``."""
-    body = msgspec.json.encode({"error": code, "detail": detail})
+    """A JSON error answer with ``error_body``."""
+    body = error_body(code, detail)
     response = ErrorResponse(body, status=status, mimetype="application/json")
     response.error_code = code
     for key, value in (headers or {}).items():

@@ -87,6 +87,8 @@ class Settings:
     max_extra_bytes: int = 4_096
     max_enroll_batch: int = 10_000
     summary_cache_ttl_s: float = 2.0
+    # POST /v1/heartbeat by the lean WSGI path (api/heartbeat_wsgi.py) instead of through Flask.
+    heartbeat_lean_path: bool = True
     ingest_batch_max: int = 500
     ingest_queue_max: int = 5_000
     ingest_flushers: int = 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
+from config.settings import Settings
 from db.heartbeats import HeartbeatRow
 
 
@@ -46,3 +49,10 @@ def writer_row(device_id: int, n: int) -> HeartbeatRow:
     return HeartbeatRow(device_id=device_id, bucket_ts=bucket, sent_at=bucket, received_at=PROCESS_NOW,
                         clock_skew_s=0.0, battery_pct=50, charging=False, network_type="wifi", signal_dbm=None,
                         app_version="1", os_version="1", uptime_s=1, free_storage_mb=1, extra_json=None)
+
+
+@pytest.fixture(name="settings", params=[True, False], ids=["lean-path", "flask-path"])
+def settings_on_both_heartbeat_paths(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """Import into a test module to run each of its tests against both heartbeat paths: the
+    lean WSGI path (api/heartbeat_wsgi.py) and the Flask route."""
+    return settings.with_overrides(heartbeat_lean_path=request.param)

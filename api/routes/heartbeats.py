@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Blueprint, Response, request
 
-from api.auth import bearer_token
-from api.body import read_json_body
+from api.auth import bearer_token_from
+from api.body import read_json_body_from
 from api.errors import ApiError
 from api.ingest import parse_heartbeat
 from api.metrics import observe_heartbeat, reject_heartbeat
 from api.responses import json_response
-from api.state import current_state
+from api.state import AppState, current_state
 
 bp = Blueprint("heartbeats", __name__)
 
@@ -21,23 +22,28 @@ bp = Blueprint("heartbeats", __name__)
 @bp.post("/v1/heartbeat")
 def post_heartbeat() -> Response:
     """Store one heartbeat; answered only after its transaction has committed."""
+    return json_response(accept_heartbeat(current_state(), request.environ))
+
+
+def accept_heartbeat(state: AppState, environ: dict[str, Any]) -> dict[str, Any]:
+    """The whole of ``POST /v1/heartbeat`` but the HTTP answer, without Flask: admission,
+    authentication, body, validation, the group-commit write and its metrics. Returns the
+    acknowledgement (after COMMIT); raises ApiError or a domain error otherwise. Both the
+    Flask route and the lean WSGI path (api/heartbeat_wsgi.py) run it."""
     started = time.perf_counter()
-    state = current_state()
     state.writer.check_admission()  # shed before doing any work when the worker is behind
-    device_id = state.tokens.authenticate(bearer_token())
-    body = read_json_body(state.settings.max_body_bytes)
+    device_id = state.tokens.authenticate(bearer_token_from(environ))
+    body = read_json_body_from(environ, state.settings.max_body_bytes)
     row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))
     stored = state.writer.write(row)
     observe_heartbeat(stored, time.perf_counter() - started)
-    return json_response(
-        {
-            "status": "stored" if stored else "duplicate",
-            "device_id": device_id,
-            "bucket_ts": row.bucket_ts,
-            "clock_skew_s": row.clock_skew_s,
-            "skew_corrected": corrected,
-        }
-    )
+    return {
+        "status": "stored" if stored else "duplicate",
+        "device_id": device_id,
+        "bucket_ts": row.bucket_ts,
+        "clock_skew_s": row.clock_skew_s,
+        "skew_corrected": corrected,
+    }
 
 
 @bp.after_request

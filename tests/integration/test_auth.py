@@ -10,7 +10,12 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.helpers import bearer, enroll, heartbeat_body
+from tests.helpers import (
+    bearer,
+    enroll,
+    heartbeat_body,
+    settings_on_both_heartbeat_paths,  # noqa: F401 (the "settings" fixture: every test on both paths)
+)
 
 # Routes that are not operator-only. Anything else in the url_map must refuse without x-admin:
 # a new public route has to be added here on purpose.

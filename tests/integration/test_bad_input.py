@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import bearer, enroll, heartbeat_body
+from tests.helpers import (
+    bearer,
+    enroll,
+    heartbeat_body,
+    settings_on_both_heartbeat_paths,  # noqa: F401 (the "settings" fixture: every test on both paths)
+)
 
 
 def rows(engine) -> tuple[int, int]:

@@ -8,7 +8,12 @@ import pytest
 from sqlalchemy.exc import DBAPIError
 
 from db.heartbeats import HeartbeatRow, insert_heartbeats
-from tests.helpers import bearer, enroll, heartbeat_body
+from tests.helpers import (
+    bearer,
+    enroll,
+    heartbeat_body,
+    settings_on_both_heartbeat_paths,  # noqa: F401 (the "settings" fixture: every test on both paths)
+)
 
 
 def count(engine, sql: str) -> int:

@@ -12,7 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import bearer, enroll, heartbeat_body
+from tests.helpers import (
+    bearer,
+    enroll,
+    heartbeat_body,
+    settings_on_both_heartbeat_paths,  # noqa: F401 (the "settings" fixture: every test on both paths)
+)
 
 HYPOTHESIS = settings(
     max_examples=120, deadline=None, derandomize=True,
