@@ -14,7 +14,6 @@ Two writers share one contract, ``write(row) -> stored``, answered only after CO
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -35,6 +34,7 @@ from api.body import decode_json
 from api.concurrency import gevent_active
 from api.errors import ApiError
 from api.schemas import HeartbeatIn
+from api.shedding import CoDelShedder
 from config.settings import Settings
 from db.errors import DatabaseUnavailable, Overloaded
 from db.heartbeats import HeartbeatRow, insert_heartbeats, prepare_insert
@@ -174,8 +174,7 @@ def write_batch(engine: Engine, rows: list[HeartbeatRow], settings: Settings) ->
 
 
 FlushListener = Callable[[int, float], None]
-_LAG_PROBE_S = 0.05
-_SHED_UP, _SHED_DOWN, _SHED_MAX = 0.2, 0.05, 0.9  # per lag probe
+_SOJOURN_PROBE_S = 0.01
 
 
 class DirectWriter:
@@ -222,12 +221,10 @@ class GroupCommitWriter:
         self._flushing: list[float | None] = [None] * flushers
         self._flushers = [gevent.spawn(self._run, i) for i in range(flushers)]
         self._conns: dict[int, Any] = {}
-        self._max_queue_delay_s = settings.ingest_max_queue_delay_ms / 1000
         self._linger_s = settings.ingest_linger_ms / 1000
-        self._max_loop_lag_s = settings.ingest_max_loop_lag_ms / 1000
-        self.loop_lag_s = 0.0
-        self.shed_fraction = 0.0  # of new heartbeats refused because the loop runs late
-        self._lag_watcher = gevent.spawn(self._watch_loop_lag)
+        self.shedder = CoDelShedder(settings.ingest_shed_target_ms / 1000, settings.ingest_shed_interval_ms / 1000)
+        self.loop_lag_s = 0.0  # how late the last sojourn probe woke up
+        self._prober = gevent.spawn(self._probe_sojourn)
         self.flushes = 0
         self.rows = 0
         self.shed = 0
@@ -236,7 +233,6 @@ class GroupCommitWriter:
         """Queue one heartbeat and wait until its batch has committed."""
         result = AsyncResult()
         now = time.monotonic()
-        self._check_queue(now)  # check_admission ran before the request's work; the queue may have grown
         try:
             self._queue.put_nowait((row, result, now))
         except Full:
@@ -248,38 +244,34 @@ class GroupCommitWriter:
             raise DatabaseUnavailable("the write did not complete in time; retry (it is deduplicated)") from None
 
     def check_admission(self, now: float | None = None) -> None:
-        """Raise Overloaded (503 + Retry-After) when this worker is behind: its event loop
-        runs late (CPU-bound: too many requests at once), or heartbeats have waited too long
-        to be written (the oldest queued one, or every flusher stuck on an old batch: the
-        database is slow). Cheap; called before a request does any work."""
-        now = time.monotonic() if now is None else now
-        if self.shed_fraction and random.random() < self.shed_fraction:
+        """Raise Overloaded (503 + Retry-After) for the share of new heartbeats the CoDel-style
+        shedder refuses (api/shedding.py): it grows while what was admitted waits longer than
+        INGEST_SHED_TARGET_MS for a whole INGEST_SHED_INTERVAL_MS, because the event loop runs
+        late (CPU) or queued heartbeats are not written (database). Cheap; called before a
+        request does any work."""
+        shedder = self.shedder
+        if not shedder.admit():
             self.shed += 1
-            # The harder it sheds, the later the devices come back: a retry storm of
-            # Retry-After: 1 would keep the loop busy with refusals alone.
-            raise Overloaded("the server is busy; retry later", retry_after_s=1 + round(8 * self.shed_fraction))
-        self._check_queue(now)
+            raise Overloaded("the server is busy; retry later", retry_after_s=shedder.retry_after_s)
 
-    def _check_queue(self, now: float) -> None:
-        limit = self._max_queue_delay_s
-        queue_stale = self._queue.qsize() and now - self._queue.peek_nowait()[2] > limit
-        flushers_stuck = all(t is not None and now - t > limit for t in self._flushing)
-        if queue_stale or flushers_stuck:
-            self.shed += 1
-            raise Overloaded("heartbeats wait too long to be written; retry shortly", retry_after_s=1)
+    @property
+    def shed_fraction(self) -> float:
+        """The share of new heartbeats refused now."""
+        return self.shedder.shed_fraction
 
-    def _watch_loop_lag(self) -> None:
-        """Steer the fraction of requests refused up while the loop runs late, down while it
-        keeps time (AIMD-like). Refusing all of them would be a collapse: under a retry storm
-        the refusals alone keep the loop late, and nothing would ever be admitted again."""
+    def _probe_sojourn(self) -> None:
+        """Every 10 ms, one sojourn sample for the shedder: the worse of how late this greenlet
+        woke up (a runnable request waits as long for the CPU) and how long the oldest queued
+        heartbeat has waited to be written."""
+        shedder = self.shedder
+        queue = self._queue
         while True:
             started = time.monotonic()
-            gevent.sleep(_LAG_PROBE_S)
-            self.loop_lag_s = time.monotonic() - started - _LAG_PROBE_S
-            if self.loop_lag_s > self._max_loop_lag_s:
-                self.shed_fraction = min(_SHED_MAX, self.shed_fraction + _SHED_UP)
-            elif self.shed_fraction:
-                self.shed_fraction = max(0.0, self.shed_fraction - _SHED_DOWN)
+            gevent.sleep(_SOJOURN_PROBE_S)
+            now = time.monotonic()
+            self.loop_lag_s = now - started - _SOJOURN_PROBE_S
+            head_wait = now - queue.peek_nowait()[2] if queue.qsize() else 0.0
+            shedder.observe(max(self.loop_lag_s, head_wait), now)
 
     def _run(self, index: int) -> None:
         while True:
@@ -389,6 +381,7 @@ class GroupCommitWriter:
             "shed": self.shed,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 1),
             "shed_fraction": round(self.shed_fraction, 2),
+            "sojourn_min_ms": round(self.shedder.last_min_s * 1000, 1),
         }
 
 

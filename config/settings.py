@@ -98,11 +98,11 @@ class Settings:
     ingest_linger_ms: float = 5.0
     ingest_linger_rows: int = 16
     ingest_timeout_s: float = 10.0
-    # Shed (503 + Retry-After) while heartbeats have waited this long to be written (database
-    # slow): under overload, latency stays bounded instead of growing until the queue is full.
-    ingest_max_queue_delay_ms: int = 500
-    # Shed a steered fraction while the worker's event loop runs this late (CPU saturated).
-    ingest_max_loop_lag_ms: int = 200
+    # Load shedding, CoDel-style (api/shedding.py): while what was admitted has waited longer than
+    # INGEST_SHED_TARGET_MS (for the CPU, or to be written) throughout an INGEST_SHED_INTERVAL_MS,
+    # a growing share of new heartbeats is refused (503 + Retry-After) before any work.
+    ingest_shed_target_ms: int = 50
+    ingest_shed_interval_ms: int = 100
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
     partitions_cron: str = "5 * * * *"

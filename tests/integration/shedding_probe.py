@@ -32,48 +32,70 @@ def attempt(writer: GroupCommitWriter, r: HeartbeatRow) -> tuple[str, float]:
         return "shed", time.monotonic() - started
 
 
+def admissions(writer: GroupCommitWriter, n: int) -> int:
+    """How many of ``n`` admission checks in a row (no yield in between) admit."""
+    admitted = 0
+    for _ in range(n):
+        try:
+            writer.check_admission()
+            admitted += 1
+        except Overloaded:
+            pass
+    return admitted
+
+
+def hog(seconds: float, chunk_s: float) -> None:
+    """Keep the loop busy for ``seconds``, letting it run its timers and I/O only every
+    ``chunk_s`` (as a saturated worker does between requests)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        chunk_end = min(end, time.monotonic() + chunk_s)
+        while time.monotonic() < chunk_end:
+            pass
+        gevent.sleep(0.001)
+
+
 def main() -> None:
     url, device_id = sys.argv[1], int(sys.argv[2])
-    settings = Settings(database_url=url, ingest_max_queue_delay_ms=300, ingest_max_loop_lag_ms=200,
+    settings = Settings(database_url=url, ingest_shed_target_ms=50, ingest_shed_interval_ms=100,
                         db_pool_size=4, db_max_overflow=0)
     engine = make_engine(settings)
     writer = GroupCommitWriter(engine, settings)
     out: dict = {}
     out["idle"] = attempt(writer, row(device_id, 1))
 
-    # 1. The database stalls (a lock held elsewhere): queued heartbeats age; once the oldest
-    #    has waited 300 ms, new ones are refused at once instead of joining the queue.
+    # 1. A burst: the loop stalls once for 300 ms, then keeps time. The smallest wait of the
+    #    interval stays under the target: nothing is refused (a fixed lag bound would have shed).
+    hog(0.3, 0.3)
+    gevent.sleep(0.3)
+    out["burst_fraction"] = writer.shed_fraction
+    out["burst_admitted_of_100"] = admissions(writer, 100)
+
+    # 2. The database stalls (a lock held elsewhere): queued heartbeats age past the target for
+    #    interval after interval, and new ones are refused, nearly all of them within ~0.5 s.
     blocker = engine.connect()
     blocker.exec_driver_sql("LOCK TABLE device_last_status IN EXCLUSIVE MODE")
     stuck = []
-    for i in range(3):  # one batch per flusher, then one waiting in the queue
+    for i in range(3):  # one batch in flight, then some waiting in the queue
         stuck.append(gevent.spawn(attempt, writer, row(device_id, 2 + i)))
         gevent.sleep(0.02)
-    gevent.sleep(0.45)
-    out["stalled_late"] = attempt(writer, row(device_id, 11))
+    gevent.sleep(0.7)
+    out["stalled_fraction"] = writer.shed_fraction
+    out["stalled_admitted_of_100"] = admissions(writer, 100)
     blocker.rollback()
     blocker.close()
     out["stuck"] = [g.get() for g in stuck]
+    gevent.sleep(2.5)  # the queue drained: the share falls back to none
+    out["after_stall_fraction"] = writer.shed_fraction
     out["after_stall"] = attempt(writer, row(device_id, 12))
 
-    # 2. The worker's CPU is saturated (a greenlet hogs the loop for 400 ms): refused at once.
-    def hog() -> None:
-        end = time.monotonic() + 0.4
-        while time.monotonic() < end:
-            pass
-
-    gevent.spawn(hog).join()
-    gevent.sleep(0.001)  # the lag watcher, due during the hog, now records how late it ran
+    # 3. The worker's CPU is saturated for a second (the loop yields only every 80 ms): a share
+    #    of new heartbeats is refused at once, and none once the loop keeps time again.
+    hog(1.0, 0.08)
     out["lag_ms"] = writer.loop_lag_s * 1000
     out["shed_fraction"] = writer.shed_fraction
-    refused = 0
-    for _ in range(400):  # no yield in between: the fraction stays as it is
-        try:
-            writer.check_admission()
-        except Overloaded:
-            refused += 1
-    out["refused_of_400"] = refused
-    gevent.sleep(1.5)  # the loop keeps time again: the fraction falls back to 0
+    out["refused_of_400"] = 400 - admissions(writer, 400)
+    gevent.sleep(2.5)
     out["shed_fraction_after"] = writer.shed_fraction
     out["after_busy"] = attempt(writer, row(device_id, 14))
     out["stats"] = writer.stats()

@@ -1,6 +1,7 @@
 """Load shedding of the group-commit writer, under gevent as in a gunicorn worker, against the
-real database: refused at once (503 + Retry-After upstream) while the database stalls or the
-worker's loop runs late, admitted again as soon as the condition clears, nothing lost."""
+real database, CoDel-style: a burst is absorbed; a standing queue (the database stalls, the
+worker's loop runs late for a whole interval) is shed at once (503 + Retry-After upstream);
+admitted again soon after the condition clears; nothing lost."""
 
 from __future__ import annotations
 
@@ -22,20 +23,21 @@ def test_group_commit_sheds_quickly_and_recovers(client, admin, engine, database
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["idle"][0] == "stored"
-    # Database stalled for 0.5 s with writes queued: a new write is refused, and promptly.
-    assert out["stalled_late"][0] == "shed" and out["stalled_late"][1] < 0.05, out
-    # The queued ones were not dropped: they commit once the stall ends.
+    # A burst (one 300 ms stall of the loop) is not a standing queue: nothing refused.
+    assert out["burst_fraction"] == 0 and out["burst_admitted_of_100"] == 100, out
+    # Database stalled with writes queued: nearly every new heartbeat is refused ...
+    assert out["stalled_fraction"] >= 0.8 and out["stalled_admitted_of_100"] <= 30, out
+    # ... the queued ones were not dropped: they commit once the stall ends, and the refusals stop.
     assert [status for status, _ in out["stuck"]] == ["stored"] * 3, out
-    assert out["after_stall"][0] == "stored", out
-    # Event loop 400 ms late: a fraction of new heartbeats is refused at once (not all: under
+    assert out["after_stall_fraction"] == 0 and out["after_stall"][0] == "stored", out
+    # CPU saturated for a second: a share of new heartbeats is refused at once (not all: under
     # a retry storm refusing everything would starve the loop of useful work for good) ...
-    assert out["lag_ms"] > 200, out
     assert out["shed_fraction"] > 0, out
     assert 0 < out["refused_of_400"] < 400, out
     # ... and none once it keeps time again.
     assert out["shed_fraction_after"] == 0, out
     assert out["after_busy"][0] == "stored", out
-    assert out["stats"]["shed"] == 1 + out["refused_of_400"]
+    assert out["stats"]["shed"] == (100 - out["stalled_admitted_of_100"]) + out["refused_of_400"]
     with engine.connect() as conn:
         count = conn.exec_driver_sql("SELECT count(*) FROM heartbeats WHERE device_id = %s", (device_id,)).scalar_one()
     assert count == 6 + 8  # idle, 3 stuck, after_stall, after_busy, 2 x 4 lingering; the refused ones were not written
