@@ -83,9 +83,16 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     server_p99_ack = pct(server_side.get(200, []), 99)
     server_p50_ack = pct(server_side.get(200, []), 50)
     server_p50_shed = pct(server_side.get(503, []), 50)
+    # Goodput: heartbeats acknowledged per second while the overload lasted, against what the
+    # server sustains when nothing is refused.
+    acked_per_s = sum(1 for t in result.ack_times if t < duration_s) / duration_s
+    goodput_pct = 100 * acked_per_s / rate
     note = (f"1 worker: sustainable {rate:.0f}/s, offered {2 * rate:.0f}/s for {duration_s:.0f} s "
-            f"(achieved {achieved:.0f}/s incl. retries); {shed} x 503; server-side ack p50 "
-            f"{server_p50_ack * 1000:.0f} ms p99 {server_p99_ack * 1000:.0f} ms, p50 shed "
+            f"(achieved {achieved:.0f}/s incl. retries); acknowledged {acked_per_s:.0f}/s = {goodput_pct:.0f} % "
+            f"of sustainable (target >= 95 %: {'met' if goodput_pct >= 95 else 'NOT met'}); {shed} x 503; "
+            f"server-side ack p99 {server_p99_ack * 1000:.0f} ms (target <= 300: "
+            f"{'met' if server_p99_ack <= 0.3 else 'NOT met'}), p50 "
+            f"{server_p50_ack * 1000:.0f} ms; p50 shed "
             f"{server_p50_shed * 1000:.1f} ms; client-side p99 "
             f"{steady_p99 * 1000:.0f} ms, p50 {mid_p50 * 1000:.0f} -> {last_p50 * 1000:.0f} ms; "
             f"unacked at end {result.unacked}")
@@ -117,4 +124,7 @@ def test_overload_short_sheds_and_recovers(fault_servers, engine, tmp_path):
 
 @pytest.mark.slow
 def test_overload_60s_sheds_and_recovers(fault_servers, engine, tmp_path):
+    # The targets (>= 95 % of the sustainable rate acknowledged, admitted heartbeats' server-side
+    # p99 <= 300 ms) are printed with the figures, met or not: on a machine shared with other work
+    # the sustainable rate itself moves during the run, so they are read, not asserted.
     overload(fault_servers, engine, tmp_path, 60.0, "overload 2x, 60 s")
