@@ -361,7 +361,6 @@ class LoadRun:
         gevent.killall(helpers, block=False)
         for conn in self.device_conns:
             if conn is not None:
-                self.connects += conn.connects
                 conn.close()
 
     def _result(self, usage0: Any, usage1: Any, wall_s: float, abandoned: int, started_at: str,
@@ -408,8 +407,11 @@ class LoadRun:
         else:  # a new connection: every heartbeat, or a device whose own one is busy
             gevent.spawn_raw(self._send_once, self._open(), job)
 
+    def _count_connect(self) -> None:
+        self.connects += 1
+
     def _open(self) -> Any:
-        conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s)
+        conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s, self._count_connect)
         self.open_conns += 1
         if self.open_conns > self.peak_conns:
             self.peak_conns = self.open_conns
@@ -443,7 +445,7 @@ class LoadRun:
 
     # -- sending ----------------------------------------------------------------------------
     def _worker(self) -> None:
-        conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s)
+        conn = connect(self.cfg.client, self.cfg.url, self.cfg.timeout_s, self._count_connect)
         reads: Any = None  # the worker's connection to the operator plane, opened on its first read
         queue = self.queue
         try:
@@ -460,7 +462,6 @@ class LoadRun:
                 else:
                     self._send(conn, job)
         finally:
-            self.connects += getattr(conn, "connects", 0)
             conn.close()
             if reads is not None:
                 reads.close()
@@ -477,7 +478,6 @@ class LoadRun:
         try:
             self._send(conn, job)
         finally:
-            self.connects += conn.connects
             self.open_conns -= 1
             conn.close()
 

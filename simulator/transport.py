@@ -14,6 +14,7 @@ an idle connection); heartbeats are deduplicated by the server, so this is safe.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -56,16 +57,16 @@ def _retry_after(value: bytes | str | None) -> float | None:
 class RawConnection:
     """One keep-alive connection speaking just enough HTTP/1.1 for the NexMDM API."""
 
-    __slots__ = ("_addr", "_timeout_s", "_sock", "_prefix", "_base", "connects")
+    __slots__ = ("_addr", "_timeout_s", "_sock", "_prefix", "_base", "_on_connect")
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, on_connect: Callable[[], None] | None = None) -> None:
         host, port, base = split_url(url)
         self._addr = (host, port)
         self._timeout_s = timeout_s
         self._sock: socket.socket | None = None
         self._base = base.encode()
         self._prefix = f"Host: {host}:{port}\r\nUser-Agent: nexmdm-simulator\r\n".encode()
-        self.connects = 0  # TCP connections this object opened
+        self._on_connect = on_connect  # called for every TCP connection opened
 
     def close(self) -> None:
         """Close the connection (a new one opens on the next request)."""
@@ -81,7 +82,8 @@ class RawConnection:
         except OSError as exc:
             raise TransportError("connection", str(exc)) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.connects += 1
+        if self._on_connect is not None:
+            self._on_connect()
         self._sock = sock
         return sock
 
@@ -189,14 +191,14 @@ class _NoAnswer(Exception):
 class GhcConnection:
     """The same contract on geventhttpclient (for comparison in the benchmark)."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, on_connect: Callable[[], None] | None = None) -> None:
         from geventhttpclient import HTTPClient
 
         host, port, base = split_url(url)
         self._base = base
         self._client = HTTPClient(host, port, concurrency=1, connection_timeout=timeout_s,
                                   network_timeout=timeout_s)
-        self.connects = 0  # not counted by geventhttpclient
+        # on_connect: geventhttpclient does not say when it connects; connections go uncounted
 
     def close(self) -> None:
         """Close the connection."""
@@ -226,6 +228,8 @@ class GhcConnection:
 CLIENTS = {"raw": RawConnection, "ghc": GhcConnection}
 
 
-def connect(client: str, url: str, timeout_s: float) -> RawConnection | GhcConnection:
-    """A connection object of the chosen client kind (connects lazily where it can)."""
-    return CLIENTS[client](url, timeout_s)
+def connect(client: str, url: str, timeout_s: float,
+            on_connect: Callable[[], None] | None = None) -> RawConnection | GhcConnection:
+    """A connection object of the chosen client kind (connects lazily where it can);
+    ``on_connect`` is called for each TCP connection it opens (raw client only)."""
+    return CLIENTS[client](url, timeout_s, on_connect)

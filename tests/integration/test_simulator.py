@@ -140,3 +140,23 @@ def test_find_capacity_steps_up_and_reports_the_largest_passing_fleet(live_serve
     assert [s["devices"] for s in result["steps"]] == [20, 40]
     assert result["largest_passing_devices"] == 40 and result["largest_passing_equivalent_fleet_at_60s"] == 2400
     assert "CAPACITY: 40 devices passed every SLI" in proc.stdout
+
+
+def test_devices_keep_their_own_connections_or_open_one_per_heartbeat(live_server, tmp_path: Path) -> None:
+    cache = tmp_path / "tokens.json"
+    figures = {}
+    for flag in ("--connection-per-device", "--new-connection"):
+        out = tmp_path / f"{flag}.json"
+        proc = simulator("--devices", "300", "--duration", "3", "--interval", "1", "--flaky-pct", "0",
+                         "--admin-key", live_server.admin_key, "--url", live_server.url,
+                         "--admin-url", live_server.admin_url, "--token-cache", str(cache), "--quiet",
+                         "--output", str(out), flag, *LOOSE_LATENCY)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        report = json.loads(out.read_text())
+        assert report["no_loss"]["lost"] == 0 and report["errors"]["total"] == 0
+        figures[flag] = (report["throughput"]["sent"], report["generator"]["connects"], report["config"])
+    sent, connects, config = figures["--connection-per-device"]
+    # ~900 heartbeats over the 300 devices' own connections, each opened once and kept by the server
+    assert config["connection_mode"] == "per-device" and sent >= 600 and connects == 300
+    sent, connects, config = figures["--new-connection"]
+    assert config["connection_mode"] == "new-connection" and connects == sent >= 600
