@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--flame", default="", help="flame graphs during a simulator run: bench/results/NAME-a|b.svg")
     parser.add_argument("--flame-s", type=int, default=40, help="simulator run length (profiled: the middle half)")
+    parser.add_argument("--flame-interval", type=float, default=4.0,
+                        help="10,000 devices at this interval: 4 is (c)'s 2,500/s; more is gentler on a busy machine")
     args = parser.parse_args(argv)
     wrk = ensure_wrk()
     servers, tokens = {}, {}
@@ -83,18 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("A", "B") if args.flame else ():
             svg = ROOT / "bench" / "results" / f"{args.flame}-{name.lower()}.svg"
             print(f"ab: flame graph of {name} during a simulator run -> {svg.relative_to(ROOT)}", flush=True)
-            print(profile_under_simulator(servers[name], args.flame_s, svg), flush=True)
+            print(profile_under_simulator(servers[name], args.flame_s, args.flame_interval, svg), flush=True)
     finally:
         for server in servers.values():
             server.stop()
     return 0
 
 
-def profile_under_simulator(server: BenchServer, seconds: int, svg: Path) -> str:
-    """The simulator at (c)'s rate (10,000 devices at --interval 4) for ``seconds``, py-spy on one
-    device-plane worker over the middle half; the simulator's summary line."""
-    cmd = [sys.executable, "-m", "simulator", "--devices", "10000", "--duration", str(seconds), "--interval", "4",
-           "--jitter", "1", "--ramp-up", "5", "--quiet", "--verify-sample", "200", "--admin-key", server.admin_key,
+def profile_under_simulator(server: BenchServer, seconds: int, interval_s: float, svg: Path) -> str:
+    """The simulator with 10,000 devices at ``interval_s`` (4: (c)'s rate) for ``seconds``, py-spy
+    on one device-plane worker over the middle half; the simulator's summary lines."""
+    cmd = [sys.executable, "-m", "simulator", "--devices", "10000", "--duration", str(seconds),
+           "--interval", f"{interval_s:g}", "--jitter", f"{interval_s / 4:g}", "--ramp-up", "5", "--quiet",
+           "--verify-sample", "200", "--admin-key", server.admin_key,
            "--url", server.url, "--admin-url", server.admin_url,
            "--token-cache", str(server.var_dir / "sim-tokens.json")]
     sim = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

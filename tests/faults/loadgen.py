@@ -4,6 +4,14 @@ It sends heartbeats for enrolled devices, honours Retry-After with jitter, retri
 acknowledged (a retry lands in the same dedup bucket), and records every acknowledged
 (device_id, bucket_ts) so that a test can check the database afterwards: nothing acknowledged
 lost, no duplicate rows. Every run ends by its deadline.
+
+Why a second load generator beside the simulator (the only other one): the drills assert on
+each attempt (when it started, how long it took, its status, whether a 503 carried Retry-After)
+within time windows around a fault, calibrate the sustainable rate closed-loop with 1,000
+concurrent senders, and plan bucket-aligned bodies (anchor + k x 10 s) to compare acknowledgements
+with the table row by row. The simulator is an open-loop fleet model that keeps bounded
+histograms (for 100,000-device runs) and checks loss through the API; giving it a per-attempt
+log and a closed loop would make it two tools in one.
 """
 
 from __future__ import annotations
