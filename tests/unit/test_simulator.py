@@ -276,14 +276,13 @@ def test_a_slow_server_does_not_slow_the_offered_load(slow_sink: str) -> None:
 
 
 def test_a_stop_request_ends_the_load_promptly_and_still_accounts_for_everything(slow_sink: str) -> None:
-    import gevent
-
     from simulator.runner import LoadRun, SimConfig
 
     cfg = SimConfig(url=slow_sink, admin_key="k", devices=50, duration_s=60.0, interval_s=5.0, jitter_s=1.0,
                     flaky_pct=0, drain_s=5)
-    load = LoadRun(cfg, _fleet(50), emit=lambda s: None)
-    gevent.spawn_later(1.0, load.request_stop)
+    # stopped at the first progress snapshot, one second into the load (a timer started before
+    # run() would count the set-up too, which takes a while on a busy machine)
+    load = LoadRun(cfg, _fleet(50), emit=lambda s: load.request_stop())
     started = time.perf_counter()
     result = load.run()
     # Bounds far below the 60 s duration, loose enough for a busy 2-core CI machine.
