@@ -45,4 +45,5 @@ def test_group_commit_sheds_quickly_and_recovers(client, admin, engine, database
     # after the whole 200 ms); without it, one statement each (or nearly).
     assert out["linger"]["stored"] == ["stored"] * 4 and out["linger"]["flushes"] == 1, out
     assert out["linger"]["first_s"] < 0.15, out
-    assert out["no_linger"]["stored"] == ["stored"] * 4 and out["no_linger"]["flushes"] >= 3, out
+    # (>= 2, not 4: on a busy machine a flush can take longer than the 10 ms between two sends)
+    assert out["no_linger"]["stored"] == ["stored"] * 4 and out["no_linger"]["flushes"] >= 2, out
