@@ -18,6 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from db.partitions import list_partitions
+
 EVENT_TYPES = (
     "device_offline", "device_online", "battery_low", "battery_critical", "app_version_changed", "token_revoked",
 )
@@ -78,14 +80,7 @@ def plan_event_partitions(
 
 def list_event_partitions(conn: Connection) -> set[str]:
     """Names of the partitions attached to events."""
-    rows = conn.exec_driver_sql(
-        """
-        SELECT c.relname FROM pg_inherits i
-        JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
-        WHERE p.relname = 'events'
-        """
-    ).fetchall()
-    return {r[0] for r in rows}
+    return list_partitions(conn, "events")
 
 
 def maintain_event_partitions(

@@ -44,15 +44,16 @@ def plan_partitions(existing: set[str], today: date, premake_days: int) -> list[
     return [PartitionSpec(partition_name(d), d) for d in wanted if partition_name(d) not in existing]
 
 
-def list_partitions(conn: Connection) -> set[str]:
-    """Names of the partitions attached to heartbeats."""
+def list_partitions(conn: Connection, parent: str = "heartbeats") -> set[str]:
+    """Names of the partitions attached to ``parent`` (heartbeats, or events)."""
     rows = conn.exec_driver_sql(
         """
         SELECT c.relname FROM pg_inherits i
         JOIN pg_class c ON c.oid = i.inhrelid
         JOIN pg_class p ON p.oid = i.inhparent
-        WHERE p.relname = 'heartbeats'
-        """
+        WHERE p.relname = %(parent)s
+        """,
+        {"parent": parent},
     ).fetchall()
     return {r[0] for r in rows}
 

@@ -5,6 +5,7 @@ every request signed, backoff doubling, given up after a day."""
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -219,3 +220,28 @@ def test_partitions_job_prunes_finished_deliveries_past_their_days(engine, setti
     report = run_job("partitions", engine, settings, progress=lambda line: None)
     assert report.detail["webhook_deliveries_pruned"] == 2  # kept: the pending one, and the recent one
     assert scalar(engine, "SELECT string_agg(status, ',' ORDER BY id) FROM webhook_deliveries") == "pending,delivered"
+
+
+def test_two_dispatchers_at_once_send_each_batch_once(engine, settings, client, admin):
+    slow = Receiver(script=[HANG] * 6, hang_s=0.2).start()  # answered in time, just slowly
+    try:
+        hook = register(client, admin, slow.url)
+        devices = make_devices(engine, 12)
+        t0 = datetime.now(UTC).replace(microsecond=0)
+        beat_all(engine, devices, t0)
+        derive(engine, settings, t0)
+        small = settings.with_overrides(webhook_batch_max=2)
+        first, second = (WebhookDispatcher(engine, small, owner=name) for name in ("one", "two"))
+        first.enqueue()
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            reports = list(pool.map(lambda d: d.run_once(), (first, second)))
+        assert sum(r.delivered for r in reports) == 6 and sum(r.failed_attempts for r in reports) == 0
+        keys = [r.key for r in slow.received]
+        assert len(keys) == len(set(keys)) == 6  # the lease: never the same batch from both
+        ids = [e["id"] for r in slow.received for e in r.payload["events"]]
+        assert ids == sorted(ids)  # and still one batch at a time, in order
+        assert scalar(engine, "SELECT count(*) FROM webhooks WHERE lease_owner IS NOT NULL") == 0
+        assert client.get(f"/v1/webhooks/{hook['id']}/deliveries?status=delivered", headers=admin).get_json()[
+            "deliveries"][0]["attempts"] == 1
+    finally:
+        slow.stop()
