@@ -28,6 +28,8 @@ from prometheus_client.exposition import generate_latest
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
+from db.events import EVENT_TYPES
+
 PREFIX = "nexmdm"
 
 # Bucket edges at the SLO boundaries: 0.02 s (fast read p95), 0.15 s and 0.3 s (heartbeat
@@ -140,6 +142,8 @@ JOB_RUNS = Counter(f"{PREFIX}_job_runs_total", "Scheduled job runs, by job and o
 JOB_DURATION_SECONDS = Histogram(
     f"{PREFIX}_job_duration_seconds", "Duration of job runs, by job.", ["job_name"], buckets=JOB_DURATION_BUCKETS_S,
 )
+# Device events recorded by the events job, by type (a closed set: db.events.EVENT_TYPES).
+EVENTS_RECORDED = Counter(f"{PREFIX}_events_recorded_total", "Device events recorded, by type.", ["type"])
 JOB_LAST_SUCCESS = Gauge(
     f"{PREFIX}_job_last_success_timestamp_seconds",
     "Unix time at which the job last finished successfully.",
@@ -191,11 +195,16 @@ class JobReportLike(Protocol):
     status: str
     duration_s: float
     finished_at: datetime
+    detail: dict[str, Any]
 
 
 def observe_job_report(report: JobReportLike) -> None:
     """A job listener: ``add_job_listener(observe_job_report)`` counts every run, skips included."""
     observe_job(report.job, report.status, report.duration_s, report.finished_at.timestamp())
+    if report.job == "events" and report.status == "succeeded":
+        for kind, count in (report.detail.get("events") or {}).items():
+            if kind in EVENT_TYPES:
+                EVENTS_RECORDED.labels(kind).inc(count)
 
 
 _last_success_s: dict[str, float] = {}
@@ -215,6 +224,8 @@ def initialize_series() -> None:
         JOB_DURATION_SECONDS.labels(job)
         for outcome in JOB_OUTCOMES:
             JOB_RUNS.labels(job, outcome)
+    for kind in EVENT_TYPES:
+        EVENTS_RECORDED.labels(kind)
     for query in READ_QUERIES:
         LAST_STATUS_READ_SECONDS.labels(query)
     for reason in REJECT_REASONS:

@@ -170,3 +170,26 @@ def test_event_partition_plan_is_pure():
     create, drop = plan_event_partitions(existing, today, 2, 29)
     assert [d.isoformat() for d in create] == ["2026-12-02", "2026-12-03"]
     assert drop == ["events_p20261101"]
+
+
+def test_recorded_events_are_counted_for_prometheus(engine, settings):
+    from prometheus_client import REGISTRY
+
+    from api.metrics import initialize_series, observe_job_report
+    from scheduler.locking import add_job_listener
+
+    initialize_series()
+    add_job_listener(observe_job_report)  # as the app does (idempotent: one listener, one count)
+
+    def counted(kind: str) -> float:
+        return REGISTRY.get_sample_value("nexmdm_events_recorded_total", {"type": kind})
+
+    before = counted("device_online"), counted("device_offline")
+    devices = make_devices(engine, 3)
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    for dev in devices:
+        beat(engine, dev, t0)
+    derive(engine, settings, t0)
+    derive(engine, settings, t0 + timedelta(minutes=5))
+    assert (counted("device_online") - before[0], counted("device_offline") - before[1]) == (3, 3)
+    assert counted("token_revoked") is not None  # every type exists before its first event
