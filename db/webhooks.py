@@ -197,23 +197,24 @@ class Attempt:
 
 def record_attempt(conn: Connection, delivery_id: int, attempt: Attempt, next_attempt_at: datetime | None) -> str:
     """Log an attempt and move the delivery on: delivered when it succeeded, pending until
-    ``next_attempt_at`` when it failed, failed for good when that is None. Returns the status."""
+    ``next_attempt_at`` when it failed, failed for good when that is None. Returns the status
+    (``cancelled`` when the webhook was deleted while the attempt was on its way)."""
     status = "delivered" if attempt.ok else ("pending" if next_attempt_at is not None else "failed")
     entry = msgspec.json.encode({"at": attempt.at, "status_code": attempt.status_code, "error": attempt.error,
                                  "duration_ms": round(attempt.duration_ms, 1)}).decode()
-    conn.exec_driver_sql(
+    updated = conn.exec_driver_sql(
         """
         UPDATE webhook_deliveries
         SET attempts = attempts + 1, last_attempt_at = %(at)s, last_status_code = %(code)s, last_error = %(error)s,
             status = %(status)s, delivered_at = CASE WHEN %(ok)s THEN %(at)s END,
             next_attempt_at = COALESCE(%(next)s, next_attempt_at),
             attempt_log = attempt_log || jsonb_build_array(%(entry)s::jsonb)
-        WHERE id = %(id)s
+        WHERE id = %(id)s AND status = 'pending'  -- a delivery cancelled meanwhile stays cancelled
         """,
         {"id": delivery_id, "at": attempt.at, "code": attempt.status_code, "error": attempt.error, "status": status,
          "ok": attempt.ok, "next": next_attempt_at, "entry": entry},
-    )
-    return status
+    ).rowcount
+    return status if updated else "cancelled"
 
 
 def extend_lease(conn: Connection, webhook_id: int, owner: str, until: datetime) -> bool:

@@ -189,6 +189,8 @@ class WebhookDispatcher:
                 status = self._send(hook, delivery)
                 if status == "delivered":
                     report.delivered += 1
+                elif status == "cancelled":
+                    break  # the webhook was deleted meanwhile
                 else:
                     report.failed_attempts += 1
                     report.given_up += status == "failed"

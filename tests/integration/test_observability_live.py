@@ -137,7 +137,8 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         assert sum(per_worker.values()) == 180
         # Only bounded labels (request metrics are grouped by endpoint, not by path): no device id.
         label_names = {name for _, labels in m.samples for name, _ in labels}
-        bounded = {"reason", "query", "job_name", "outcome", "endpoint", "method", "status", "le", "version", "plane"}
+        bounded = {"reason", "query", "job_name", "outcome", "endpoint", "method", "status", "le", "version", "plane",
+                   "type"}  # type: the closed set of event types (db.events.EVENT_TYPES)
         assert label_names <= bounded, label_names - bounded
         assert m.value("nexmdm_http_request_duration_seconds_count",
                        endpoint="devices.device_status", method="GET", status="200") == 5

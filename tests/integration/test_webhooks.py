@@ -11,7 +11,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from db.heartbeats import insert_heartbeats
-from scheduler.jobs.webhooks import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookDispatcher, verify
+from scheduler.jobs.webhooks import (
+    IDEMPOTENCY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    SendResult,
+    WebhookDispatcher,
+    verify,
+)
 from scheduler.service import run_job
 from tests.jobdata import make_devices, row, scalar
 from tests.receiver import FAIL, HANG, Receiver
@@ -245,3 +252,19 @@ def test_two_dispatchers_at_once_send_each_batch_once(engine, settings, client, 
             "deliveries"][0]["attempts"] == 1
     finally:
         slow.stop()
+
+
+def test_a_webhook_deleted_while_its_batch_is_on_the_way_stays_cancelled(engine, settings, client, admin):
+    hook = register(client, admin, "http://127.0.0.1:9/never-called")
+    devices = make_devices(engine, 2)
+    t0 = datetime.now(UTC).replace(microsecond=0)
+    beat_all(engine, devices, t0)
+    derive(engine, settings, t0)
+
+    def deleting_sender(url, body, headers, timeout_s):  # the operator deletes it mid-request
+        assert client.delete(f"/v1/webhooks/{hook['id']}", headers=admin).status_code == 200
+        return SendResult(200, None)
+
+    report = WebhookDispatcher(engine, settings, clock=Clock(t0), sender=deleting_sender).run_once()
+    assert report.delivered == 0
+    assert scalar(engine, "SELECT array[status, attempts::text] FROM webhook_deliveries") == ["cancelled", "0"]
