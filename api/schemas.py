@@ -206,6 +206,8 @@ class EventList(Struct):
     events: list[Event]
     next_after: Annotated[int | None, Meta(description="oldest-first pages: pass as ?after= for the next page")]
     next_before: Annotated[int | None, Meta(description="newest-first pages (?before=): pass as ?before=")]
+    source: ReadSourceName
+    replica_lag_s: ReplicaLag
 
 
 WebhookUrl = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$")]

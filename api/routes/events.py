@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, request
+from sqlalchemy import Connection
 
 from api.auth import admin_required
 from api.errors import ApiError
-from api.responses import json_response
+from api.responses import json_response, with_source
 from api.routes.heartbeats import int_arg
 from api.routes.history import time_arg
 from api.state import current_state
-from db.engine import reading
 from db.events import EVENT_TYPES, EventFilter, list_events
 from db.fleet import get_device_status
 
@@ -43,12 +45,16 @@ def _page(device_id: int | None) -> Response:
     before = int_arg("before", MAX_ID, 0, MAX_ID) if newest_first else None
     limit = int_arg("limit", 100, 1, MAX_LIMIT)
     state = current_state()
-    with reading(state.engine) as conn:
+
+    def fetch(conn: Connection) -> tuple[list[dict[str, Any]], int | None]:
         if device_id is not None:
             get_device_status(conn, device_id, offline_after_s=state.settings.offline_after_seconds)
-        rows, cursor = list_events(conn, flt, after=after, before=before, limit=limit)
-    return json_response({"events": rows, "next_after": cursor if before is None else None,
-                          "next_before": cursor if before is not None else None})
+        return list_events(conn, flt, after=after, before=before, limit=limit)
+
+    # From the replica while it is fresh enough (an event log a second behind is still the log).
+    (rows, cursor), source = state.reads.read(fetch)
+    return json_response(with_source({"events": rows, "next_after": cursor if before is None else None,
+                                      "next_before": cursor if before is not None else None}, source))
 
 
 @bp.get("/v1/events")
