@@ -86,7 +86,7 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     # Goodput: heartbeats acknowledged per second while the overload lasted, against what the
     # server sustains when nothing is refused.
     acked_per_s = sum(1 for t in result.ack_times if t < duration_s) / duration_s
-    goodput_pct = 100 * acked_per_s / rate
+    goodput_pct = 100 * acked_per_s / rate if rate else 0.0
     note = (f"1 worker: sustainable {rate:.0f}/s, offered {2 * rate:.0f}/s for {duration_s:.0f} s "
             f"(achieved {achieved:.0f}/s incl. retries); acknowledged {acked_per_s:.0f}/s = {goodput_pct:.0f} % "
             f"of sustainable (target >= 95 %: {'met' if goodput_pct >= 95 else 'NOT met'}); {shed} x 503; "
