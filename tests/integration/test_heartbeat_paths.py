@@ -8,9 +8,9 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 
 from api.app import create_app
-from api.metrics import HEARTBEATS_REJECTED
 from db.errors import Overloaded
 from tests.helpers import bearer, enroll, heartbeat_body
 
@@ -24,6 +24,10 @@ def apps(settings, engine):
         app.testing = True
         made.append(app)
     return made
+
+
+def overloaded_count() -> float:
+    return REGISTRY.get_sample_value("nexmdm_heartbeats_rejected_total", {"reason": "overloaded"}) or 0.0
 
 
 def answer(app, **kwargs):
@@ -69,7 +73,7 @@ def test_acknowledgements_and_refusals_are_the_same_on_both_paths(apps, admin, e
     duplicate_lean, duplicate_flask = answer(lean, **body), answer(flask, **body)
     # the same bytes but the skew (the server's clock moved between the two answers)
     ack_lean, ack_flask = json.loads(duplicate_lean[2]), json.loads(duplicate_flask[2])
-    assert abs(ack_lean.pop("clock_skew_s") - ack_flask.pop("clock_skew_s")) < 5
+    assert abs(ack_lean.pop("clock_skew_s") - ack_flask.pop("clock_skew_s")) < 30
     assert duplicate_lean[:2] == duplicate_flask[:2] and ack_lean == ack_flask and ack_lean["status"] == "duplicate"
     assert list(json.loads(duplicate_lean[2])) == list(json.loads(duplicate_flask[2]))  # same field order
     assert stored[0] == 200 and [k for k, _ in stored[1]] == [k for k, _ in duplicate_lean[1]]
@@ -82,11 +86,11 @@ def test_acknowledgements_and_refusals_are_the_same_on_both_paths(apps, admin, e
 
     for app in apps:
         app.extensions["nexmdm"].writer.check_admission = refuse
-    rejected = HEARTBEATS_REJECTED.labels("overloaded")._value.get()
+    rejected = overloaded_count()
     refused_lean, refused_flask = answer(lean, **body), answer(flask, **body)
     assert refused_lean == refused_flask and refused_lean[0] == 503
     assert ("Retry-After", "3") in refused_lean[1]
-    assert HEARTBEATS_REJECTED.labels("overloaded")._value.get() == rejected + 2  # counted on both paths
+    assert overloaded_count() == rejected + 2  # counted on both paths
 
 
 def test_the_lean_path_skips_flask_and_the_flask_path_does_not(apps, admin):
