@@ -4,7 +4,8 @@ Starts etcd, PostgreSQL under Patroni (primary, synchronous standby, asynchronou
 API nodes (``python -m api serve``, each its own var/ and port, DATABASE_URL the libpq multi-host
 URL with target_session_attrs=read-write) and HAProxy on the shipped config/haproxy/haproxy.cfg.
 Then the simulator sends heartbeats through HAProxy while the drill SIGKILLs an API node, restarts
-it, and SIGKILLs the primary (its Patroni agent and PostgreSQL, as a machine loss). Each phase is
+it, and SIGKILLs the primary (its Patroni agent and PostgreSQL, as a machine loss). The API
+nodes read operator queries from the asynchronous replica (READ_DATABASE_URL). Each phase is
 one simulator run with its own no-loss check; the drill prints
 
     scenario | sent | acknowledged | lost | duplicates stored | seconds to recover
@@ -133,13 +134,19 @@ class Prober:
             self._stop.wait(0.1)
 
     def recovered_after(self, t: float) -> float | None:
-        """Seconds from ``t`` to the first acknowledgement after the last failure following ``t``."""
+        """Seconds from ``t`` until writes work again: the first acknowledgement after the first
+        failure following ``t`` (0 when nothing failed; None when nothing was acknowledged)."""
         after = [(ts, st) for ts, st in self.results if ts >= t]
         failures = [ts for ts, st in after if st != 200]
         if not failures:
             return 0.0
-        ok = [ts for ts, st in after if st == 200 and ts > max(failures)]
+        ok = [ts for ts, st in after if st == 200 and ts > failures[0]]
         return ok[0] - t if ok else None
+
+    def last_failure_after(self, t: float) -> float | None:
+        """Seconds from ``t`` to the probe's last failure (shedding after the outage included)."""
+        failures = [ts for ts, st in self.results if ts >= t and st != 200]
+        return failures[-1] - t if failures else None
 
     def failures_after(self, t: float) -> int:
         return sum(1 for ts, st in self.results if ts >= t and st != 200)
@@ -168,6 +175,9 @@ class Drill:
         roles = {m["name"]: m["role"] for m in self.cluster.members()}
         print(f"drill: etcd + Patroni up in {time.monotonic() - t0:.1f} s: {roles}", flush=True)
         env = dict(NODE_ENV, DATABASE_URL=self.cluster.app_url, ADMIN_KEY=self.admin_key)
+        replica = next((n for n in self.cluster.nodes if n.tags.get("nosync")), None)
+        if replica is not None:  # operator reads from the asynchronous replica while it is fresh
+            env["READ_DATABASE_URL"] = self.cluster.url_of(replica)
         for i in range(1, self.n_nodes + 1):
             node = ApiNode(f"api{i}", free_port(), self.base / f"api{i}", env)
             # The first node migrates the schema; the others start after it, on a migrated schema.
@@ -285,9 +295,10 @@ class Drill:
         recover = prober.recovered_after(marks["t"])
         new = marks["new"]
         promoted_s = marks["promoted"] - marks["t"]
+        last = prober.last_failure_after(marks["t"])
         note = (f"{old.name} killed; {new.name} promoted after {promoted_s:.1f} s "
                 f"({'the' if new is standby else 'NOT the'} synchronous standby); probe failures "
-                f"{prober.failures_after(marks['t'])}")
+                f"{prober.failures_after(marks['t'])}, the last {last or 0:.1f} s after the kill")
         self.record(f"primary PostgreSQL SIGKILL ({old.name})", report, recover, note)
         if new is not standby:
             raise ClusterError(f"Patroni promoted {new.name}, not the synchronous standby {standby.name}")
@@ -330,6 +341,18 @@ class Drill:
         if len(refused) < len(self.api) or worst > 2.5:
             raise ClusterError(line)
 
+    def operator_reads_from_replica(self) -> None:
+        """Operator reads through HAProxy's operator frontend say where they were answered."""
+        sources: dict[str, int] = {}
+        for _ in range(20):
+            status, body = call(self.haproxy.operator_url + "/v1/fleet/summary", headers=self.admin)
+            if status != 200:
+                raise ClusterError(f"fleet summary answered {status} {body}")
+            sources[body.get("source", "?")] = sources.get(body.get("source", "?"), 0) + 1
+            time.sleep(0.05)
+        line = f"operator reads (fleet summary x20 through HAProxy): answered by {sources}"
+        self.checks.append(line)
+
     def jobs_run_once(self) -> None:
         """Every node fires the partitions job each minute (PARTITIONS_CRON); its period is the
         hour, so each hour must show exactly one succeeded run and the other firings skipped."""
@@ -357,7 +380,7 @@ class Drill:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.drill", description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=600, help="simulated devices (600: 300 heartbeats/s)")
+    parser.add_argument("--devices", type=int, default=400, help="simulated devices (400: 200 heartbeats/s)")
     parser.add_argument("--phase-s", type=float, default=30.0, help="seconds of load per scenario (30)")
     parser.add_argument("--dir", type=Path, default=ROOT / "var" / "drill", help="working directory (var/drill)")
     args = parser.parse_args(argv)
@@ -382,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             prober.stop()
         drill.revocation_reaches_every_node()
+        drill.operator_reads_from_replica()
         drill.jobs_run_once()
     except (Exception, KeyboardInterrupt) as exc:
         failed = exc
@@ -394,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sent: heartbeat requests (retries included); lost and duplicates stored: the simulator's read-back "
               "of every acknowledged heartbeat after the phase; recover: API kill = until HAProxy took the node "
               "out, restart = until it served again, primary = until a probe heartbeat (every 100 ms through "
-              "HAProxy) was acknowledged again")
+              "HAProxy) was acknowledged again after the outage began")
     for line in drill.checks:
         print(f"check: {line}")
     print(f"drill: {time.monotonic() - t0:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
