@@ -1,6 +1,7 @@
 """Every exception → JSON answer mapping, in one place.
 
-Bad input is a 4xx naming what was wrong; a database fault is a 503 with Retry-After; an
+Bad input is a 4xx naming what was wrong; a database outage is a 503 with Retry-After (the
+data layer's domain errors; db/errors.py alone decides what a driver fault means); an
 unexpected exception is a JSON 500 without a stack trace (and, under testing, re-raised so a
 hidden 500 cannot pass a test).
 """
@@ -11,13 +12,18 @@ import logging
 from typing import Any
 
 import msgspec
-import psycopg2
 from flask import Flask, Response
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from db.errors import DatabaseUnavailable, DeviceNotFound, DuplicateDevice, Overloaded, WebhookNotFound
+from db.errors import (
+    DRIVER_FAULTS,
+    DatabaseUnavailable,
+    DeviceNotFound,
+    DuplicateDevice,
+    Overloaded,
+    WebhookNotFound,
+    domain_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,11 @@ _HTTP_CODES = {
 }
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def configure_errors(app: Flask) -> None:
     """Register the handlers that turn every exception into a JSON answer."""
 
@@ -94,37 +105,22 @@ def configure_errors(app: Flask) -> None:
         return error_response(409, "device_already_enrolled", {"device_uids": exc.device_uids[:100]})
 
     @app.errorhandler(Overloaded)
-    def _overloaded(exc: Overloaded) -> Response:
-        return error_response(503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after_s)})
-
     @app.errorhandler(DatabaseUnavailable)
-    def _unavailable(exc: DatabaseUnavailable) -> Response:
-        return error_response(503, "database_unavailable", str(exc), {"Retry-After": str(exc.retry_after_s)})
+    def _retry_later(exc: Overloaded | DatabaseUnavailable) -> Response:
+        # exc.code: overloaded, database_unavailable or pool_exhausted (db/errors.py)
+        return error_response(503, exc.code, str(exc), {"Retry-After": str(exc.retry_after_s)})
 
-    @app.errorhandler(PoolTimeout)
-    def _pool_timeout(exc: PoolTimeout) -> Response:
-        return error_response(503, "pool_exhausted", "no database connection free in time", {"Retry-After": "1"})
+    def _driver_fault(exc: Exception) -> Response:
+        # A driver or pool fault from a path that did not pass through db's translated_faults:
+        # db.errors.domain_error says what it means; none is a bug (500, re-raised under testing).
+        error = domain_error(exc)
+        if isinstance(error, DatabaseUnavailable):
+            log.warning("database unavailable: %s", _first_line(exc))
+            return _retry_later(error)
+        return _unexpected(exc)
 
-    @app.errorhandler(OperationalError)
-    def _db_down(exc: OperationalError) -> Response:
-        log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0] if exc.orig else exc)
-        return error_response(503, "database_unavailable", "the database cannot be reached", {"Retry-After": "2"})
-
-    @app.errorhandler(psycopg2.OperationalError)
-    @app.errorhandler(psycopg2.InterfaceError)
-    def _driver_db_down(exc: psycopg2.Error) -> Response:
-        # The driver's own error, unwrapped (a raw pool connection): the database is unreachable.
-        log.warning("database unavailable: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
-        return error_response(503, "database_unavailable", "the database cannot be reached", {"Retry-After": "2"})
-
-    @app.errorhandler(DBAPIError)
-    def _db_error(exc: DBAPIError) -> Response:
-        if exc.connection_invalidated:
-            return error_response(503, "database_unavailable", "the database connection was lost", {"Retry-After": "2"})
-        log.exception("database error")
-        if app.testing:
-            raise exc
-        return error_response(500, "internal_error", "database error")
+    for fault in DRIVER_FAULTS:
+        app.register_error_handler(fault, _driver_fault)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:

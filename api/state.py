@@ -10,7 +10,7 @@ from flask import current_app
 from sqlalchemy import Engine
 
 from api.auth import TokenCache
-from api.ingest import DirectWriter, GroupCommitWriter, make_writer
+from api.group_commit import GroupCommitWriter
 from api.metrics import observe_flush
 from config.settings import Settings
 from db.reads import ReadRouter
@@ -23,17 +23,24 @@ class AppState:
     admin_key: str
     tokens: TokenCache
     reads: ReadRouter  # the operator plane's reads: the replica when fresh enough, else the primary
-    _writer: DirectWriter | GroupCommitWriter | None = None
+    _writer: GroupCommitWriter | None = None
     summary_cache: tuple[float, Any] | None = None
     summary_refreshing: bool = False
     started_mono: float = field(default_factory=time.monotonic)
 
     @property
-    def writer(self) -> DirectWriter | GroupCommitWriter:
-        # Created on first use, inside the worker, so its greenlets belong to the worker's hub.
+    def writer(self) -> GroupCommitWriter:
+        """The heartbeat writer; created on first use, inside the worker, so its greenlets
+        belong to the worker's hub (or, in-process, to the calling thread's)."""
         if self._writer is None:
-            self._writer = make_writer(self.engine, self.settings, observe_flush)
+            self._writer = GroupCommitWriter(self.engine, self.settings, observe_flush)
         return self._writer
+
+    def close(self) -> None:
+        """Stop the writer (if one was started) and close its connections."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def current_state() -> AppState:

@@ -10,6 +10,7 @@ from sqlalchemy.pool import Pool, QueuePool
 
 from config.settings import Settings
 from db.embedded import EmbeddedCluster
+from db.errors import translated_faults
 
 
 def embedded_cluster(settings: Settings) -> EmbeddedCluster:
@@ -104,6 +105,14 @@ def reading(engine: Engine) -> Iterator[Connection]:
     """A pooled connection for reads, in autocommit: each statement runs alone, so a read is one
     round trip to PostgreSQL instead of three (BEGIN, the query, ROLLBACK). Under load every
     round trip waits for the database process to get a core, so this is most of a fast read's
-    latency. Not for writes that must commit together."""
-    with engine.connect() as conn:
+    latency. Not for writes that must commit together. Driver faults become domain errors."""
+    with translated_faults(), engine.connect() as conn:
         yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection in one transaction, committed when the block ends without an error
+    (``engine.begin()``); driver faults become domain errors (db.errors.domain_error)."""
+    with translated_faults(), engine.begin() as conn:
+        yield conn

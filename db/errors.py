@@ -1,4 +1,18 @@
-"""Domain errors raised by the data layer; api/errors.py maps them to HTTP answers."""
+"""Domain errors raised by the data layer, and the one place driver faults become them.
+
+``domain_error`` maps a driver or pool fault (SQLAlchemy's or psycopg2's own exception) to a
+domain error; ``translated_faults`` applies it at the data layer's edge (reads, transactions,
+the heartbeat writer). api/errors.py maps only these domain errors to HTTP answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import psycopg2
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 
 class DataError(Exception):
@@ -24,16 +38,59 @@ class DuplicateDevice(DataError):
 
 
 class DatabaseUnavailable(DataError):
-    """The database cannot be reached or the pool is exhausted; worth a retry later."""
+    """The database cannot be reached (or answered too late); worth a retry later."""
+
+    code = "database_unavailable"
 
     def __init__(self, detail: str, retry_after_s: int = 2) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
 
 
+class PoolExhausted(DatabaseUnavailable):
+    """No pooled connection freed up within DB_POOL_TIMEOUT_S; worth a retry shortly."""
+
+    code = "pool_exhausted"
+
+
 class Overloaded(DataError):
-    """The server sheds load (ingest queue full); worth a retry later."""
+    """The server sheds load (ingest queue full, event loop late); worth a retry later."""
+
+    code = "overloaded"
 
     def __init__(self, detail: str, retry_after_s: int = 1) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+
+
+# What the driver and the pool raise; anything of these that domain_error does not map is a bug.
+DRIVER_FAULTS: tuple[type[Exception], ...] = (SQLAlchemyError, psycopg2.Error)
+
+
+def domain_error(exc: BaseException) -> DataError | None:
+    """The domain error a driver or pool fault means, or None when it means no outage (a bug,
+    a constraint): those propagate as they are."""
+    if isinstance(exc, DataError):
+        return exc
+    if isinstance(exc, PoolTimeout):
+        return PoolExhausted("no database connection free in time", retry_after_s=1)
+    # SQLAlchemy wraps the driver's error; a raw DBAPI connection (the heartbeat writer's, a
+    # pool's connect) raises the driver's own.
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(exc, OperationalError) or isinstance(orig, psycopg2.OperationalError):
+        return DatabaseUnavailable("the database cannot be reached", retry_after_s=2)
+    if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or isinstance(orig, psycopg2.InterfaceError):
+        return DatabaseUnavailable("the database connection was lost", retry_after_s=2)
+    return None
+
+
+@contextlib.contextmanager
+def translated_faults() -> Iterator[None]:
+    """Re-raise a driver or pool fault raised inside as its domain error (see domain_error)."""
+    try:
+        yield
+    except DRIVER_FAULTS as exc:
+        error = domain_error(exc)
+        if error is None:
+            raise
+        raise error from exc

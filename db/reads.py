@@ -28,22 +28,20 @@ from typing import TypeVar
 import psycopg2
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from config.settings import Settings
 from db.engine import make_engine, reading
-from db.errors import DeviceNotFound
+from db.errors import DatabaseUnavailable, DeviceNotFound
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 PRIMARY, REPLICA = "primary", "replica"
-# Replica faults that send a read to the primary instead: any driver error (a dead or lost
-# connection shows as OperationalError or InterfaceError; a query cancelled by recovery too),
-# also the driver's own, unwrapped (a pooled connection found dead while it is set to
-# autocommit), or the replica's pool exhausted. A query that is wrong in itself fails on the
-# primary as well and surfaces from there.
-_REPLICA_FAULTS = (DBAPIError, psycopg2.Error, PoolTimeout)
+# Replica faults that send a read to the primary instead: the replica unreachable, its connection
+# lost, a query cancelled by recovery or its pool exhausted (db.errors.domain_error makes these
+# DatabaseUnavailable at reading()'s edge), and any other driver error, also the driver's own,
+# unwrapped. A query that is wrong in itself fails on the primary as well and surfaces from there.
+_REPLICA_FAULTS = (DatabaseUnavailable, DBAPIError, psycopg2.Error)
 
 
 def parse_lsn(text: str) -> int:
@@ -121,7 +119,7 @@ class ReadRouter:
                     "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text, "
                     "extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
                 ).one()
-        except DBAPIError as exc:
+        except (DatabaseUnavailable, DBAPIError) as exc:
             return self._set(ReplicaState(False, None, now, _first_line(exc)))
         if not in_recovery:
             return self._set(ReplicaState(False, None, now, "READ_DATABASE_URL is not a standby (not in recovery)"))
@@ -132,7 +130,7 @@ class ReadRouter:
         try:
             with reading(self.probe_primary) as conn:
                 return parse_lsn(conn.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar_one())
-        except DBAPIError as exc:
+        except (DatabaseUnavailable, DBAPIError) as exc:
             log.warning("replica lag guard: the primary's WAL position is unavailable: %s", _first_line(exc))
             return None
 
@@ -213,6 +211,8 @@ class ReadRouter:
 
 
 def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None:
+        exc = exc.__cause__  # the driver's own words say more than the domain error's
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

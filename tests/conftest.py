@@ -80,7 +80,8 @@ def app(settings: Settings, engine: Engine):
 
     app = create_app(settings, engine=engine)
     app.testing = True
-    return app
+    yield app
+    app.extensions["nexmdm"].close()  # the writer's greenlets and its connection
 
 
 @pytest.fixture

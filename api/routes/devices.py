@@ -14,6 +14,7 @@ from api.routes.heartbeats import int_arg
 from api.schemas import DeviceIn, EnrollBatchIn
 from api.state import current_state
 from db.devices import NewDevice, enroll_devices, revoke_device, rotate_token, token_hashes_of
+from db.engine import transaction
 from db.fleet import FleetFilter, get_device_status, list_devices
 
 bp = Blueprint("devices", __name__)
@@ -40,7 +41,7 @@ def enroll() -> Response:
     if len(set(uids)) != len(uids):
         raise ApiError(422, "validation_failed", "device_uid appears more than once in the batch")
     new = [NewDevice(d.device_uid, d.name, tuple(d.labels)) for d in batch]
-    with state.engine.begin() as conn:
+    with transaction(state.engine) as conn:
         enrolled = enroll_devices(conn, new)
     return json_response(
         {"devices": [{"id": e.id, "device_uid": e.device_uid, "token": e.token} for e in enrolled]},
@@ -53,7 +54,7 @@ def enroll() -> Response:
 def rotate(device_id: int) -> Response:
     """A new token; the old one keeps working for TOKEN_ROTATION_OVERLAP_S seconds."""
     state = current_state()
-    with state.engine.begin() as conn:
+    with transaction(state.engine) as conn:
         old_hashes = token_hashes_of(conn, device_id)
         token, old_valid_until = rotate_token(conn, device_id, state.settings.token_rotation_overlap_s)
     state.tokens.evict(old_hashes)
@@ -67,7 +68,7 @@ def rotate(device_id: int) -> Response:
 def revoke(device_id: int) -> Response:
     """Revoke every token of a device (idempotent)."""
     state = current_state()
-    with state.engine.begin() as conn:
+    with transaction(state.engine) as conn:
         hashes = token_hashes_of(conn, device_id)
         revoked_at = revoke_device(conn, device_id)
     state.tokens.evict(hashes)

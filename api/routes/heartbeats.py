@@ -11,7 +11,7 @@ from flask import Blueprint, Response, request
 from api.auth import bearer_token_from
 from api.body import read_json_body_from
 from api.errors import ApiError
-from api.ingest import parse_heartbeat
+from api.heartbeat_parsing import parse_heartbeat
 from api.metrics import observe_heartbeat, reject_heartbeat
 from api.responses import json_response
 from api.state import AppState, current_state

@@ -3,8 +3,8 @@
 There is no default partition, on purpose: rows in a default partition block creating any
 partition whose range overlaps them, and a day's rows could then no longer be archived as one
 table. A heartbeat's bucket is always within MAX_CLOCK_SKEW_SECONDS of the server's clock
-(api/ingest.py), so it can only fall outside every partition when this job has not run for
-days; then the writer creates that day's partition itself and retries (api/ingest.write_batch).
+(api/heartbeat_parsing.py), so it can only fall outside every partition when this job has not run for
+days; then the writer creates that day's partition itself and retries (db.ingest.IngestConnection).
 """
 
 from __future__ import annotations

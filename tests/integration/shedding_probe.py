@@ -15,7 +15,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
-from api.ingest import GroupCommitWriter  # noqa: E402
+from api.group_commit import GroupCommitWriter  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from db.engine import make_engine  # noqa: E402
 from db.errors import Overloaded  # noqa: E402

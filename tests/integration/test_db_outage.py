@@ -1,5 +1,5 @@
 """PostgreSQL restarted under a running app: while it is down every path (heartbeat writes via
-both writers, token look-ups, reads, enrollment, /readyz) answers 503 + Retry-After, not a 500
+the group-commit writer, token look-ups, reads, enrollment, /readyz) answers 503 + Retry-After, not a 500
 and not a hang; no pooled connection leaks; within 10 s of the database returning it works
 again, without restarting the app (SQLAlchemy invalidates the pool on the first disconnect)."""
 
@@ -30,7 +30,7 @@ def assert_503(resp) -> None:
     assert resp.get_json()["error"] == "database_unavailable", resp.get_json()
 
 
-def test_every_path_answers_503_while_down_and_recovers(client, admin, engine, restore_cluster):
+def test_every_path_answers_503_while_down_and_recovers(app, client, admin, engine, restore_cluster):
     cluster = restore_cluster
     known, other = enroll(client, admin, 2)
     assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(known["token"])).status_code == 200
@@ -59,7 +59,9 @@ def test_every_path_answers_503_while_down_and_recovers(client, admin, engine, r
     assert client.get(f"/v1/devices/{other['id']}", headers=admin).status_code == 200
     assert client.get("/v1/fleet/summary", headers=admin).status_code == 200
     assert time.monotonic() - up < 10
-    assert engine.pool.checkedout() == 0
+    # Nothing leaked: only the heartbeat writer's own long-lived connection is out (one flusher).
+    assert app.extensions["nexmdm"].writer.stats()["connections"] == 1
+    assert engine.pool.checkedout() == 1
     with engine.connect() as conn:  # the write refused while down was not half-stored
         assert conn.exec_driver_sql("SELECT count(*) FROM heartbeats WHERE battery_pct = 1").scalar_one() == 0
         assert conn.exec_driver_sql("SELECT count(*) FROM devices WHERE device_uid = 'while-down'").scalar_one() == 0
@@ -82,3 +84,33 @@ def test_group_commit_writer_across_a_restart(client, admin, engine, restore_clu
     assert out["after"] == "stored" and out["recovered_s"] < 10, out
     # Nothing leaked: only the flusher's own long-lived connection is out (INGEST_FLUSHERS=1).
     assert out["checked_out_after"] <= 1
+
+
+def test_a_pool_timeout_is_pool_exhausted_on_the_write_path_too(settings, admin, engine):
+    """One translation: the heartbeat writer answers a pool timeout as the reads do (it answered
+    database_unavailable while the read paths answered pool_exhausted)."""
+    from api.app import create_app
+    from db.engine import make_engine
+
+    small = settings.with_overrides(db_pool_size=1, db_max_overflow=0, db_pool_timeout_s=0.2)
+    small_engine = make_engine(small, small.database_url)
+    app = create_app(small, engine=small_engine)
+    app.testing = True
+    client = app.test_client()
+    try:
+        (device,) = enroll(client, admin, 1)
+        with app.app_context():
+            app.extensions["nexmdm"].tokens.authenticate(device["token"])  # cached: no look-up needed
+        with small_engine.connect():  # the pool's only connection, held
+            for resp in (
+                client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(device["token"])),
+                client.get(f"/v1/devices/{device['id']}", headers=admin),
+            ):
+                assert resp.status_code == 503, resp.get_data(as_text=True)
+                assert resp.get_json()["error"] == "pool_exhausted", resp.get_json()
+                assert resp.headers["Retry-After"] == "1"
+        resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(device["token"]))
+        assert resp.status_code == 200, resp.get_json()
+    finally:
+        app.extensions["nexmdm"].close()
+        small_engine.dispose()

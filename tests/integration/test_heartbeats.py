@@ -114,12 +114,26 @@ def test_dual_write_is_atomic(engine):
 def test_missing_partition_is_created_on_demand(engine):
     day = datetime.now(UTC).date() + timedelta(days=20)
     ts = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
-    from api.ingest import write_batch
-    from config.settings import Settings
+    from db.ingest import IngestConnection
 
-    flags = write_batch(engine, [_row(3, ts)], Settings(database_url="x"))
-    assert flags == [True]
+    connection = IngestConnection(engine, premake_days=7)
+    try:
+        assert connection.insert([_row(3, ts)]) == [True]
+        assert connection.insert([_row(3, ts)]) == [False]  # the retry runs on the same connection
+    finally:
+        connection.close()
     assert count(engine, f"SELECT count(*) FROM heartbeats_p{day:%Y%m%d}") == 1
+    assert engine.pool.checkedout() == 0  # closed: not returned with its PREPAREd statement
+
+
+def test_missing_partition_through_the_endpoint(client, admin, engine):
+    """The app's writer (the production one) creates the missing partition of today, and retries."""
+    dev = enroll(client, admin)[0]
+    with engine.begin() as conn:  # today's partition gone, as if the partition job never ran
+        conn.exec_driver_sql(f"DROP TABLE heartbeats_p{datetime.now(UTC):%Y%m%d}")
+    resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(dev["token"]))
+    assert resp.status_code == 200 and resp.get_json()["status"] == "stored", resp.get_json()
+    assert count(engine, f"SELECT count(*) FROM heartbeats_p{datetime.now(UTC):%Y%m%d}") == 1
 
 
 def test_prepared_insert_on_a_dbapi_connection_dedups_like_the_plain_one(engine):

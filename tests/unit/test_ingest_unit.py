@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 
 from api.errors import ApiError
-from api.ingest import choose_bucket, floor_to_bucket, parse_heartbeat
+from api.heartbeat_parsing import choose_bucket, floor_to_bucket, parse_heartbeat
 from config.settings import Settings
 from db.partitions import day_of, partition_name, plan_partitions
 
