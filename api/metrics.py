@@ -47,6 +47,11 @@ JOB_DURATION_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 18
 KNOWN_JOBS = ("partitions", "nightly", "reconcile", "events")
 JOB_OUTCOMES = ("succeeded", "failed", "skipped")
 READ_QUERIES = ("device", "list", "summary")
+# Label values taken from a request come from closed sets, or any client could mint new series
+# (and grow every worker's memory and every scrape) with a made-up method or path.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+UNMATCHED_ENDPOINT = "unmatched"
 # Error codes a heartbeat is commonly rejected with (others appear on first use).
 REJECT_REASONS = (
     "token_required", "token_invalid", "malformed_json", "validation_failed", "body_too_large",
@@ -81,6 +86,19 @@ INGEST_FLUSH_SECONDS = Histogram(
 )
 INGEST_FLUSH_ROWS = Histogram(
     f"{PREFIX}_ingest_flush_rows", "Heartbeats written per group-commit flush.", buckets=FLUSH_ROWS_BUCKETS,
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    f"{PREFIX}_http_request_duration_seconds",
+    "Time to answer a request, by method, endpoint (the route's name, 'unmatched' for an unknown "
+    "path) and status; POST /v1/heartbeat is left out (the heartbeat metrics cover it).",
+    ["method", "endpoint", "status"],
+    buckets=LATENCY_BUCKETS_S,
+)
+HTTP_REQUESTS = Counter(
+    f"{PREFIX}_http_request_total",
+    "Requests answered, by method (one of HTTP_METHODS, else 'other') and status; "
+    "POST /v1/heartbeat is left out.",
+    ["method", "status"],
 )
 TOKEN_CACHE_MISSES = Counter(
     f"{PREFIX}_token_cache_misses_total",
@@ -155,6 +173,19 @@ JOB_LAST_SUCCESS = Gauge(
 def count_token_lookups(tokens: int) -> None:
     """Record ``tokens`` token-cache misses answered by one database look-up."""
     TOKEN_CACHE_MISSES.inc(tokens)
+
+
+def method_label(method: str) -> str:
+    """The request method as a label value: a standard method, else 'other'."""
+    return method if method in HTTP_METHODS else OTHER_METHOD
+
+
+def observe_request(method: str, endpoint: str | None, status: int, seconds: float) -> None:
+    """Record one answered request; labels come from closed sets whatever the client sent."""
+    method = method_label(method)
+    code = str(status) if 100 <= status <= 599 else "other"
+    HTTP_REQUEST_SECONDS.labels(method, endpoint or UNMATCHED_ENDPOINT, code).observe(seconds)
+    HTTP_REQUESTS.labels(method, code).inc()
 
 
 def observe_heartbeat(stored: bool, seconds: float) -> None:
@@ -361,19 +392,19 @@ class _MultiProcessCollector(pc_multiprocess.MultiProcessCollector):
         return self.merge(_sized_files(Path(self._path).glob("*.db")), accumulate=True)
 
 
-def exposition_registry(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry] = ()) -> list[Any]:
+def exposition_registry(multiproc_dir: Path | None) -> list[Any]:
     """The registries one scrape reads: every worker's files in multiprocess mode, else this
-    process's default registry plus ``extra`` (the per-app request-metrics registry)."""
+    process's default registry."""
     if multiproc_dir is not None:
         registry = CollectorRegistry()
         _MultiProcessCollector(registry, path=str(multiproc_dir))
         return [registry]
-    return [REGISTRY, *extra]
+    return [REGISTRY]
 
 
-def render_metrics(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry] = ()) -> tuple[bytes, str]:
+def render_metrics(multiproc_dir: Path | None) -> tuple[bytes, str]:
     """The Prometheus text exposition of the whole server and its content type."""
-    body = b"".join(generate_latest(r) for r in exposition_registry(multiproc_dir, extra))
+    body = b"".join(generate_latest(r) for r in exposition_registry(multiproc_dir))
     return body, CONTENT_TYPE_LATEST
 
 
