@@ -10,6 +10,9 @@ from flask import Response
 from db.reads import ReadSource
 
 _encoder = msgspec.json.Encoder()
+# For every answer that carries a secret (a device token, an operator key): no cache on the way
+# (a proxy, a browser, a debugging tool's history) may keep a copy.
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -9,7 +9,7 @@ from api.auth import admin_required
 from api.body import decode_json, read_json_body
 from api.errors import ApiError
 from api.metrics import timed_read
-from api.responses import json_response, with_source
+from api.responses import NO_STORE, json_response, with_source
 from api.routes.heartbeats import int_arg
 from api.schemas import DeviceIn, EnrollBatchIn
 from api.state import current_state
@@ -45,7 +45,7 @@ def enroll() -> Response:
         enrolled = enroll_devices(conn, new)
     return json_response(
         {"devices": [{"id": e.id, "device_uid": e.device_uid, "token": e.token} for e in enrolled]},
-        status=201,
+        status=201, headers=NO_STORE,
     )
 
 
@@ -59,7 +59,8 @@ def rotate(device_id: int) -> Response:
         token, old_valid_until = rotate_token(conn, device_id, state.settings.token_rotation_overlap_s)
     state.tokens.evict(old_hashes)
     return json_response(
-        {"device_id": device_id, "token": token, "previous_token_valid_until": old_valid_until}, status=201
+        {"device_id": device_id, "token": token, "previous_token_valid_until": old_valid_until},
+        status=201, headers=NO_STORE,
     )
 
 

@@ -11,7 +11,9 @@ import urllib.request
 
 import psutil
 
-from tests.live import LiveServer
+from api.app import create_app
+from db.engine import make_engine
+from tests.live import LiveServer, free_port
 
 
 def _metrics_text(server: LiveServer) -> bytes:
@@ -96,3 +98,31 @@ def test_made_up_methods_and_paths_do_not_grow_metrics_or_memory(live_server):
     assert rss_after - rss_before < 8 * 2**20, (rss_before, rss_after)
     text = _metrics_text(live_server).decode()
     assert 'method="other"' in text and 'endpoint="unmatched"' in text
+
+
+def test_answers_that_carry_a_token_are_not_cached(client, admin):
+    """Point 9: enrollment and rotation answers carried tokens without Cache-Control."""
+    resp = client.post("/v1/devices/enroll", json={"device_uid": "cache-1"}, headers=admin)
+    assert resp.status_code == 201 and resp.headers["Cache-Control"] == "no-store"
+    device_id = resp.get_json()["devices"][0]["id"]
+    resp = client.post(f"/v1/devices/{device_id}/token", headers=admin)
+    assert resp.status_code == 201 and resp.headers["Cache-Control"] == "no-store"
+    assert "no-store" not in client.get("/healthz").headers.get("Cache-Control", "")
+
+
+def test_readyz_tells_an_outsider_nothing_about_the_database(settings, caplog):
+    """Point 9: /readyz (no auth) answered with the driver's message: host, port, user."""
+    port = free_port()  # nothing listens there
+    url = f"postgresql://secret_user@127.0.0.1:{port}/secret_db"
+    engine = make_engine(settings, url)
+    try:
+        app = create_app(settings.with_overrides(database_url=url), engine=engine)
+        app.testing = True
+        resp = app.test_client().get("/readyz")
+    finally:
+        engine.dispose()
+    assert resp.status_code == 503 and resp.headers["Retry-After"]
+    assert resp.get_json() == {"status": "unavailable", "database": "unavailable"}
+    body = resp.get_data(as_text=True)
+    assert str(port) not in body and "127.0.0.1" not in body and "secret" not in body
+    assert str(port) in caplog.text  # the detail is in the log, for the operator
