@@ -11,7 +11,7 @@ long for the CPU) and how long the oldest heartbeat still queued for the writer 
 database is not keeping up). At the end of each interval whose minimum sample exceeded the
 target, the share of new heartbeats refused (503 + Retry-After, before any work) rises by one or
 two steps (by how far above the target); each interval under the target takes half a step off,
-so it is 0 again within two seconds of the queue draining. The share never reaches 1: under a
+so it is 0 again within 19 intervals (4 s at the defaults) of the queue draining. The share never reaches 1: under a
 retry storm the refusals alone can keep the loop late, and refusing everything would then never
 admit anything again.
 """

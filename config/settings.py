@@ -101,8 +101,8 @@ class Settings:
     # Load shedding, CoDel-style (api/shedding.py): while what was admitted has waited longer than
     # INGEST_SHED_TARGET_MS (for the CPU, or to be written) throughout an INGEST_SHED_INTERVAL_MS,
     # a growing share of new heartbeats is refused (503 + Retry-After) before any work.
-    ingest_shed_target_ms: int = 50
-    ingest_shed_interval_ms: int = 100
+    ingest_shed_target_ms: int = 100
+    ingest_shed_interval_ms: int = 200
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
     partitions_cron: str = "5 * * * *"
