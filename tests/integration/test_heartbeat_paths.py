@@ -23,7 +23,9 @@ def apps(settings, engine):
         app = create_app(settings.with_overrides(heartbeat_lean_path=lean), engine=engine)
         app.testing = True
         made.append(app)
-    return made
+    yield made
+    for app in made:
+        app.extensions["nexmdm"].close()  # the writer's greenlets and its connection
 
 
 def overloaded_count() -> float:
