@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -51,6 +52,31 @@ class ReplicaCluster(EmbeddedCluster):
         if result.returncode != 0:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             raise EmbeddedError(f"pg_basebackup failed: {result.stderr.strip() or result.stdout.strip()}")
+
+    def start(self) -> str:
+        """Start it (copying the primary on first use), streaming from the primary's current port."""
+        self.init()
+        self.point_at_primary()
+        return super().start()
+
+    def point_at_primary(self) -> bool:
+        """Aim primary_conninfo at the primary's port of now (the embedded primary may have
+        restarted on another one); reloads a running replica. True when it changed."""
+        if self.primary is None or not self.primary.port_file.exists():
+            return False
+        port = self.primary.port_file.read_text().strip()
+        conf = self.data_dir / "postgresql.auto.conf"
+        lines = conf.read_text().splitlines(keepends=True)
+        changed = False
+        for i, line in enumerate(lines):
+            if line.startswith("primary_conninfo") and f" port={port} " not in line:
+                lines[i] = re.sub(r"\bport=\d+", f"port={port}", line)
+                changed = True
+        if changed:
+            conf.write_text("".join(lines))  # in place: the file keeps its owner
+            if self.running():
+                self._run("pg_ctl", "reload", "-D", str(self.data_dir), check=False)
+        return changed
 
     def is_standby(self) -> bool:
         """True when the running cluster is in recovery (a standby), as it must be."""

@@ -263,3 +263,20 @@ def test_db_replica_start_and_stop_make_a_streaming_replica_in_one_command(repli
     assert again.returncode == 0 and replica.url in again.stdout, again.stdout + again.stderr
     stopped = db_cli("replica", "stop")
     assert stopped.returncode == 0 and not replica.running(), stopped.stdout + stopped.stderr
+
+
+def test_the_replica_follows_the_embedded_primary_to_its_new_port(tmp_path):
+    """The embedded primary may restart on another port: starting the replica again aims its
+    primary_conninfo there (and keeps the rest of its settings)."""
+    primary = EmbeddedCluster(tmp_path / "pg")
+    primary.port_file.write_text("6543\n")
+    copy = ReplicaCluster(tmp_path / "pg-replica", primary=primary)
+    copy.data_dir.mkdir()
+    conf = copy.data_dir / "postgresql.auto.conf"
+    conf.write_text("max_connections = '600'\n"
+                    "primary_conninfo = 'user=postgres host=127.0.0.1 port=5999 sslmode=disable'\n")
+    assert copy.point_at_primary()
+    text = conf.read_text()
+    assert "host=127.0.0.1 port=6543 sslmode" in text and "port=5999" not in text
+    assert text.startswith("max_connections = '600'\n")
+    assert not copy.point_at_primary()  # already aimed there
