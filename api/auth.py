@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from api.concurrency import gevent_active
 from api.errors import ApiError
 from api.metrics import count_token_lookups
-from db.devices import TokenOwner, changed_token_hashes, find_token_owners, hash_token
+from db.devices import TokenOwner, changed_devices, find_token_owners, hash_token
 from db.engine import reading
 from db.errors import DatabaseUnavailable
 
@@ -59,8 +59,9 @@ class TokenCache:
 
     Revocation and rotation still take effect fast: at most every ``sync_interval_s`` (1 s)
     each worker asks which devices' tokens changed since its last successful look (one indexed
-    query on devices.auth_changed_at) and evicts them; the worker that served the call evicts
-    at once. Because each look starts where the last successful one ended, a database outage
+    query on devices.auth_changed_at) and evicts every token it holds for them, whichever ones
+    (a token two rotations old is no longer in the database, but may be in a cache); the worker
+    that served the call evicts at once. Because each look starts where the last successful one ended, a database outage
     delays evictions but loses none.
     Unknown tokens are cached briefly too, so a flood of bad tokens is not a flood of queries.
 
@@ -84,6 +85,8 @@ class TokenCache:
         self._ttl_s = ttl_s
         self._sync_interval_s = sync_interval_s
         self._entries: dict[bytes, _Entry] = {}
+        # device id -> the token hashes cached for it, so a change evicts all of them
+        self._by_device: dict[int, list[bytes]] = {}
         self._synced_mono = time.monotonic()
         self._synced_db: datetime | None = None
         self.syncs = 0
@@ -153,11 +156,16 @@ class TokenCache:
             entry = _Entry(owner.device_id, now + ttl)
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
+            self._by_device.clear()
         self._entries[digest] = entry
+        if entry.device_id is not None:
+            digests = self._by_device.setdefault(entry.device_id, [])
+            if digest not in digests:
+                digests.append(digest)
         return entry
 
     def sync(self, now_mono: float | None = None) -> None:
-        """Evict tokens whose device's tokens changed since the last sync."""
+        """Evict every cached token of the devices whose tokens changed since the last sync."""
         self._synced_mono = time.monotonic() if now_mono is None else now_mono
         since = self._synced_db - self.SYNC_OVERLAP if self._synced_db else None
         if since is None:
@@ -166,17 +174,27 @@ class TokenCache:
             since = datetime.now(UTC) - self.SYNC_OVERLAP
         try:
             with reading(self._engine) as conn:
-                hashes, self._synced_db = changed_token_hashes(conn, since)
+                device_ids, self._synced_db = changed_devices(conn, since)
         except Exception:  # the database is down: keep serving from the cache, retry next second
             log.warning("token cache sync failed; retrying", exc_info=False)
             return
         self.syncs += 1
-        self.evict(hashes)
+        for device_id in device_ids:
+            self.evict_device(device_id)
+
+    def evict_device(self, device_id: int) -> None:
+        """Forget every cached token of a device (after a rotation or revocation)."""
+        for digest in self._by_device.pop(device_id, ()):
+            self._entries.pop(digest, None)
 
     def evict(self, digests: list[bytes]) -> None:
-        """Forget these token hashes (after a rotation or revocation on this worker)."""
+        """Forget these token hashes."""
         for digest in digests:
-            self._entries.pop(digest, None)
+            entry = self._entries.pop(digest, None)
+            if entry is not None and entry.device_id is not None:
+                cached = self._by_device.get(entry.device_id)
+                if cached and digest in cached:
+                    cached.remove(digest)
 
 
 def bearer_token() -> str:

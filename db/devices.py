@@ -131,28 +131,20 @@ def revoke_device(conn: Connection, device_id: int) -> datetime:
     return row[0]
 
 
-def token_hashes_of(conn: Connection, device_id: int) -> list[bytes]:
-    """Both token hashes of a device (to evict them from caches)."""
-    row = conn.exec_driver_sql(
-        "SELECT token_hash, prev_token_hash FROM devices WHERE id = %(id)s", {"id": device_id}
-    ).first()
-    if row is None:
-        return []
-    return [bytes(h) for h in row if h is not None]
+def changed_devices(conn: Connection, since: datetime | None) -> tuple[list[int], datetime]:
+    """Ids of devices whose tokens changed (rotated, revoked) after ``since`` (all-time when
+    None), and the database's current time to pass as ``since`` next time.
 
-
-def changed_token_hashes(conn: Connection, since: datetime | None) -> tuple[list[bytes], datetime]:
-    """Token hashes of devices whose tokens changed after ``since`` (all-time when None), and
-    the database's current time to pass as ``since`` next time."""
-    now, current, previous = conn.exec_driver_sql(
+    By device, not by token hash: a cache must drop every token it holds for such a device,
+    including ones the database no longer knows (the token from two rotations back)."""
+    now, ids = conn.exec_driver_sql(
         """
-        SELECT clock_timestamp(), array_agg(token_hash), array_agg(prev_token_hash) FROM devices
+        SELECT clock_timestamp(), array_agg(id) FROM devices
         WHERE auth_changed_at > COALESCE(%(since)s, '-infinity'::timestamptz)
         """,
         {"since": since},
     ).one()
-    hashes = [bytes(h) for h in (current or []) + (previous or []) if h is not None]
-    return hashes, now
+    return list(ids or []), now
 
 
 def count_devices(conn: Connection) -> int:
@@ -164,7 +156,7 @@ __all__ = [
     "EnrolledDevice",
     "NewDevice",
     "TokenOwner",
-    "changed_token_hashes",
+    "changed_devices",
     "count_devices",
     "enroll_devices",
     "find_token_owners",
@@ -172,5 +164,4 @@ __all__ = [
     "new_token",
     "revoke_device",
     "rotate_token",
-    "token_hashes_of",
 ]

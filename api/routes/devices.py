@@ -13,7 +13,7 @@ from api.responses import NO_STORE, json_response, with_source
 from api.routes.heartbeats import int_arg
 from api.schemas import DeviceIn, EnrollBatchIn
 from api.state import current_state
-from db.devices import NewDevice, enroll_devices, revoke_device, rotate_token, token_hashes_of
+from db.devices import NewDevice, enroll_devices, revoke_device, rotate_token
 from db.engine import transaction
 from db.fleet import FleetFilter, get_device_status, list_devices
 
@@ -55,9 +55,8 @@ def rotate(device_id: int) -> Response:
     """A new token; the old one keeps working for TOKEN_ROTATION_OVERLAP_S seconds."""
     state = current_state()
     with transaction(state.engine) as conn:
-        old_hashes = token_hashes_of(conn, device_id)
         token, old_valid_until = rotate_token(conn, device_id, state.settings.token_rotation_overlap_s)
-    state.tokens.evict(old_hashes)
+    state.tokens.evict_device(device_id)
     return json_response(
         {"device_id": device_id, "token": token, "previous_token_valid_until": old_valid_until},
         status=201, headers=NO_STORE,
@@ -70,9 +69,8 @@ def revoke(device_id: int) -> Response:
     """Revoke every token of a device (idempotent)."""
     state = current_state()
     with transaction(state.engine) as conn:
-        hashes = token_hashes_of(conn, device_id)
         revoked_at = revoke_device(conn, device_id)
-    state.tokens.evict(hashes)
+    state.tokens.evict_device(device_id)
     return json_response({"device_id": device_id, "revoked_at": revoked_at})
 
 

@@ -8,11 +8,13 @@ import socket
 import string
 import threading
 import urllib.request
+from datetime import datetime
 
 import psutil
 
 from api.app import create_app
 from db.engine import make_engine
+from tests.helpers import bearer, enroll, heartbeat_body
 from tests.live import LiveServer, free_port
 
 
@@ -126,3 +128,32 @@ def test_readyz_tells_an_outsider_nothing_about_the_database(settings, caplog):
     body = resp.get_data(as_text=True)
     assert str(port) not in body and "127.0.0.1" not in body and "secret" not in body
     assert str(port) in caplog.text  # the detail is in the log, for the operator
+
+
+def test_revocation_refuses_every_token_the_device_ever_had_on_every_worker(settings, engine, admin):
+    """Point 3: rotate, use the old token on another worker, rotate again, revoke: the token
+    from two rotations back stayed cached there for up to the overlap (1 h) and was accepted."""
+    worker_a = create_app(settings, engine=engine)
+    worker_b = create_app(settings, engine=engine)  # a second worker: its own token cache
+    a, b = worker_a.test_client(), worker_b.test_client()
+    (device,) = enroll(a, admin, 1)
+    first = device["token"]
+    second = a.post(f"/v1/devices/{device['id']}/token", headers=admin).get_json()["token"]
+    assert b.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(first)).status_code == 200  # cached on b
+    third = a.post(f"/v1/devices/{device['id']}/token", headers=admin).get_json()["token"]
+    worker_b.extensions["nexmdm"].tokens.sync()  # what b does within TOKEN_SYNC_INTERVAL_S
+    # The second rotation ends the first token at once, on every worker.
+    resp = b.post("/v1/heartbeat", json=heartbeat_body(battery_pct=11), headers=bearer(first))
+    assert resp.status_code == 401, resp.get_json()
+    assert b.post("/v1/heartbeat", json=heartbeat_body(battery_pct=12), headers=bearer(second)).status_code == 200
+    assert b.post("/v1/heartbeat", json=heartbeat_body(battery_pct=13), headers=bearer(third)).status_code == 200
+    revoked_at = a.post(f"/v1/devices/{device['id']}/revoke", headers=admin).get_json()["revoked_at"]
+    worker_b.extensions["nexmdm"].tokens.sync()
+    for token in (first, second, third):
+        for client in (a, b):
+            resp = client.post("/v1/heartbeat", json=heartbeat_body(battery_pct=14), headers=bearer(token))
+            assert resp.status_code == 401, (token == first, token == second, resp.get_json())
+    with engine.connect() as conn:
+        last_seen = conn.exec_driver_sql(
+            "SELECT received_at FROM device_last_status WHERE device_id = %s", (device["id"],)).scalar_one()
+    assert last_seen <= datetime.fromisoformat(revoked_at.replace("Z", "+00:00"))
