@@ -149,7 +149,7 @@ def fleet_summary(conn: Connection, *, offline_after_s: int, from_heartbeats: bo
 
 def backfill_last_status(conn: Connection) -> int:
     """Build device_last_status from heartbeats, set-based: insert missing rows and move
-    stale ones forward. Idempotent; returns how many rows changed. Caller commits."""
+    stale ones to each device's last-arrived heartbeat. Idempotent; returns how many rows changed. Caller commits."""
     cols = (
         "device_id, bucket_ts, sent_at, received_at, clock_skew_s, battery_pct, charging, network_type, "
         "signal_dbm, app_version, os_version, uptime_s, free_storage_mb"
@@ -158,9 +158,9 @@ def backfill_last_status(conn: Connection) -> int:
     result = conn.exec_driver_sql(
         f"""
         INSERT INTO device_last_status ({cols})
-        SELECT DISTINCT ON (device_id) {cols} FROM heartbeats ORDER BY device_id, bucket_ts DESC
+        SELECT DISTINCT ON (device_id) {cols} FROM heartbeats ORDER BY device_id, received_at DESC, bucket_ts DESC
         ON CONFLICT (device_id) DO UPDATE SET {sets}
-        WHERE device_last_status.bucket_ts < EXCLUDED.bucket_ts
+        WHERE device_last_status.received_at < EXCLUDED.received_at
         """
     )
     return result.rowcount

@@ -62,10 +62,10 @@ status AS (
     INSERT INTO device_last_status ({", ".join(STATUS_COLUMNS)})
     SELECT DISTINCT ON (device_id) {", ".join(STATUS_COLUMNS)}
     FROM ins
-    ORDER BY device_id, bucket_ts DESC
+    ORDER BY device_id, received_at DESC, bucket_ts DESC
     ON CONFLICT (device_id) DO UPDATE SET
             {_SET_STATUS}
-        WHERE device_last_status.bucket_ts < EXCLUDED.bucket_ts
+        WHERE device_last_status.received_at <= EXCLUDED.received_at
 )
 SELECT device_id, (extract(epoch FROM bucket_ts) * 1000000)::bigint FROM ins
 """
@@ -102,7 +102,10 @@ def _payload(rows: list[HeartbeatRow]) -> str:
 def insert_heartbeats(
     conn: Connection | DBAPIConnection, rows: list[HeartbeatRow], *, prepared: bool = False
 ) -> list[bool]:
-    """Store heartbeats and move device_last_status forward, in one statement.
+    """Store heartbeats and move device_last_status to the one that arrived last, in one statement.
+
+    By the server's receive time, not the device's clock: one heartbeat from a clock far ahead
+    must not hide the device's correct ones that follow (its bucket lies in the future).
 
     Returns, per row, True when it was stored and False when it duplicates a stored one (the
     same device and bucket, earlier or in this same batch). Caller commits.

@@ -1,7 +1,9 @@
 """The reconcile job: heal device_last_status drift from the heartbeats table.
 
 A device drifts when its device_last_status row is missing, or older than its newest stored
-heartbeat (a restore, a manual fix, a bug). ``heal_last_status`` finds and heals every such
+heartbeat (a restore, a manual fix, a bug): one with a later bucket that also arrived later (the
+status row follows what arrived last, so a heartbeat from a clock far ahead that was followed by
+correct ones is not newer). ``heal_last_status`` finds and heals every such
 device in one statement: for each device, an index probe into heartbeats for a row newer than
 its status (run-time partition pruning skips every partition older than that status, so a
 healthy device costs a probe of today's partition), then one INSERT ... ON CONFLICT for the
@@ -31,6 +33,7 @@ _NEWER = f"""
     CROSS JOIN LATERAL (
         SELECT {_H_COLS} FROM heartbeats h
         WHERE h.device_id = d.id AND h.bucket_ts > COALESCE(s.bucket_ts, '-infinity'::timestamptz)
+          AND h.received_at > COALESCE(s.received_at, '-infinity'::timestamptz)
         ORDER BY h.bucket_ts DESC
         LIMIT 1
     ) h
@@ -68,7 +71,7 @@ def heal_last_status(conn: Connection) -> Drift:
             SELECT {_COLS} FROM newer
             ORDER BY device_id  -- the ingest path's lock order, so the two cannot deadlock
             ON CONFLICT (device_id) DO UPDATE SET {_SETS}
-                WHERE device_last_status.bucket_ts < EXCLUDED.bucket_ts
+                WHERE device_last_status.received_at < EXCLUDED.received_at
             RETURNING (xmax = 0) AS inserted
         )
         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM healed

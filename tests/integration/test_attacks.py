@@ -8,7 +8,7 @@ import socket
 import string
 import threading
 import urllib.request
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import psutil
 
@@ -157,3 +157,30 @@ def test_revocation_refuses_every_token_the_device_ever_had_on_every_worker(sett
         last_seen = conn.exec_driver_sql(
             "SELECT received_at FROM device_last_status WHERE device_id = %s", (device["id"],)).scalar_one()
     assert last_seen <= datetime.fromisoformat(revoked_at.replace("Z", "+00:00"))
+
+
+def test_a_clock_far_ahead_does_not_freeze_the_status(client, admin, engine):
+    """Point 4: one heartbeat 29 min fast was stored 29 min ahead, and the forward-only upsert
+    ignored the device's correct heartbeats for 29 minutes (battery stale, then offline)."""
+    from scheduler.jobs.reconcile import heal_last_status
+
+    (device,) = enroll(client, admin, 1)
+    now = datetime.now(UTC)
+    fast = client.post("/v1/heartbeat", json=heartbeat_body(sent_at=now + timedelta(minutes=29), battery_pct=10),
+                       headers=bearer(device["token"]))
+    assert fast.status_code == 200 and fast.get_json()["status"] == "stored"
+    for i, battery in enumerate((50, 60, 70)):
+        sent = now + timedelta(seconds=10 * i + 1)
+        resp = client.post("/v1/heartbeat", json=heartbeat_body(sent_at=sent, battery_pct=battery),
+                           headers=bearer(device["token"]))
+        assert resp.get_json()["status"] == "stored"
+    before_last = datetime.now(UTC)
+    resp = client.post("/v1/heartbeat", json=heartbeat_body(sent_at=now + timedelta(seconds=31), battery_pct=71),
+                       headers=bearer(device["token"]))
+    assert resp.get_json()["status"] == "stored"
+    status = client.get(f"/v1/devices/{device['id']}", headers=admin).get_json()
+    assert status["battery_pct"] == 71 and status["online"] is True
+    assert datetime.fromisoformat(status["last_seen_at"].replace("Z", "+00:00")) >= before_last
+    with engine.begin() as conn:  # the reconcile job agrees: nothing to heal, nothing moved back
+        assert heal_last_status(conn).total == 0
+    assert client.get(f"/v1/devices/{device['id']}", headers=admin).get_json()["battery_pct"] == 71

@@ -49,15 +49,21 @@ def test_retry_in_same_bucket_is_stored_once(client, admin, engine):
     assert count(engine, "SELECT count(*) FROM heartbeats") == 2
 
 
-def test_last_status_only_moves_forward(client, admin, engine):
+def test_last_status_follows_what_arrived_last(client, admin, engine):
+    # By the server's receive time, not the device's clock (issue 12: a clock far ahead froze
+    # the status; tests/integration/test_attacks.py). A retry of an older heartbeat is a
+    # duplicate and moves nothing; a distinct heartbeat that arrives last is the device's news.
     dev = enroll(client, admin)[0]
     now = datetime.now(UTC)
     client.post("/v1/heartbeat", json=heartbeat_body(now, battery_pct=50), headers=bearer(dev["token"]))
+    retry = client.post("/v1/heartbeat", json=heartbeat_body(now, battery_pct=50), headers=bearer(dev["token"]))
+    assert retry.get_json()["status"] == "duplicate"
     late = client.post("/v1/heartbeat", json=heartbeat_body(now - timedelta(seconds=60), battery_pct=90),
                        headers=bearer(dev["token"]))
-    assert late.get_json()["status"] == "stored"  # kept in history ...
+    assert late.get_json()["status"] == "stored"
     status = client.get(f"/v1/devices/{dev['id']}", headers=admin).get_json()
-    assert status["battery_pct"] == 50  # ... but does not move the current status back
+    assert status["battery_pct"] == 90 and status["online"] is True
+    assert count(engine, "SELECT count(*) FROM heartbeats") == 2
 
 
 def test_clock_skew_beyond_limit_uses_server_time(client, admin):

@@ -20,7 +20,8 @@ def test_reconcile_heals_deliberately_created_drift(engine, settings):
         conn.exec_driver_sql("DELETE FROM device_last_status WHERE device_id IN (%(a)s, %(b)s)",
                              {"a": devices[0], "b": devices[1]})
         conn.exec_driver_sql(
-            "UPDATE device_last_status SET bucket_ts = bucket_ts - interval '1 hour', battery_pct = 99 "
+            "UPDATE device_last_status SET bucket_ts = bucket_ts - interval '1 hour', "
+            "received_at = received_at - interval '1 hour', battery_pct = 99 "
             "WHERE device_id IN (%(a)s, %(b)s)", {"a": devices[2], "b": devices[3]})
         assert count_drift(conn).missing == 2 and count_drift(conn).stale == 2
 
