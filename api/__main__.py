@@ -1,4 +1,5 @@
 """``python -m api serve``: everything ``make run`` needs, in the foreground.
+``python -m api keys create|list|revoke``: named operator keys with roles (see cmd_keys).
 
 Starts the embedded PostgreSQL when DATABASE_URL is unset, migrates, creates the upcoming
 partitions, empties the Prometheus multiprocess directory (a previous run's counts must not be
@@ -12,6 +13,7 @@ embedded database it started.
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import signal
 import sys
@@ -22,9 +24,12 @@ from api.metrics import prepare_multiproc_dir
 from api.supervisor import PlaneSupervisor, planes_to_run
 from config.admin_key import admin_key_path, ensure_admin_key
 from config.settings import Settings
-from db.engine import embedded_cluster, make_engine
+from db.audit import AuditRecord, record_audit
+from db.engine import database_url_for_cli, embedded_cluster, make_engine
+from db.errors import DataError
 from db.events import maintain_event_partitions
 from db.migrate import upgrade
+from db.operator_keys import ROLES, create_key, list_keys, revoke_key
 from db.partitions import ensure_partitions
 
 
@@ -91,6 +96,47 @@ def serve(settings: Settings) -> int:
             cluster.stop()
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """Create, list or revoke named operator keys, directly in the database (whoever can run
+    this can read the database anyway); creations and revocations are audited as ``cli:<user>``."""
+    actor = f"cli:{getpass.getuser()}"
+    with database_url_for_cli(settings) as url:
+        upgrade(url)
+        engine = make_engine(settings.with_overrides(db_pool_size=1, db_max_overflow=0), url,
+                             application_name="nexmdm-keys")
+        try:
+            with engine.begin() as conn:
+                if args.keys_command == "list":
+                    print(f"{'id':>4}  {'name':<24} {'role':<9} {'created':<20} {'by':<20} revoked")
+                    for k in list_keys(conn):
+                        revoked = k.revoked_at.strftime("%Y-%m-%d %H:%M") if k.revoked_at else "-"
+                        print(f"{k.id:>4}  {k.name:<24} {k.role:<9} {k.created_at:%Y-%m-%d %H:%M:%S}  "
+                              f"{k.created_by:<20} {revoked}")
+                    return 0
+                if args.keys_command == "create":
+                    record, key = create_key(conn, args.name, args.role, created_by=actor)
+                    action = "key.create"
+                else:
+                    ref: int | str = int(args.key) if args.key.isdigit() else args.key
+                    record = revoke_key(conn, ref)
+                    action = "key.revoke"
+                record_audit(conn, AuditRecord(
+                    actor=actor, actor_role="admin", action=action, outcome="ok", target=f"key:{record.id}",
+                    source_addr="local", detail={"name": record.name, "role": record.role}))
+        except (DataError, ValueError) as exc:
+            print(f"nexmdm keys: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            engine.dispose()
+    if args.keys_command == "create":
+        print(f"created operator key {record.name!r} (id {record.id}, role {record.role}); send it as x-admin.")
+        print("It is shown this once; only its hash is stored:")
+        print(key)
+    else:
+        print(f"revoked operator key {record.name!r} (id {record.id}) at {record.revoked_at:%Y-%m-%d %H:%M:%S %Z}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["webhooks"]:
@@ -101,9 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="embedded DB (if DATABASE_URL is unset) + migrations + both planes")
     sub.add_parser("webhooks", help="add, list, delete webhooks and read their delivery logs (--help)")
+    keys = sub.add_parser("keys", help="named operator keys with roles (x-admin)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, choices=ROLES,
+                        help="viewer: reads, metrics, pool health; operator: also jobs, token rotation "
+                             "and revocation; admin: also enrollment and keys")
+    keys_sub.add_parser("list", help="every key (never the key itself)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id or name")
+    revoke.add_argument("key", help="the key's id or name")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(Settings.from_env())
+    if args.command == "keys":
+        return cmd_keys(Settings.from_env(), args)
     return 2
 
 

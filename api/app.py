@@ -8,6 +8,7 @@ from flask import Flask
 from sqlalchemy import Engine
 
 from api.auth import TokenCache
+from api.clients import parse_networks
 from api.errors import configure_errors
 from api.metrics import MeteredQueuePool, observe_replica, set_plane
 from api.planes import configure_plane
@@ -25,13 +26,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     key = admin_key or settings.admin_key
     if not key:
         raise ValueError("create_app needs an admin key (ADMIN_KEY, or config.admin_key.ensure_admin_key)")
-    app.config["NEXMDM_ADMIN_KEY"] = key
     engine = engine or make_engine(settings, pool_class=MeteredQueuePool)
     reads = make_read_router(settings, engine, observe_replica) if settings.plane != "device" else ReadRouter(engine)
     app.extensions["nexmdm"] = AppState(
         settings=settings, engine=engine, admin_key=key,
         tokens=TokenCache(engine, settings.token_cache_ttl_s, settings.token_sync_interval_s),
         reads=reads,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
     )
     configure_lag_guard(reads, settings)
     configure_logging(settings)

@@ -1,4 +1,5 @@
-"""Who is calling: the operator (x-admin key) or a device (bearer token, cached in-process)."""
+"""Who is calling: an operator (x-admin: a named key with a role, or the bootstrap ADMIN_KEY)
+or a device (bearer token, cached in-process); and from which address."""
 
 from __future__ import annotations
 
@@ -12,39 +13,99 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import gevent
-from flask import current_app, request
+from flask import current_app, g, request
 from gevent.event import AsyncResult
 from gevent.timeout import Timeout
 from sqlalchemy import Engine
 
+from api.audit import audit_after, audit_response
+from api.clients import client_address
 from api.concurrency import gevent_active
 from api.errors import ApiError
 from api.metrics import count_token_lookups
 from db.devices import TokenOwner, changed_devices, find_token_owners, hash_token
 from db.engine import reading
 from db.errors import DatabaseUnavailable
+from db.operator_keys import active_key, hash_key, role_allows
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 
 
-def check_admin_key(provided: str | None, expected: str) -> None:
-    """401 when the key is missing, 403 when wrong; compared in constant time."""
+BOOTSTRAP_ACTOR = "ADMIN_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The operator behind a request: a named key (``key_id``) or the bootstrap ADMIN_KEY."""
+
+    name: str
+    role: str
+    key_id: int | None = None
+
+
+def identify_operator(provided: str | None, bootstrap_key: str, engine: Engine) -> Principal:
+    """The operator a key belongs to: 401 when missing, 403 when unknown or revoked.
+
+    The bootstrap key is compared in constant time; a named key is looked up by its SHA-256
+    (one indexed read), so a revocation holds on every worker at once."""
     if not provided:
         raise ApiError(401, "admin_key_required", "send the operator key in the x-admin header")
-    if not hmac.compare_digest(provided.encode(), expected.encode()):
-        raise ApiError(403, "admin_key_invalid", "the x-admin key is not valid")
+    if hmac.compare_digest(provided.encode(), bootstrap_key.encode()):
+        return Principal(BOOTSTRAP_ACTOR, "admin")
+    if len(provided) <= 256:
+        with reading(engine) as conn:
+            found = active_key(conn, hash_key(provided))
+        if found is not None:
+            return Principal(found.name, found.role, found.id)
+    raise ApiError(403, "admin_key_invalid", "the x-admin key is not valid")
 
 
-def admin_required(view: F) -> F:
-    """Decorator for operator-only endpoints."""
+def require_role(principal: Principal, needed: str) -> None:
+    """403 unless the principal's role covers ``needed`` (viewer < operator < admin)."""
+    if not role_allows(principal.role, needed):
+        raise ApiError(403, "role_forbidden",
+                       f"key {principal.name!r} has role {principal.role}; this needs {needed}")
 
-    @wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        check_admin_key(request.headers.get("x-admin"), current_app.config["NEXMDM_ADMIN_KEY"])
-        return view(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+def requires_role(needed: str, *, audit: str | None = None, key: Callable[[], str | None] | None = None
+                  ) -> Callable[[F], F]:
+    """Decorator for operator endpoints: the caller's key must have role ``needed`` or above.
+
+    With ``audit`` (an action name), the call is a change and leaves an audit_log row whatever
+    happens: refused for the role (denied), failed, or done (ok; the view may write the row in
+    its own transaction with api.audit.audit_change). ``key`` reads the key from elsewhere
+    than x-admin (/metrics also takes it as a bearer token)."""
+
+    def decorate(view: F) -> F:
+        @wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            state = current_app.extensions["nexmdm"]
+            provided = key() if key else request.headers.get("x-admin")
+            principal = identify_operator(provided, state.admin_key, state.engine)
+            g.nexmdm_principal = principal
+            if audit is None:
+                require_role(principal, needed)
+                return view(*args, **kwargs)
+            with audit_after(audit, principal, client_address(request.environ, state.trusted_proxies),
+                             kwargs, needed):
+                require_role(principal, needed)
+                response = view(*args, **kwargs)
+            return audit_response(response)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def current_principal() -> Principal | None:
+    """The operator of the current request, once identified."""
+    return g.get("nexmdm_principal")
+
+
+admin_required = requires_role("admin")
+operator_required = requires_role("operator")
+viewer_required = requires_role("viewer")
 
 
 @dataclass(slots=True)

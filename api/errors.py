@@ -24,6 +24,7 @@ from db.errors import (
     WebhookNotFound,
     domain_error,
 )
+from db.operator_keys import KeyNameTaken, KeyNotFound
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,14 @@ def configure_errors(app: Flask) -> None:
     @app.errorhandler(DuplicateDevice)
     def _duplicate(exc: DuplicateDevice) -> Response:
         return error_response(409, "device_already_enrolled", {"device_uids": exc.device_uids[:100]})
+
+    @app.errorhandler(KeyNotFound)
+    def _key_not_found(exc: KeyNotFound) -> Response:
+        return error_response(404, "key_not_found", str(exc))
+
+    @app.errorhandler(KeyNameTaken)
+    def _key_taken(exc: KeyNameTaken) -> Response:
+        return error_response(409, "key_name_taken", str(exc))
 
     @app.errorhandler(Overloaded)
     @app.errorhandler(DatabaseUnavailable)

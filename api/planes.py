@@ -23,12 +23,14 @@ PLANE_NAMES = {"device": "device plane (HOST:PORT)", "operator": "operator plane
 def blueprints() -> dict[str, list[Blueprint]]:
     """The blueprints of each plane (health on both: each plane's own liveness and readiness)."""
     from api.openapi import bp as openapi_bp
+    from api.routes.audit import bp as audit_bp
     from api.routes.devices import bp as devices_bp
     from api.routes.events import bp as events_bp
     from api.routes.fleet import bp as fleet_bp
     from api.routes.health import bp as health_bp
     from api.routes.heartbeats import bp as heartbeats_bp
     from api.routes.history import bp as history_bp
+    from api.routes.keys import bp as keys_bp
     from api.routes.observability import bp as observability_bp
     from api.routes.ops import bp as ops_bp
     from api.routes.webhooks import bp as webhooks_bp
@@ -36,7 +38,7 @@ def blueprints() -> dict[str, list[Blueprint]]:
     return {
         "device": [health_bp, heartbeats_bp],
         "operator": [health_bp, devices_bp, history_bp, fleet_bp, openapi_bp, ops_bp, observability_bp, events_bp,
-                     webhooks_bp],
+                     webhooks_bp, keys_bp, audit_bp],
     }
 
 

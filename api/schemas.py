@@ -275,3 +275,56 @@ class WebhookDelivery(Struct):
 class WebhookDeliveryList(Struct):
     deliveries: list[WebhookDelivery]
     next_before: Annotated[int | None, Meta(description="pass as ?before= for older deliveries")]
+
+
+Role = Literal["viewer", "operator", "admin"]
+KeyName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")]
+
+
+class KeyIn(Struct, forbid_unknown_fields=True):
+    """A named operator key to create: viewer (reads, metrics, pool health), operator (also jobs,
+    token rotation and revocation), admin (also enrollment and keys)."""
+
+    name: KeyName
+    role: Role
+
+
+class OperatorKeyOut(Struct):
+    id: int
+    name: str
+    role: Role
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+
+
+class KeyCreatedOut(Struct):
+    key: Annotated[str, Meta(description="the operator key (send as x-admin), shown once; only its hash is stored")]
+    id: int
+    name: str
+    role: Role
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+
+
+class KeyList(Struct):
+    keys: list[OperatorKeyOut]
+
+
+class AuditEntryOut(Struct):
+    id: int
+    at: datetime
+    actor: Annotated[str, Meta(description="the key's name; ADMIN_KEY for the bootstrap key")]
+    actor_key_id: int | None
+    actor_role: Role
+    action: str
+    target: str | None
+    source_addr: str | None
+    outcome: Literal["ok", "denied", "failed"]
+    detail: dict[str, Any] | None
+
+
+class AuditPage(Struct):
+    entries: list[AuditEntryOut]
+    next_before: int | None

@@ -10,6 +10,7 @@ from flask import current_app
 from sqlalchemy import Engine
 
 from api.auth import TokenCache
+from api.clients import Networks
 from api.group_commit import GroupCommitWriter
 from api.metrics import observe_flush
 from config.settings import Settings
@@ -23,6 +24,7 @@ class AppState:
     admin_key: str
     tokens: TokenCache
     reads: ReadRouter  # the operator plane's reads: the replica when fresh enough, else the primary
+    trusted_proxies: Networks = ()
     _writer: GroupCommitWriter | None = None
     summary_cache: tuple[float, Any] | None = None
     summary_refreshing: bool = False

@@ -130,6 +130,9 @@ class Settings:
     webhook_poll_interval_s: float = 1.0
     webhook_deliveries_keep_days: int = 7
     log_level: str = "INFO"
+    # Peers whose X-Forwarded-For is believed (comma-separated addresses or CIDR blocks, e.g. the
+    # HAProxy in front); from anyone else the header is ignored and the TCP peer is the client.
+    trusted_proxies: str = ""
     # Where the gunicorn workers' Prometheus values live (multiprocess mode); the launcher sets
     # and wipes it. None: metrics of this process only (tests with the Flask test client).
     prometheus_multiproc_dir: Path | None = None

@@ -208,3 +208,36 @@ class WebhookDelivery(Base):
     attempt_log: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'"))
 
     __table_args__ = (Index("ix_webhook_deliveries_webhook", "webhook_id", "id"),)
+
+
+class OperatorKey(Base):
+    """A named operator key (sent as x-admin) with a role; stored only as a SHA-256 hash."""
+
+    __tablename__ = "operator_keys"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    role: Mapped[str] = mapped_column(Text)  # viewer|operator|admin
+    key_hash: Mapped[bytes] = mapped_column(unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    created_by: Mapped[str] = mapped_column(Text)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEntry(Base):
+    """One change made by an operator (or refused): who, what, when, from where, outcome."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    actor: Mapped[str] = mapped_column(Text)  # the key's name; "ADMIN_KEY" for the bootstrap key
+    actor_key_id: Mapped[int | None] = mapped_column(BigInteger)
+    actor_role: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)  # device.enroll, device.rotate, job.run, key.create, ...
+    target: Mapped[str | None] = mapped_column(Text)
+    source_addr: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)  # ok|denied|failed
+    detail: Mapped[dict | None] = mapped_column(JSONB)
+
+    __table_args__ = (Index("ix_audit_log_action_id", "action", "id"),)

@@ -20,7 +20,7 @@ from db.partitions import ensure_partitions
 
 ADMIN_KEY = "test-admin-key-0123456789"
 TABLES = ("devices, heartbeats, device_last_status, hb_partitions, job_runs, device_event_state, events, "
-          "webhooks, webhook_deliveries")
+          "webhooks, webhook_deliveries, audit_log, operator_keys")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 from flask import Blueprint, Response, request
 
-from api.auth import admin_required
+from api.audit import audit_change
+from api.auth import requires_role
 from api.body import decode_json, read_json_body
 from api.errors import ApiError
 from api.metrics import timed_read
@@ -23,7 +24,7 @@ ENROLL_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 @bp.post("/v1/devices/enroll")
-@admin_required
+@requires_role("admin", audit="device.enroll")
 def enroll() -> Response:
     """Enroll one device (a DeviceIn object) or a batch ({"devices": [...]}); tokens shown once."""
     state = current_state()
@@ -43,6 +44,8 @@ def enroll() -> Response:
     new = [NewDevice(d.device_uid, d.name, tuple(d.labels)) for d in batch]
     with transaction(state.engine) as conn:
         enrolled = enroll_devices(conn, new)
+        audit_change(conn, target=f"devices:{len(enrolled)}",
+                     detail={"devices": [{"id": e.id, "device_uid": e.device_uid} for e in enrolled[:100]]})
     return json_response(
         {"devices": [{"id": e.id, "device_uid": e.device_uid, "token": e.token} for e in enrolled]},
         status=201, headers=NO_STORE,
@@ -50,12 +53,13 @@ def enroll() -> Response:
 
 
 @bp.post("/v1/devices/<int:device_id>/token")
-@admin_required
+@requires_role("operator", audit="device.rotate")
 def rotate(device_id: int) -> Response:
     """A new token; the old one keeps working for TOKEN_ROTATION_OVERLAP_S seconds."""
     state = current_state()
     with transaction(state.engine) as conn:
         token, old_valid_until = rotate_token(conn, device_id, state.settings.token_rotation_overlap_s)
+        audit_change(conn, detail={"previous_token_valid_until": old_valid_until.isoformat()})
     state.tokens.evict_device(device_id)
     return json_response(
         {"device_id": device_id, "token": token, "previous_token_valid_until": old_valid_until},
@@ -64,18 +68,19 @@ def rotate(device_id: int) -> Response:
 
 
 @bp.post("/v1/devices/<int:device_id>/revoke")
-@admin_required
+@requires_role("operator", audit="device.revoke")
 def revoke(device_id: int) -> Response:
     """Revoke every token of a device (idempotent)."""
     state = current_state()
     with transaction(state.engine) as conn:
         revoked_at = revoke_device(conn, device_id)
+        audit_change(conn, detail={"revoked_at": revoked_at.isoformat()})
     state.tokens.evict_device(device_id)
     return json_response({"device_id": device_id, "revoked_at": revoked_at})
 
 
 @bp.get("/v1/devices/<int:device_id>")
-@admin_required
+@requires_role("viewer")
 @timed_read("device")
 def device_status(device_id: int) -> Response:
     """The current status of one device (one indexed row of device_last_status)."""
@@ -89,7 +94,7 @@ def device_status(device_id: int) -> Response:
 
 
 @bp.get("/v1/devices")
-@admin_required
+@requires_role("viewer")
 @timed_read("list")
 def fleet_list() -> Response:
     """The fleet, filtered (status, battery_below, app_version, label), keyset-paginated."""

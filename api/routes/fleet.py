@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from api.auth import admin_required
+from api.auth import viewer_required
 from api.concurrency import gevent_active
 from api.metrics import timed_read
 from api.responses import json_response, with_source
@@ -41,7 +41,7 @@ def _refresh(state: AppState) -> None:
 
 
 @bp.get("/v1/fleet/summary")
-@admin_required
+@viewer_required
 @timed_read("summary")
 def summary() -> Response:
     """Total, online, offline, battery bands, app versions.

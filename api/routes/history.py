@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from flask import Blueprint, Response, request
 from sqlalchemy import Connection
 
-from api.auth import admin_required
+from api.auth import viewer_required
 from api.errors import ApiError
 from api.responses import json_response, with_source
 from api.routes.heartbeats import int_arg
@@ -36,7 +36,7 @@ def time_arg(name: str, default: datetime | None) -> datetime | None:
 
 
 @bp.get("/v1/devices/<int:device_id>/heartbeats")
-@admin_required
+@viewer_required
 def device_history(device_id: int) -> Response:
     """Heartbeats of one device with since <= bucket < until (default: the last 24 h)."""
     state = current_state()

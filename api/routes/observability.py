@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from api.auth import admin_required, check_admin_key
+from api.auth import requires_role, viewer_required
 from api.metrics import (
     initialize_series,
     mark_worker_ready,
@@ -87,8 +87,8 @@ def seed_job_last_success(engine: Engine) -> None:
 
 
 def _metrics_key() -> str | None:
-    # Prometheus 2.x cannot send custom headers but can send a bearer token, so the operator
-    # key is also accepted as "Authorization: Bearer <ADMIN_KEY>" on this one endpoint.
+    # Prometheus 2.x cannot send custom headers but can send a bearer token, so an operator
+    # key is also accepted as "Authorization: Bearer <key>" on this one endpoint.
     key = request.headers.get("x-admin")
     if not key:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -97,9 +97,9 @@ def _metrics_key() -> str | None:
 
 
 @bp.get("/metrics")
+@requires_role("viewer", key=_metrics_key)
 def metrics() -> Response:
-    """Prometheus text exposition of every worker (admin: x-admin, or bearer ADMIN_KEY)."""
-    check_admin_key(_metrics_key(), current_app.config["NEXMDM_ADMIN_KEY"])
+    """Prometheus text exposition of every worker (viewer: x-admin, or the key as a bearer token)."""
     now = time.monotonic()
     if now - current_app.extensions.get(_JOBS_READ_MONO, 0.0) >= JOB_RUNS_REREAD_S:
         current_app.extensions[_JOBS_READ_MONO] = now
@@ -123,7 +123,7 @@ def _ops_engine(app: Flask, engine: Engine) -> Engine:
 
 
 @bp.get("/ops/pool_health")
-@admin_required
+@viewer_required
 def pool_health() -> Response:
     """Pool figures of every live worker (and of each plane), PostgreSQL's connection use, OK/WARN/CRITICAL."""
     state = current_state()

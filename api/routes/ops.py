@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from api.auth import admin_required
+from api.auth import requires_role, viewer_required
 from api.errors import ApiError, error_response
 from api.responses import json_response
 from api.routes.heartbeats import int_arg
@@ -27,35 +27,35 @@ def _run(job: str) -> Response:
 
 
 @bp.post("/ops/partitions")
-@admin_required
+@requires_role("operator", audit="job.partitions")
 def run_partitions() -> Response:
     """Create today's and the upcoming partitions now (idempotent)."""
     return _run("partitions")
 
 
 @bp.post("/ops/nightly")
-@admin_required
+@requires_role("operator", audit="job.nightly")
 def run_nightly() -> Response:
     """Archive, verify and drop every partition past retention now."""
     return _run("nightly")
 
 
 @bp.post("/ops/reconcile")
-@admin_required
+@requires_role("operator", audit="job.reconcile")
 def run_reconcile() -> Response:
     """Heal device_last_status drift now."""
     return _run("reconcile")
 
 
 @bp.post("/ops/events")
-@admin_required
+@requires_role("operator", audit="job.events")
 def run_events() -> Response:
     """Derive and record device events now."""
     return _run("events")
 
 
 @bp.get("/ops/jobs")
-@admin_required
+@viewer_required
 def jobs() -> Response:
     """Recent job runs, newest first (?job=, ?limit= up to 500)."""
     job = request.args.get("job") or None
