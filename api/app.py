@@ -37,6 +37,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
     configure_lag_guard(reads, settings)
     configure_logging(settings)
     configure_errors(app)
+    configure_input_checks(app)
     configure_plane(app, settings.plane)
     configure_metrics(app, settings.plane)
     configure_heartbeat_path(app)
@@ -75,6 +76,13 @@ def configure_heartbeat_path(app: Flask) -> None:
         from api.heartbeat_wsgi import install
 
         install(app, state)
+
+
+def configure_input_checks(app: Flask) -> None:
+    """Checks every request gets before its route (a route validates its own body and fields)."""
+    from api.body import reject_nul_in_query
+
+    app.before_request(reject_nul_in_query)
 
 
 def configure_metrics(app: Flask, plane: str) -> None:

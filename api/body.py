@@ -6,6 +6,7 @@ from typing import Any, TypeVar
 
 import msgspec
 from flask import request
+from gunicorn.http.errors import ParseException
 
 from api.errors import ApiError
 
@@ -36,9 +37,9 @@ def read_json_body_from(environ: dict[str, Any], limit_bytes: int) -> bytes:
             raise ApiError(400, "bad_request", "Content-Length is not a number") from None
         if length > limit_bytes:
             raise ApiError(413, "body_too_large", f"the body is {length} bytes; at most {limit_bytes}")
-        body = stream.read(length) if length > 0 else b""
+        body = _read(stream, length) if length > 0 else b""
     elif environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked" or environ.get("wsgi.input_terminated"):
-        body = stream.read(limit_bytes + 1)
+        body = _read(stream, limit_bytes + 1)
         if len(body) > limit_bytes:
             raise ApiError(413, "body_too_large", f"the body is over {limit_bytes} bytes")
     else:
@@ -52,12 +53,27 @@ def read_json_body_from(environ: dict[str, Any], limit_bytes: int) -> bytes:
     return body
 
 
+def _read(stream: Any, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except (ParseException, ValueError, OSError) as exc:  # a bad chunk size, a body cut short
+        raise ApiError(400, "bad_request", f"the body could not be read: {type(exc).__name__}") from None
+
+
+def reject_nul_in_query() -> None:
+    """before_request: 400 for a NUL (%00) in the query string, which PostgreSQL refuses in text."""
+    if "%00" in request.environ.get("QUERY_STRING", ""):
+        raise ApiError(400, "invalid_parameter", "query parameters must not contain NUL (%00)")
+
+
 def decode_json(body: bytes) -> Any:
-    """Decode JSON bytes; 400 ApiError when malformed or nested too deeply."""
+    """Decode JSON bytes; 400 ApiError when malformed, not UTF-8, or nested too deeply."""
     try:
         return msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"JSON must be UTF-8: invalid byte at {exc.start}") from None
     except RecursionError:
         raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
 

@@ -9,8 +9,10 @@ import msgspec
 from msgspec import Meta, Struct
 
 ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
-Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/=-]+$")]
-DeviceUid = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+# Whole-string patterns: "(?!\n)$" because Python's $ also matches before a final newline
+# ("dev-a\n" beside "dev-a"); in the OpenAPI document's (ECMA) dialect it changes nothing.
+Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/=-]+(?!\n)$")]
+DeviceUid = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+(?!\n)$")]
 NetworkType = Literal["wifi", "cellular", "ethernet", "none"]
 
 
@@ -278,7 +280,7 @@ class WebhookDeliveryList(Struct):
 
 
 Role = Literal["viewer", "operator", "admin"]
-KeyName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")]
+KeyName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*(?!\n)$")]
 
 
 class KeyIn(Struct, forbid_unknown_fields=True):

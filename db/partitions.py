@@ -8,7 +8,8 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from sqlalchemy import Connection
 
-NAME_RE = re.compile(r"^heartbeats_p(\d{8})$")
+# ASCII digits only, the whole name (\d would take other scripts' digits, $ a trailing newline)
+NAME_RE = re.compile(r"heartbeats_p([0-9]{8})")
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,13 @@ def partition_name(day: date) -> str:
 
 def day_of(name: str) -> date | None:
     """The day a partition name stands for, or None if the name is not one of ours."""
-    match = NAME_RE.match(name)
+    match = NAME_RE.fullmatch(name)
     if not match:
         return None
-    return datetime.strptime(match.group(1), "%Y%m%d").date()
+    try:
+        return datetime.strptime(match.group(1), "%Y%m%d").date()
+    except ValueError:  # eight digits that are not a date (20261399)
+        return None
 
 
 def plan_partitions(existing: set[str], today: date, premake_days: int) -> list[PartitionSpec]:

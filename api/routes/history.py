@@ -32,7 +32,11 @@ def time_arg(name: str, default: datetime | None) -> datetime | None:
         raise ApiError(400, "invalid_parameter", f"{name} must be an ISO 8601 time, got {raw!r}") from None
     if value.tzinfo is None:
         raise ApiError(400, "invalid_parameter", f"{name} must carry a time zone (e.g. Z)")
-    return value
+    try:
+        # In UTC: PostgreSQL refuses zone offsets beyond 15:59 that Python accepts (+20:00).
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ApiError(400, "invalid_parameter", f"{name} is out of range") from None
 
 
 @bp.get("/v1/devices/<int:device_id>/heartbeats")

@@ -24,6 +24,8 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 import threading
@@ -51,6 +53,7 @@ FORMAT = "postgresql-copy-text"
 COMPRESSION = "gzip"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
+_FILE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _PROGRESS_EVERY_S = 5.0
 EXPORTED = "exported"
 EXPORT_FAILED = "export-failed"
@@ -112,8 +115,13 @@ class Manifest:
                 f"{manifest.compression}")
         if day_of(manifest.partition) is None:
             raise RestoreRefused(f"manifest names {manifest.partition!r}, not a heartbeats_pYYYYMMDD partition")
-        if Path(manifest.file).name != manifest.file:
-            raise RestoreRefused(f"manifest file name {manifest.file!r} must not contain a path")
+        for name, kind in (("partition", str), ("file", str), ("sha256", str), ("row_count", int),
+                           ("size_bytes", int)):
+            value = getattr(manifest, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise RestoreRefused(f"manifest field {name!r} must be a {kind.__name__}, got {value!r}")
+        if not _FILE_NAME_RE.fullmatch(manifest.file) or manifest.file in (".", ".."):
+            raise RestoreRefused(f"manifest file name {manifest.file!r} must not contain a path (a plain name)")
         return manifest
 
     @classmethod
@@ -125,8 +133,19 @@ class Manifest:
             raise RestoreRefused(f"cannot read manifest {path}: {exc.strerror}") from None
 
     def data_path(self, manifest_path: Path) -> Path:
-        """The archive file, looked up beside the manifest (so archives can be moved together)."""
-        return Path(manifest_path).resolve().parent / self.file
+        """The archive file, looked up beside the manifest (so archives can be moved together).
+        RestoreRefused unless it is a regular file in that directory: a symlink (to /etc/shadow,
+        say), a directory or a device is never read."""
+        path = Path(manifest_path).resolve().parent / self.file
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return path  # verify_archive reports it missing
+        except OSError as exc:
+            raise RestoreRefused(f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise RestoreRefused(f"{path} is not a regular file (symlinks, directories and devices are refused)")
+        return path
 
     @property
     def spec(self) -> PartitionSpec:
@@ -245,7 +264,8 @@ def file_digest(path: Path) -> tuple[str, int]:
     """(SHA-256 hex, size in bytes) of a file, streamed."""
     sha = hashlib.sha256()
     size = 0
-    with open(path, "rb") as fh:
+    # O_NOFOLLOW: a symlink swapped in after data_path checked the file is not followed either.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
         while chunk := fh.read(_CHUNK):
             sha.update(chunk)
             size += len(chunk)

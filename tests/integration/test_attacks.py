@@ -3,19 +3,24 @@ server: every test here failed on the code before its fix."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import socket
 import string
+import subprocess
+import sys
 import threading
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psutil
 
 from api.app import create_app
 from db.engine import make_engine
 from tests.helpers import bearer, enroll, heartbeat_body
-from tests.live import LiveServer, free_port
+from tests.live import ROOT, LiveServer, free_port
 
 
 def _metrics_text(server: LiveServer) -> bytes:
@@ -184,3 +189,86 @@ def test_a_clock_far_ahead_does_not_freeze_the_status(client, admin, engine):
     with engine.begin() as conn:  # the reconcile job agrees: nothing to heal, nothing moved back
         assert heal_last_status(conn).total == 0
     assert client.get(f"/v1/devices/{device['id']}", headers=admin).get_json()["battery_pct"] == 71
+
+
+def test_bad_input_in_queries_and_names_is_a_4xx(client, admin):
+    """Point 8: ?app_version=%00, ?label=%00 and since/until offsets like +20:00 were 500s (with a
+    stack trace); a device_uid with a trailing newline was enrolled beside the one without."""
+    (device,) = enroll(client, admin, 1, prefix="dev")
+    for url in ["/v1/devices?app_version=%00", "/v1/devices?label=%00", "/v1/devices?label=a%00b",
+                "/v1/audit?action=%00"]:
+        resp = client.get(url, headers=admin)
+        assert resp.status_code == 400 and resp.get_json()["error"] == "invalid_parameter", url
+    history = f"/v1/devices/{device['id']}/heartbeats"
+    resp = client.get(history + "?since=2026-01-01T00:00:00%2B20:00", headers=admin)
+    assert resp.status_code == 200 and resp.get_json()["since"] == "2025-12-31T04:00:00Z"
+    assert client.get(history + "?until=2026-01-01T00:00:00-23:59", headers=admin).status_code == 200
+    resp = client.get(history + "?since=0001-01-01T00:00:00%2B05:00", headers=admin)
+    assert resp.status_code == 400 and resp.get_json()["error"] == "invalid_parameter"
+    for uid in ["dev-0\n", "dev-x\n", "dev-x\r\n"]:
+        resp = client.post("/v1/devices/enroll", json={"device_uid": uid}, headers=admin)
+        assert resp.status_code == 422, (uid, resp.status_code)
+    resp = client.post("/v1/devices/enroll", json={"device_uid": "dev-y", "labels": ["eu\n"]}, headers=admin)
+    assert resp.status_code == 422
+    for body in (b'{"device_uid": "\xff"}', b'{"devices": [{"device_uid": "a\xc3"}]}'):
+        resp = client.post("/v1/devices/enroll", data=body, content_type="application/json", headers=admin)
+        assert resp.status_code == 400 and resp.get_json()["error"] == "malformed_json"
+    resp = client.post("/v1/heartbeat", data=b'{"app_version": "\xed\xa0\x80"}', content_type="application/json",
+                       headers=bearer(device["token"]))
+    assert resp.status_code == 400 and resp.get_json()["error"] == "malformed_json"
+
+
+def test_a_bad_chunk_size_is_a_400(live_server):
+    """Point 8: a chunked body with a chunk size that is not hex was a 500."""
+    port = int(live_server.url.rsplit(":", 1)[1])
+    req = urllib.request.Request(live_server.url + "/v1/devices/enroll", method="POST",
+                                 data=b'{"device_uid": "chunk-ok"}',
+                                 headers={"x-admin": live_server.admin_key, "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        token = json.loads(resp.read())["devices"][0]["token"]
+    for chunked in (b"zz\r\n{}\r\n0\r\n\r\n", b"-1\r\n{}\r\n0\r\n\r\n", b"2 x\r\n{}\r\n0\r\n\r\n",
+                    b"2\r\n{}XX0\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + token.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + chunked)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                part = sock.recv(65536)
+                if not part:
+                    break
+                answer += part
+        assert answer.startswith(b"HTTP/1.1 400"), (chunked, answer[:200])
+    assert "Traceback" not in live_server.log()
+
+
+def _verify(manifest: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scheduler", "verify", str(manifest)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_scheduler_verify_reads_only_regular_files_beside_the_manifest(tmp_path):
+    """Point 8: verify followed a symlink beside a manifest (printing the size and SHA-256 of
+    /etc/shadow) and crashed on "file": ".." or a partition name with non-ASCII digits."""
+    target = Path("/etc/passwd")
+    good = {"partition": "heartbeats_p20260101", "range_start": "2026-01-01", "range_end": "2026-01-02",
+            "row_count": 1, "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+            "size_bytes": target.stat().st_size, "file": "heartbeats_p20260101.copy.gz", "columns": ["device_id"],
+            "schema_version": "1", "created_at": "2026-01-02T00:00:00Z"}
+    (tmp_path / "heartbeats_p20260101.copy.gz").symlink_to(target)
+    (tmp_path / "dir.copy.gz").mkdir()
+    cases = {
+        "symlink": ({}, "not a regular file"),
+        "dotdot": ({"file": ".."}, "must not contain a path"),
+        "directory": ({"file": "dir.copy.gz"}, "not a regular file"),
+        "digits": ({"partition": "heartbeats_p\u0662\u0660\u0662\u0666\u0660\u0661\u0660\u0661"}, "not a heartbeats"),
+        "newline": ({"partition": "heartbeats_p20260101\n"}, "not a heartbeats"),
+        "count": ({"row_count": "\u0661"}, "must be a int"),
+    }
+    for name, (change, says) in cases.items():
+        manifest = tmp_path / f"{name}.manifest.json"
+        manifest.write_text(json.dumps({**good, **change}))
+        result = _verify(manifest)
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert "NOT OK" in result.stdout and says in result.stdout, (name, result.stdout)
+        assert "Traceback" not in result.stderr and good["sha256"] not in result.stdout, name

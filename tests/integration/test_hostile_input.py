@@ -132,6 +132,28 @@ def test_heartbeat_raw_bodies(client, engine, device, body):
     assert after == before
 
 
+# Bytes that break a valid JSON text inside one of its strings: invalid UTF-8 (a lone
+# continuation byte, a truncated sequence, an encoded surrogate, a code point past U+10FFFF)
+# and NUL, raw or escaped. Each lands right after the n-th quote of the body.
+breaking_bytes = st.sampled_from([b"\xff", b"\x80", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80",
+                                  b"\xc0\xaf", b"\x00", b"\\u0000", b"a\x00b"])
+
+
+def break_string(body: bytes, nth: int, junk: bytes) -> bytes:
+    """``body`` with ``junk`` inserted after its ``nth`` quote (modulo how many it has)."""
+    quotes = [i for i, b in enumerate(body) if b == ord('"')]
+    at = quotes[nth % len(quotes)] + 1 if quotes else 0
+    return body[:at] + junk + body[at:]
+
+
+@HYPOTHESIS
+@given(body=heartbeat_like.map(encode), nth=st.integers(0, 200), junk=breaking_bytes)
+def test_heartbeats_with_non_utf8_or_nul_in_a_string(client, engine, device, body, nth, junk):
+    resp, before, after = post_heartbeat(client, engine, device, break_string(body, nth, junk))
+    assert resp.status_code in (400, 422), resp.get_json()
+    assert after == before
+
+
 device_like = st.fixed_dictionaries({}, optional={
     "device_uid": st.text(max_size=140) | st.from_regex(r"\A[A-Za-z0-9_.:-]{1,128}\Z") | json_values,
     "name": st.text(max_size=210) | st.none() | json_values,
@@ -152,6 +174,18 @@ def test_enrollment_bodies(client, engine, admin, body):
     else:
         assert resp.status_code in (400, 409, 413, 422), resp.get_json()
         assert after == before
+
+
+@HYPOTHESIS
+@given(body=(device_like | st.fixed_dictionaries({"devices": st.lists(device_like, min_size=1, max_size=3)}))
+       .map(encode), nth=st.integers(0, 200), junk=breaking_bytes)
+def test_enrollments_with_non_utf8_or_nul_in_a_string(client, engine, admin, body, nth, junk):
+    before = counts(engine)
+    resp = client.post("/v1/devices/enroll", data=break_string(body, nth, junk), content_type="application/json",
+                       headers=admin)
+    assert_clean_error(resp)
+    assert resp.status_code in (400, 422), resp.get_json()
+    assert counts(engine) == before
 
 
 def nested(depth: int) -> bytes:
