@@ -24,12 +24,13 @@ from tests.live import ROOT, LiveServer, free_port
 
 
 def _metrics_text(server: LiveServer) -> bytes:
-    req = urllib.request.Request(server.url + "/metrics", headers={"x-admin": server.admin_key})
+    req = urllib.request.Request(server.admin_url + "/metrics", headers={"x-admin": server.admin_key})
     with urllib.request.urlopen(req, timeout=30) as resp:
         return resp.read()
 
 
 def _workers_rss_bytes(server: LiveServer) -> int:
+    """The device plane's workers (the plane that faces the internet)."""
     return sum(p.memory_info().rss for p in psutil.Process(server.proc.pid).children())
 
 
@@ -221,7 +222,7 @@ def test_bad_input_in_queries_and_names_is_a_4xx(client, admin):
 def test_a_bad_chunk_size_is_a_400(live_server):
     """Point 8: a chunked body with a chunk size that is not hex was a 500."""
     port = int(live_server.url.rsplit(":", 1)[1])
-    req = urllib.request.Request(live_server.url + "/v1/devices/enroll", method="POST",
+    req = urllib.request.Request(live_server.admin_url + "/v1/devices/enroll", method="POST",
                                  data=b'{"device_uid": "chunk-ok"}',
                                  headers={"x-admin": live_server.admin_key, "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
