@@ -100,6 +100,13 @@ HTTP_REQUESTS = Counter(
     "POST /v1/heartbeat is left out.",
     ["method", "status"],
 )
+HTTP_CONNECTIONS_CLOSED = Counter(
+    f"{PREFIX}_http_connections_closed_total",
+    "Client connections the server ended: shed (the longest-waiting one, to admit a new one at "
+    "WORKER_CONNECTIONS), refused (at the limit with every connection busy), header_timeout, "
+    "idle_timeout, body_timeout.",
+    ["reason"],
+)
 TOKEN_CACHE_MISSES = Counter(
     f"{PREFIX}_token_cache_misses_total",
     "Device tokens not in the worker's cache, looked up in the database (a worker's first call "
@@ -168,6 +175,14 @@ JOB_LAST_SUCCESS = Gauge(
     ["job_name"],
     multiprocess_mode="max",
 )
+
+
+CONNECTION_CLOSE_REASONS = ("shed", "refused", "header_timeout", "idle_timeout", "body_timeout")
+
+
+def count_closed_connection(reason: str) -> None:
+    """Record a connection the server ended (config.gunicorn_worker.ConnectionGuard)."""
+    HTTP_CONNECTIONS_CLOSED.labels(reason if reason in CONNECTION_CLOSE_REASONS else "other").inc()
 
 
 def count_token_lookups(tokens: int) -> None:
@@ -261,6 +276,8 @@ def initialize_series() -> None:
         LAST_STATUS_READ_SECONDS.labels(query)
     for reason in REJECT_REASONS:
         HEARTBEATS_REJECTED.labels(reason)
+    for reason in CONNECTION_CLOSE_REASONS:
+        HTTP_CONNECTIONS_CLOSED.labels(reason)
 
 
 class ReplicaStateLike(Protocol):

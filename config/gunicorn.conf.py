@@ -17,8 +17,12 @@ else:
 # config/gunicorn_worker.py.
 worker_class = "config.gunicorn_worker.CoalescingGeventWorker"
 sendfile = False  # every write goes through that worker's buffer, in order
-worker_connections = _settings.worker_connections
-keepalive = 75  # devices and load generators keep connections open between heartbeats
+# The worker's ConnectionGuard keeps at most WORKER_CONNECTIONS open (shedding the one waiting
+# longest); gevent's pool gets a little more, so that a new connection is accepted to shed one.
+worker_connections = _settings.worker_connections + 64
+# Keep-alive on (devices and load generators keep connections open between heartbeats); how long
+# an idle one is kept is HTTP_IDLE_TIMEOUT_S, enforced by the guard.
+keepalive = max(1, round(_settings.http_idle_timeout_s))
 timeout = 30
 graceful_timeout = 20
 preload_app = False  # no engine, no greenlet before the fork

@@ -10,9 +10,15 @@ timeouts and error answers are gunicorn's own (its error answers go to the real 
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
+from gunicorn import util
+from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
 
@@ -54,10 +60,168 @@ class CoalescingSocket:
         return getattr(self._sock, name)
 
 
+# What a guarded connection is doing. Only the first three can be shed.
+FIRST_REQUEST, KEEP_ALIVE, HEADERS, BUSY = "first_request", "keep_alive", "headers", "busy"
+
+
+class GuardedSocket:
+    """A client connection under a ConnectionGuard: every read has a deadline that depends on
+    what the connection is doing, and the guard can shed it (see ConnectionGuard)."""
+
+    __slots__ = ("_sock", "_guard", "state", "deadline", "shed_reason")
+
+    def __init__(self, sock: socket.socket, guard: ConnectionGuard) -> None:
+        self._sock = sock
+        self._guard = guard
+        self.state = FIRST_REQUEST
+        self.deadline = guard.now() + guard.header_timeout_s
+        self.shed_reason: str | None = None
+        sock.settimeout(guard.send_timeout_s)
+
+    def recv(self, size: int) -> bytes:
+        """Read, but never past this connection's deadline: an expired deadline reads as the
+        end of the stream, which gunicorn's parser takes as a client that went away."""
+        guard = self._guard
+        remaining = self.deadline - guard.now()
+        if remaining <= 0:
+            guard.timed_out(self)
+            return b""
+        self._sock.settimeout(remaining)
+        try:
+            data = self._sock.recv(size)
+        except TimeoutError:
+            guard.timed_out(self)
+            return b""
+        except OSError:
+            if self.shed_reason is None:
+                raise
+            return b""  # shed: gevent cancels the wait on shutdown (EBADF); the end of the stream
+        finally:
+            self._sock.settimeout(guard.send_timeout_s)
+        if data and self.state in (FIRST_REQUEST, KEEP_ALIVE):
+            # The request has begun: its headers must all arrive within the header timeout.
+            self.state = HEADERS
+            self.deadline = min(self.deadline, guard.now() + guard.header_timeout_s)
+        return data
+
+    def shed(self, reason: str) -> None:
+        """End the connection from another greenlet: a blocked recv returns end-of-stream."""
+        self.shed_reason = reason
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class ConnectionGuard:
+    """A worker's defence against slow and idle clients, so that it needs no proxy in front:
+
+    - a new connection must send its first request, and any request its request line and
+      headers, within ``header_timeout_s`` of the first byte (slowloris: a header a byte at a time);
+    - a kept-alive connection may wait ``idle_timeout_s`` for its next request;
+    - a request body must arrive within ``body_timeout_s`` of the headers;
+    - at most ``max_connections`` are open; a new one sheds the connection that has waited
+      longest for a request of its own (idle, or still sending headers), never one being served.
+      When every connection is being served, the new one is closed at once.
+    """
+
+    def __init__(self, max_connections: int, header_timeout_s: float, idle_timeout_s: float,
+                 body_timeout_s: float, send_timeout_s: float,
+                 on_close: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self.now = clock
+        self._on_close = on_close
+        self.open = 0
+        # Connections that may be shed, the one waiting longest first.
+        self._waiting: OrderedDict[int, GuardedSocket] = OrderedDict()
+        self.closed_by_reason: dict[str, int] = {}
+
+    def _count(self, reason: str) -> None:
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+        if self._on_close is not None:
+            self._on_close(reason)
+
+    def admit(self, sock: socket.socket) -> GuardedSocket | None:
+        """A new connection, guarded; None when it must be refused (all connections busy)."""
+        if self.open >= self.max_connections:
+            if not self._waiting:
+                self._count("refused")
+                return None
+            _, oldest = self._waiting.popitem(last=False)
+            oldest.shed("shed")
+        self.open += 1
+        guarded = GuardedSocket(sock, self)
+        self._waiting[id(guarded)] = guarded
+        return guarded
+
+    def busy(self, guarded: GuardedSocket) -> None:
+        """A request is being served: its body gets body_timeout_s; it cannot be shed."""
+        guarded.state = BUSY
+        guarded.deadline = self.now() + self.body_timeout_s
+        self._waiting.pop(id(guarded), None)
+
+    def idle(self, guarded: GuardedSocket) -> None:
+        """The answer is sent: the connection waits for its next request (keep-alive)."""
+        guarded.state = KEEP_ALIVE
+        guarded.deadline = self.now() + self.idle_timeout_s
+        self._waiting[id(guarded)] = guarded  # to the end: the most recent waiter
+
+    def timed_out(self, guarded: GuardedSocket) -> None:
+        """A read deadline passed: counted once, by what the connection was doing."""
+        if guarded.shed_reason is None:
+            guarded.shed_reason = {FIRST_REQUEST: "header_timeout", HEADERS: "header_timeout",
+                                   KEEP_ALIVE: "idle_timeout", BUSY: "body_timeout"}[guarded.state]
+
+    def closed(self, guarded: GuardedSocket) -> None:
+        """The connection's handler ended."""
+        self.open -= 1
+        self._waiting.pop(id(guarded), None)
+        if guarded.shed_reason is not None:
+            self._count(guarded.shed_reason)
+
+
 class CoalescingGeventWorker(GeventWorker):
-    """``worker_class`` in config/gunicorn.conf.py: ``-k gevent`` with one write per response."""
+    """``worker_class`` in config/gunicorn.conf.py: ``-k gevent`` with one write per response and
+    every connection under a ConnectionGuard (limits from Settings, see gunicorn.conf.py)."""
+
+    guard: ConnectionGuard | None = None
+
+    def init_process(self) -> None:
+        from api.metrics import count_closed_connection
+        from config.settings import Settings
+
+        settings = Settings.from_env()
+        self.guard = ConnectionGuard(
+            settings.worker_connections, settings.http_header_timeout_s, settings.http_idle_timeout_s,
+            settings.http_body_timeout_s, settings.http_send_timeout_s, on_close=count_closed_connection,
+        )
+        super().init_process()
+
+    def timeout_ctx(self) -> contextlib.AbstractContextManager[None]:
+        # Reading the next request is bounded by the guarded socket's own deadlines.
+        return contextlib.nullcontext()
+
+    def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
+        client.setblocking(1)
+        assert self.guard is not None
+        guarded = self.guard.admit(client)
+        if guarded is None:
+            util.close(client)
+            return
+        try:
+            AsyncWorker.handle(self, listener, guarded, addr)
+        finally:
+            self.guard.closed(guarded)
 
     def handle_request(self, listener_name: str, req: Any, sock: socket.socket, addr: Any) -> Any:
+        guarded = sock if isinstance(sock, GuardedSocket) else None
+        if guarded is not None and self.guard is not None:
+            self.guard.busy(guarded)
         out = CoalescingSocket(sock)
         try:
             return super().handle_request(listener_name, req, out, addr)
@@ -66,3 +230,5 @@ class CoalescingGeventWorker(GeventWorker):
                 out.flush()
             except OSError:  # the client went away; gunicorn closes the connection
                 pass
+            if guarded is not None and self.guard is not None:
+                self.guard.idle(guarded)

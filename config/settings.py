@@ -130,6 +130,16 @@ class Settings:
     webhook_poll_interval_s: float = 1.0
     webhook_deliveries_keep_days: int = 7
     log_level: str = "INFO"
+    # Slow and idle clients (config/gunicorn_worker.py ConnectionGuard), per worker: at most
+    # WORKER_CONNECTIONS connections (a new one sheds the one waiting longest for a request of its
+    # own); a request's line and headers within the header timeout of its first byte (a new connection's
+    # first request within that of connecting); a kept-alive connection's next request within
+    # the idle timeout (> the devices' 60 s +- 15 s interval); a body within the body timeout;
+    # each write of an answer within the send timeout.
+    http_header_timeout_s: float = 20.0
+    http_idle_timeout_s: float = 75.0
+    http_body_timeout_s: float = 30.0
+    http_send_timeout_s: float = 30.0
     # Peers whose X-Forwarded-For is believed (comma-separated addresses or CIDR blocks, e.g. the
     # HAProxy in front); from anyone else the header is ignored and the TCP peer is the client.
     trusted_proxies: str = ""

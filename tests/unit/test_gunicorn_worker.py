@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from pathlib import Path
 
-from config.gunicorn_worker import CoalescingGeventWorker, CoalescingSocket
+from config.gunicorn_worker import CoalescingGeventWorker, CoalescingSocket, ConnectionGuard, GuardedSocket
 
 
 class CountingSocket:
@@ -92,3 +94,81 @@ def test_the_configured_worker_is_gunicorns_gevent_worker():
     assert namespace["worker_class"] == "config.gunicorn_worker.CoalescingGeventWorker"
     assert namespace["sendfile"] is False
     assert issubclass(CoalescingGeventWorker, GeventWorker)
+
+
+# ---- ConnectionGuard: slow and idle clients (issue 12, point 2) -------------------------------
+
+
+def _guard(**overrides: float) -> ConnectionGuard:
+    limits = {"max_connections": 10, "header_timeout_s": 0.3, "idle_timeout_s": 0.3, "body_timeout_s": 0.3,
+              "send_timeout_s": 5.0, **overrides}
+    return ConnectionGuard(**limits)  # type: ignore[arg-type]
+
+
+def _read_until_end(guarded: GuardedSocket) -> float:
+    started = time.monotonic()
+    while guarded.recv(100):
+        pass
+    return time.monotonic() - started
+
+
+def test_headers_sent_a_byte_at_a_time_end_at_the_header_timeout():
+    guard = _guard()
+    server, client = socket.socketpair()
+    with server, client:
+        guarded = guard.admit(server)
+        assert guarded is not None
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.is_set():
+                client.send(b"G")
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        try:
+            took = _read_until_end(guarded)  # bytes keep coming, yet the request ends
+        finally:
+            stop.set()
+            sender.join()
+        guard.closed(guarded)
+    assert 0.2 < took < 1.0, took
+    assert guard.closed_by_reason == {"header_timeout": 1} and guard.open == 0
+
+
+def test_an_idle_kept_alive_connection_ends_at_the_idle_timeout():
+    guard = _guard(idle_timeout_s=0.2, header_timeout_s=5.0)
+    server, client = socket.socketpair()
+    with server, client:
+        guarded = guard.admit(server)
+        assert guarded is not None
+        guard.busy(guarded)
+        guard.idle(guarded)  # answered; now waiting for the next request
+        took = _read_until_end(guarded)
+        guard.closed(guarded)
+    assert 0.15 < took < 1.0, took
+    assert guard.closed_by_reason == {"idle_timeout": 1}
+
+
+def test_at_the_limit_the_longest_waiting_connection_is_shed_never_a_busy_one():
+    guard = _guard(max_connections=2, header_timeout_s=30.0, idle_timeout_s=30.0)
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        oldest = guard.admit(pairs[0][0])
+        busy = guard.admit(pairs[1][0])
+        assert oldest is not None and busy is not None
+        guard.busy(busy)
+        newest = guard.admit(pairs[2][0])  # at the limit: sheds the waiting one, not the busy one
+        assert newest is not None and guard.open == 3
+        assert oldest.recv(100) == b"" and oldest.shed_reason == "shed"
+        guard.closed(oldest)
+        guard.busy(newest)
+        assert guard.admit(pairs[3][0]) is None  # every connection busy: the new one is refused
+        assert guard.open == 2 and guard.closed_by_reason == {"shed": 1, "refused": 1}
+        pairs[1][1].send(b"body")
+        assert busy.recv(100) == b"body"  # the busy one was left alone
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
