@@ -13,6 +13,7 @@ from api.errors import configure_errors
 from api.metrics import MeteredQueuePool, observe_replica, set_plane
 from api.planes import configure_plane
 from api.state import AppState
+from api.throttle import DeviceRateLimit, FailureThrottle
 from config.settings import Settings
 from db.engine import make_engine
 from db.reads import ReadRouter, make_read_router
@@ -33,6 +34,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
         tokens=TokenCache(engine, settings.token_cache_ttl_s, settings.token_sync_interval_s),
         reads=reads,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        auth_failures=FailureThrottle(settings.auth_failure_limit, settings.auth_failure_window_s),
+        device_limit=DeviceRateLimit(settings.device_max_per_minute),
     )
     configure_lag_guard(reads, settings)
     configure_logging(settings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -81,14 +82,19 @@ def requires_role(needed: str, *, audit: str | None = None, key: Callable[[], st
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             state = current_app.extensions["nexmdm"]
+            source = client_address(request.environ, state.trusted_proxies)
+            state.auth_failures.check(source)  # 429 before any look-up for a source that keeps failing
             provided = key() if key else request.headers.get("x-admin")
-            principal = identify_operator(provided, state.admin_key, state.engine)
+            try:
+                principal = identify_operator(provided, state.admin_key, state.engine)
+            except ApiError:
+                state.auth_failures.failed(source)
+                raise
             g.nexmdm_principal = principal
             if audit is None:
                 require_role(principal, needed)
                 return view(*args, **kwargs)
-            with audit_after(audit, principal, client_address(request.environ, state.trusted_proxies),
-                             kwargs, needed):
+            with audit_after(audit, principal, source, kwargs, needed):
                 require_role(principal, needed)
                 response = view(*args, **kwargs)
             return audit_response(response)
@@ -110,7 +116,7 @@ viewer_required = requires_role("viewer")
 
 @dataclass(slots=True)
 class _Entry:
-    device_id: int | None  # None caches a negative answer (unknown token)
+    device_id: int | None  # None: an unknown token (returned, never kept in the entries)
     expires_mono: float
 
 
@@ -124,7 +130,10 @@ class TokenCache:
     (a token two rotations old is no longer in the database, but may be in a cache); the worker
     that served the call evicts at once. Because each look starts where the last successful one ended, a database outage
     delays evictions but loses none.
-    Unknown tokens are cached briefly too, so a flood of bad tokens is not a flood of queries.
+    Unknown tokens never enter this cache: they go to a small negative cache of their own
+    (NEGATIVE_MAX_ENTRIES, for NEGATIVE_TTL_S), so a flood of bogus tokens can neither grow a
+    worker's memory nor push valid tokens out; repeated failures from one source are refused
+    before any look-up (api/throttle.py FailureThrottle).
 
     Under gevent, misses are looked up together: the first miss starts a loader greenlet,
     misses that arrive while it queries wait for the next batch, and one statement answers them
@@ -134,6 +143,7 @@ class TokenCache:
     """
 
     NEGATIVE_TTL_S = 2.0
+    NEGATIVE_MAX_ENTRIES = 10_000
     LOOKUP_BATCH_MAX = 1000
     LOOKUP_TIMEOUT_S = 10.0
     MAX_ENTRIES = 1_000_000
@@ -146,6 +156,7 @@ class TokenCache:
         self._ttl_s = ttl_s
         self._sync_interval_s = sync_interval_s
         self._entries: dict[bytes, _Entry] = {}
+        self._negative: OrderedDict[bytes, float] = OrderedDict()  # unknown token hash -> expiry
         # device id -> the token hashes cached for it, so a change evicts all of them
         self._by_device: dict[int, list[bytes]] = {}
         self._synced_mono = time.monotonic()
@@ -163,6 +174,8 @@ class TokenCache:
             self.sync(now)
         entry = self._entries.get(digest)
         if entry is None or entry.expires_mono <= now:
+            if self._negative.get(digest, 0.0) > now:
+                raise ApiError(401, "token_invalid", "the bearer token is unknown, expired or revoked")
             entry = self._load(digest, now)
         if entry.device_id is None:
             raise ApiError(401, "token_invalid", "the bearer token is unknown, expired or revoked")
@@ -209,21 +222,29 @@ class TokenCache:
 
     def _store(self, digest: bytes, owner: TokenOwner | None, now: float) -> _Entry:
         if owner is None:
-            entry = _Entry(None, now + self.NEGATIVE_TTL_S)
-        else:
-            ttl = self._ttl_s
-            if owner.valid_until is not None:
-                ttl = min(ttl, max(0.0, (owner.valid_until - datetime.now(UTC)).total_seconds()))
-            entry = _Entry(owner.device_id, now + ttl)
+            self._entries.pop(digest, None)  # a token that stopped working (expired overlap)
+            self._negative[digest] = now + self.NEGATIVE_TTL_S
+            self._negative.move_to_end(digest)
+            while len(self._negative) > self.NEGATIVE_MAX_ENTRIES:
+                self._negative.popitem(last=False)
+            return _Entry(None, now + self.NEGATIVE_TTL_S)
+        self._negative.pop(digest, None)
+        ttl = self._ttl_s
+        if owner.valid_until is not None:
+            ttl = min(ttl, max(0.0, (owner.valid_until - datetime.now(UTC)).total_seconds()))
+        entry = _Entry(owner.device_id, now + ttl)
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
             self._by_device.clear()
         self._entries[digest] = entry
-        if entry.device_id is not None:
-            digests = self._by_device.setdefault(entry.device_id, [])
-            if digest not in digests:
-                digests.append(digest)
+        digests = self._by_device.setdefault(entry.device_id, [])
+        if digest not in digests:
+            digests.append(digest)
         return entry
+
+    def sizes(self) -> tuple[int, int]:
+        """(tokens cached, unknown tokens remembered)."""
+        return len(self._entries), len(self._negative)
 
     def sync(self, now_mono: float | None = None) -> None:
         """Evict every cached token of the devices whose tokens changed since the last sync."""

@@ -55,7 +55,8 @@ UNMATCHED_ENDPOINT = "unmatched"
 # Error codes a heartbeat is commonly rejected with (others appear on first use).
 REJECT_REASONS = (
     "token_required", "token_invalid", "malformed_json", "validation_failed", "body_too_large",
-    "overloaded", "database_unavailable", "pool_exhausted", "internal_error",
+    "overloaded", "database_unavailable", "pool_exhausted", "internal_error", "too_many_failures",
+    "rate_limited",
 )
 
 HEARTBEAT_WRITE_SECONDS = Histogram(

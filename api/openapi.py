@@ -141,7 +141,9 @@ def build_document() -> dict[str, Any]:
         if op.response is not None:
             ok["content"] = {"application/json": {"schema": lookup[id(op.response)]}}
         entry["responses"][str(op.status)] = ok
-        for code in op.errors:
+        # Every authenticated operation may answer 429: a source that keeps failing to
+        # authenticate, a device over DEVICE_MAX_PER_MINUTE (api/throttle.py).
+        for code in sorted({*op.errors, *((429,) if op.auth else ())}):
             entry["responses"][str(code)] = {
                 "description": "error",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},

@@ -13,6 +13,7 @@ from api.auth import TokenCache
 from api.clients import Networks
 from api.group_commit import GroupCommitWriter
 from api.metrics import observe_flush
+from api.throttle import DeviceRateLimit, FailureThrottle
 from config.settings import Settings
 from db.reads import ReadRouter
 
@@ -25,6 +26,8 @@ class AppState:
     tokens: TokenCache
     reads: ReadRouter  # the operator plane's reads: the replica when fresh enough, else the primary
     trusted_proxies: Networks = ()
+    auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(0, 60.0))
+    device_limit: DeviceRateLimit = field(default_factory=lambda: DeviceRateLimit(0))
     _writer: GroupCommitWriter | None = None
     summary_cache: tuple[float, Any] | None = None
     summary_refreshing: bool = False

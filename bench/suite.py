@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if var_dir.exists():
         EmbeddedCluster(var_dir / "pg").stop()
         shutil.rmtree(var_dir)
-    print(f"bench: starting the service as `make run` does (cluster in {var_dir}) ...", flush=True)
+    print(f"bench: starting the service as `make run` does (cluster in {var_dir}), with DEVICE_MAX_PER_MINUTE=0 "
+          "(no per-device limit: time is compressed, each device sends every few seconds) ...", flush=True)
     # Compressed time: at --interval 4 ± 1 a device sends every 3-5 s, and wrk revisits a device
     # every few seconds, so the dedup bucket must be shorter than that or many sends would be
     # (correctly) answered "duplicate" and cost the server less than a real fleet's heartbeats.

@@ -140,6 +140,13 @@ class Settings:
     http_idle_timeout_s: float = 75.0
     http_body_timeout_s: float = 30.0
     http_send_timeout_s: float = 30.0
+    # Failed authentications (device tokens, operator keys) from one client address within the
+    # window, after which it gets 429 + Retry-After until the window ends; 0: no limit.
+    auth_failure_limit: int = 20
+    auth_failure_window_s: float = 60.0
+    # Heartbeats a minute from one device (bursts of as many), refused with 429 + Retry-After
+    # before any database work; compressed-time load (simulator --interval 1, make bench) raises it.
+    device_max_per_minute: int = 30
     # Peers whose X-Forwarded-For is believed (comma-separated addresses or CIDR blocks, e.g. the
     # HAProxy in front); from anyone else the header is ignored and the TCP peer is the client.
     trusted_proxies: str = ""

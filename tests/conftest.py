@@ -49,6 +49,10 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         db_pool_size=5,
         db_max_overflow=5,
         scheduler_enabled=False,
+        # Tests post many heartbeats per device and many bad tokens; the limits have their own
+        # tests (tests/integration/test_attacks.py).
+        device_max_per_minute=0,
+        auth_failure_limit=0,
     )
 
 

@@ -88,6 +88,10 @@ def start_server(
         # Webhooks registered by a test (the fuzzer's arbitrary URLs among them) are sent only
         # where a test asks for it, to its own receiver on 127.0.0.1.
         WEBHOOKS_ENABLED="false",
+        # Load at compressed time (many heartbeats per device a minute) and tests of bad input;
+        # the limits have their own tests, which pass their own values.
+        DEVICE_MAX_PER_MINUTE="0",
+        AUTH_FAILURE_LIMIT="0",
     )
     environ.update(env)  # a test's own settings win (e.g. ARCHIVE_DIR)
     log_path = tmp / f"server-{port}.log"

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, request
 
 from api.auth import bearer_token_from
 from api.body import read_json_body_from
+from api.clients import client_address
 from api.errors import ApiError
 from api.heartbeat_parsing import parse_heartbeat
 from api.metrics import observe_heartbeat, reject_heartbeat
@@ -32,7 +33,14 @@ def accept_heartbeat(state: AppState, environ: dict[str, Any]) -> dict[str, Any]
     Flask route and the lean WSGI path (api/heartbeat_wsgi.py) run it."""
     started = time.perf_counter()
     state.writer.check_admission()  # shed before doing any work when the worker is behind
-    device_id = state.tokens.authenticate(bearer_token_from(environ))
+    source = client_address(environ, state.trusted_proxies)
+    state.auth_failures.check(source)  # 429 for a source that keeps failing, before any look-up
+    try:
+        device_id = state.tokens.authenticate(bearer_token_from(environ))
+    except ApiError:
+        state.auth_failures.failed(source)
+        raise
+    state.device_limit.admit(device_id)  # 429 over DEVICE_MAX_PER_MINUTE, before any database work
     body = read_json_body_from(environ, state.settings.max_body_bytes)
     row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))
     stored = state.writer.write(row)

@@ -66,6 +66,9 @@ class LocalServer:
             env["SPLIT_PLANES"] = "false"
         if self.admin_key:
             env["ADMIN_KEY"] = self.admin_key
+        # The console's simulator runs at compressed time (a device every few seconds): a local
+        # development server lifts the per-device limit unless the environment sets one.
+        env.setdefault("DEVICE_MAX_PER_MINUTE", "0")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "api", "serve"], cwd=PROJECT_ROOT, env=env,

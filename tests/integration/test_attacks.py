@@ -273,3 +273,112 @@ def test_scheduler_verify_reads_only_regular_files_beside_the_manifest(tmp_path)
         assert result.returncode == 1, (name, result.stdout, result.stderr)
         assert "NOT OK" in result.stdout and says in result.stdout, (name, result.stdout)
         assert "Traceback" not in result.stderr and good["sha256"] not in result.stdout, name
+
+
+def _app(settings, engine, **overrides):
+    app = create_app(settings.with_overrides(**overrides), engine=engine)
+    app.testing = True
+    return app
+
+
+def test_unknown_tokens_never_enter_the_token_cache(settings, engine, admin, monkeypatch):
+    """Point 5: each bogus token stayed cached (~47,000 -> 5-8 MB a worker), evicted only at
+    1,000,000 entries, valid tokens included."""
+    from api.auth import TokenCache
+
+    monkeypatch.setattr(TokenCache, "NEGATIVE_MAX_ENTRIES", 100, raising=False)
+    app = _app(settings, engine)
+    client = app.test_client()
+    (device,) = enroll(client, admin, 1)
+    assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(device["token"])).status_code == 200
+    for i in range(500):
+        resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(f"nxm_bogus{i:05d}"))
+        assert resp.status_code == 401
+    tokens = app.extensions["nexmdm"].tokens
+    assert len(tokens._entries) == 1  # the valid token only
+    assert len(tokens._negative) <= 100  # the bounded negative cache
+    resp = client.post("/v1/heartbeat", json=heartbeat_body(battery_pct=3), headers=bearer(device["token"]))
+    assert resp.status_code == 200
+
+
+def test_repeated_auth_failures_from_one_source_get_429(settings, engine, admin):
+    """Point 5: 2,000 bad tokens in 2 s got no 429; wrong operator keys neither."""
+    app = _app(settings, engine, auth_failure_limit=5, auth_failure_window_s=60.0)
+    client = app.test_client()
+    (device,) = enroll(client, admin, 1)
+    attacker = {"REMOTE_ADDR": "10.0.0.1"}
+    for i in range(5):
+        resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(f"nxm_guess{i}"),
+                           environ_base=attacker)
+        assert resp.status_code == 401
+    resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer("nxm_guess9"), environ_base=attacker)
+    assert resp.status_code == 429 and resp.get_json()["error"] == "too_many_failures"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    # refused before any look-up, the right token too; another source is not affected
+    resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(device["token"]), environ_base=attacker)
+    assert resp.status_code == 429
+    resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(device["token"]),
+                       environ_base={"REMOTE_ADDR": "10.0.0.2"})
+    assert resp.status_code == 200
+    # operator keys: the same
+    prober = {"REMOTE_ADDR": "10.0.0.3"}
+    for i in range(5):
+        assert client.get("/v1/fleet/summary", headers={"x-admin": f"guess{i}"}, environ_base=prober).status_code == 403
+    resp = client.get("/v1/fleet/summary", headers=admin, environ_base=prober)
+    assert resp.status_code == 429 and resp.headers["Retry-After"]
+    assert client.get("/v1/fleet/summary", headers=admin).status_code == 200
+
+
+def test_forwarded_for_counts_only_from_a_trusted_proxy(settings, engine):
+    """Point 5: behind a proxy the client is X-Forwarded-For, but only when the peer is trusted."""
+    app = _app(settings, engine, auth_failure_limit=3, trusted_proxies="127.0.0.1, 10.8.0.0/16")
+    client = app.test_client()
+
+    def bad(peer: str, forwarded: str) -> int:
+        return client.post("/v1/heartbeat", json=heartbeat_body(), headers={**bearer("nxm_x"), "X-Forwarded-For":
+                           forwarded}, environ_base={"REMOTE_ADDR": peer}).status_code
+
+    # through the trusted proxy: each client is counted on its own
+    assert [bad("127.0.0.1", f"192.0.2.{i}") for i in range(6)] == [401] * 6
+    assert [bad("127.0.0.1", "203.0.113.9, 10.8.1.1") for _ in range(4)] == [401, 401, 401, 429]
+    # from an untrusted peer the header is ignored: a forged one changes nothing
+    assert [bad("198.51.100.7", f"192.0.2.{i}") for i in range(4)] == [401, 401, 401, 429]
+
+
+def test_one_device_over_its_limit_gets_429_before_any_database_work(settings, engine, admin):
+    """Point 6: one token at 1,730 heartbeats/s was answered in full."""
+    from sqlalchemy import event
+
+    from api.throttle import DeviceRateLimit
+
+    app = _app(settings, engine, device_max_per_minute=30, token_sync_interval_s=3600.0)
+    # The limiter's clock stands still: the burst and the refusals do not depend on how fast
+    # this machine runs the requests.
+    app.extensions["nexmdm"].device_limit = DeviceRateLimit(30, clock=lambda: 1000.0)
+    client = app.test_client()
+    flooder, other = enroll(client, admin, 2)
+    now = datetime.now(UTC)
+    statuses = [client.post("/v1/heartbeat", json=heartbeat_body(sent_at=now - timedelta(seconds=10 * i)),
+                            headers=bearer(flooder["token"])).status_code for i in range(30)]
+    assert statuses == [200] * 30  # a burst of DEVICE_MAX_PER_MINUTE is fine
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *rest) -> None:  # noqa: ANN001 - SQLAlchemy's event signature
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        for i in range(50):
+            resp = client.post("/v1/heartbeat", json=heartbeat_body(sent_at=now - timedelta(seconds=10 * (30 + i))),
+                               headers=bearer(flooder["token"]))
+            assert resp.status_code == 429 and resp.get_json()["error"] == "rate_limited"
+            assert resp.headers["Retry-After"] == "2"  # when the next one fits (60 s / 30)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert statements == [], statements[:3]  # refused before any database work
+    resp = client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(other["token"]))
+    assert resp.status_code == 200  # the other devices are not affected
+    with engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT count(*) FROM heartbeats WHERE device_id = %s",
+                                      (flooder["id"],)).scalar_one()
+    assert stored == 30
