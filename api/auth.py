@@ -24,6 +24,7 @@ from api.clients import client_address
 from api.concurrency import gevent_active
 from api.errors import ApiError
 from api.metrics import count_token_lookups
+from api.throttle import hold_refusal
 from db.devices import TokenOwner, changed_devices, find_token_owners, hash_token
 from db.engine import reading
 from db.errors import DatabaseUnavailable
@@ -83,7 +84,11 @@ def requires_role(needed: str, *, audit: str | None = None, key: Callable[[], st
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             state = current_app.extensions["nexmdm"]
             source = client_address(request.environ, state.trusted_proxies)
-            state.auth_failures.check(source)  # 429 before any look-up for a source that keeps failing
+            try:
+                state.auth_failures.check(source)  # 429 before any look-up for a source that keeps failing
+            except ApiError:
+                hold_refusal(state.settings.limit_refusal_delay_s)
+                raise
             provided = key() if key else request.headers.get("x-admin")
             try:
                 principal = identify_operator(provided, state.admin_key, state.engine)

@@ -147,6 +147,9 @@ class Settings:
     # Heartbeats a minute from one device (bursts of as many), refused with 429 + Retry-After
     # before any database work; compressed-time load (simulator --interval 1, make bench) raises it.
     device_max_per_minute: int = 30
+    # A 429 of those limits is held this long before it is sent: a flood over keep-alive
+    # connections slows to a request a second per connection (api/throttle.py).
+    limit_refusal_delay_s: float = 1.0
     # Peers whose X-Forwarded-For is believed (comma-separated addresses or CIDR blocks, e.g. the
     # HAProxy in front); from anyone else the header is ignored and the TCP peer is the client.
     trusted_proxies: str = ""

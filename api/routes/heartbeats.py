@@ -16,6 +16,7 @@ from api.heartbeat_parsing import parse_heartbeat
 from api.metrics import observe_heartbeat, reject_heartbeat
 from api.responses import json_response
 from api.state import AppState, current_state
+from api.throttle import hold_refusal
 
 bp = Blueprint("heartbeats", __name__)
 
@@ -34,13 +35,18 @@ def accept_heartbeat(state: AppState, environ: dict[str, Any]) -> dict[str, Any]
     started = time.perf_counter()
     state.writer.check_admission()  # shed before doing any work when the worker is behind
     source = client_address(environ, state.trusted_proxies)
-    state.auth_failures.check(source)  # 429 for a source that keeps failing, before any look-up
     try:
-        device_id = state.tokens.authenticate(bearer_token_from(environ))
-    except ApiError:
-        state.auth_failures.failed(source)
+        state.auth_failures.check(source)  # 429 for a source that keeps failing, before any look-up
+        try:
+            device_id = state.tokens.authenticate(bearer_token_from(environ))
+        except ApiError:
+            state.auth_failures.failed(source)
+            raise
+        state.device_limit.admit(device_id)  # 429 over DEVICE_MAX_PER_MINUTE, before any database work
+    except ApiError as exc:
+        if exc.status == 429:
+            hold_refusal(state.settings.limit_refusal_delay_s)
         raise
-    state.device_limit.admit(device_id)  # 429 over DEVICE_MAX_PER_MINUTE, before any database work
     body = read_json_body_from(environ, state.settings.max_body_bytes)
     row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))
     stored = state.writer.write(row)
