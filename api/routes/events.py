@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 from sqlalchemy import Connection
 
-from api.auth import admin_required
+from api.auth import viewer_required
 from api.errors import ApiError
 from api.responses import json_response, with_source
 from api.routes.heartbeats import int_arg
@@ -58,7 +58,7 @@ def _page(device_id: int | None) -> Response:
 
 
 @bp.get("/v1/events")
-@admin_required
+@viewer_required
 def events() -> Response:
     """Fleet events (?type=a,b &device_id= &since= &until=), oldest first after ?after=, or
     newest first (?order=desc, then ?before=)."""
@@ -67,7 +67,7 @@ def events() -> Response:
 
 
 @bp.get("/v1/devices/<int:device_id>/events")
-@admin_required
+@viewer_required
 def device_events(device_id: int) -> Response:
     """One device's events (404 for an unknown device); the same parameters as /v1/events."""
     return _page(device_id)

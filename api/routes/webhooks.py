@@ -6,7 +6,7 @@ import secrets
 
 from flask import Blueprint, Response, request
 
-from api.auth import admin_required
+from api.auth import admin_required, requires_role
 from api.body import decode_body
 from api.errors import ApiError
 from api.responses import json_response
@@ -23,7 +23,7 @@ DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")
 
 
 @bp.post("/v1/webhooks")
-@admin_required
+@requires_role("admin", audit="webhook.create")
 def create() -> Response:
     """Register a webhook for some event types (all when none); the secret is shown once."""
     spec = decode_body(WEBHOOK_MAX_BODY_BYTES, WebhookIn)
@@ -42,7 +42,7 @@ def index() -> Response:
 
 
 @bp.delete("/v1/webhooks/<int:webhook_id>")
-@admin_required
+@requires_role("admin", audit="webhook.delete")
 def delete(webhook_id: int) -> Response:
     """Stop a webhook; its pending deliveries are cancelled, its log stays readable."""
     with current_state().engine.begin() as conn:
