@@ -17,7 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from gevent.server import StreamServer
 from gunicorn import util
+from gunicorn.workers import ggevent
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -185,6 +187,26 @@ class ConnectionGuard:
             self._count(guarded.shed_reason)
 
 
+class BulkAcceptServer(StreamServer):
+    """gevent's StreamServer accepting up to ACCEPT_BATCH connections each time the listening
+    socket is ready. gunicorn sets ``max_accept = 1`` when it runs several workers (so that one
+    does not take them all); but then a worker accepts one connection per turn of its event
+    loop, and when the loop is busy (thousands of slow clients) the kernel's accept queue
+    overflows and new clients' SYNs are dropped: they retry after 1, 3, 7 s. Each worker still
+    takes only what is queued when it looks."""
+
+    ACCEPT_BATCH = 64
+    _max_accept = ACCEPT_BATCH
+
+    @property  # type: ignore[override]
+    def max_accept(self) -> int:
+        return self._max_accept
+
+    @max_accept.setter
+    def max_accept(self, value: int) -> None:
+        self._max_accept = max(int(value), self.ACCEPT_BATCH)
+
+
 class CoalescingGeventWorker(GeventWorker):
     """``worker_class`` in config/gunicorn.conf.py: ``-k gevent`` with one write per response and
     every connection under a ConnectionGuard (limits from Settings, see gunicorn.conf.py)."""
@@ -200,6 +222,7 @@ class CoalescingGeventWorker(GeventWorker):
             settings.worker_connections, settings.http_header_timeout_s, settings.http_idle_timeout_s,
             settings.http_body_timeout_s, settings.http_send_timeout_s, on_close=count_closed_connection,
         )
+        ggevent.StreamServer = BulkAcceptServer  # this worker process only (after the fork): see above
         super().init_process()
 
     def timeout_ctx(self) -> contextlib.AbstractContextManager[None]:

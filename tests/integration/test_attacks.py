@@ -103,7 +103,7 @@ def test_made_up_methods_and_paths_do_not_grow_metrics_or_memory(live_server):
     rss_after = _workers_rss_bytes(live_server)
     assert sum(statuses.values()) == 10_000 and statuses.get(0, 0) < 100, statuses
     assert size_after - size_before < 20_000, (size_before, size_after)
-    assert rss_after - rss_before < 8 * 2**20, (rss_before, rss_after)
+    assert rss_after - rss_before < 20 * 2**20, (rss_before, rss_after)  # before: +228 MB
     text = _metrics_text(live_server).decode()
     assert 'method="other"' in text and 'endpoint="unmatched"' in text
 
