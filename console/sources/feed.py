@@ -1,5 +1,6 @@
-"""Lines for the console's Events panel from the server: fleet events (GET /v1/events), and any
-other source with the same small interface (``FeedSource``: a name and ``poll() -> lines``).
+"""Lines for the console's Events panel from the server: fleet events (GET /v1/events), the
+audit trail of operator changes (GET /v1/audit), and any other source with the same small
+interface (``FeedSource``: a name and ``poll() -> lines``).
 
 A source keeps its own cursor, so each poll returns only what is new. Fleet events that one job
 run recorded together (same time, same type) come as one line when there are many of them, so
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from console.sources.http import UNAVAILABLE, ApiClient, EndpointError
+from console.sources.http import AUTH, UNAVAILABLE, ApiClient, EndpointError
 
 INFO, WARN, ALERT, BURST = "info", "warn", "alert", "burst"
 BURST_MIN = 10  # events of one type in one run that make a burst line
@@ -121,3 +122,57 @@ class FleetEventsSource:
                 self.unavailable = True
                 return []
             raise
+
+
+def audit_lines(entries: list[dict[str, Any]], source: str = "audit") -> list[FeedLine]:
+    """Audit rows (oldest first) as panel lines: who did what to what, from where; a refused
+    or failed change is louder than one that was done."""
+    lines = []
+    for e in entries:
+        outcome = str(e.get("outcome"))
+        severity = INFO if outcome == "ok" else (ALERT if outcome == "denied" else WARN)
+        target = f" {e['target']}" if e.get("target") else ""
+        said = "" if outcome == "ok" else f" {outcome.upper()}"
+        lines.append(FeedLine(_time(e.get("at")), source, severity,
+                              f"{e.get('actor')} ({e.get('actor_role')}) {e.get('action')}{target}{said}"
+                              f" from {e.get('source_addr') or '?'}"))
+    return lines
+
+
+class AuditSource:
+    """New audit rows (GET /v1/audit, newest first, keyset on id) since the last poll. The first
+    poll shows the few most recent. A key that may not read the audit (viewer, operator) or a
+    server without it is remembered and not asked again."""
+
+    name = "audit"
+
+    def __init__(self, client: ApiClient, *, page: int = 100, max_pages: int = 20) -> None:
+        self.client = client
+        self.page = page
+        self.max_pages = max_pages
+        self.cursor: int | None = None
+        self.unavailable = False
+
+    def poll(self) -> list[FeedLine]:
+        """Lines for the audit rows written since the last poll."""
+        if self.unavailable:
+            return []
+        try:
+            limit = FIRST_LOOK if self.cursor is None else self.page
+            newest: list[dict[str, Any]] = []
+            before: int | None = None
+            for _ in range(1 if self.cursor is None else self.max_pages):
+                query = f"/v1/audit?limit={limit}" + (f"&before={before}" if before else "")
+                body = self.client.get_json(query)
+                batch = [e for e in body.get("entries") or [] if self.cursor is None or int(e["id"]) > self.cursor]
+                newest += batch
+                before = body.get("next_before")
+                if before is None or self.cursor is None or before <= self.cursor:
+                    break
+        except EndpointError as err:
+            if err.kind in (UNAVAILABLE, AUTH):
+                self.unavailable = True
+                return []
+            raise
+        self.cursor = max([int(e["id"]) for e in newest] + [self.cursor or 0])
+        return audit_lines(list(reversed(newest)), self.name)

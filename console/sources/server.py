@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from console.sources.feed import FeedLine, FeedSource, FleetEventsSource
+from console.sources.feed import AuditSource, FeedLine, FeedSource, FleetEventsSource
 from console.sources.http import AUTH, DOWN, ERROR, UNAVAILABLE, ApiClient, EndpointError
 from console.sources.metrics import MetricsSample, Traffic, diff_metrics, parse_metrics
 
@@ -175,7 +175,7 @@ class ServerPoller:
         self.client = client
         self._clock = clock
         self._last_metrics: MetricsSample | None = None
-        self.feeds: list[FeedSource] = feeds if feeds is not None else [FleetEventsSource(client)]
+        self.feeds: list[FeedSource] = feeds if feeds is not None else [FleetEventsSource(client), AuditSource(client)]
 
     def poll(self) -> ServerSnapshot:
         """Read every endpoint once; never raises for what the server does."""

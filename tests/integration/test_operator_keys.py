@@ -141,3 +141,27 @@ def test_keys_cli_creates_lists_and_revokes(client, database_url, tmp_path):
     assert revoked.returncode == 0, revoked.stderr
     assert client.get("/v1/fleet/summary", headers={"x-admin": key}).status_code == 403
     assert _cli("revoke", "nobody", env=env).returncode == 1
+
+
+def test_the_console_events_panel_shows_audit_rows(live_server):
+    from console.sources.feed import ALERT, INFO, AuditSource
+    from console.sources.http import ApiClient
+
+    admin_client = ApiClient(live_server.admin_url, live_server.admin_key)
+    source = AuditSource(admin_client)
+    assert source.poll() == [] and source.cursor == 0
+    created = admin_client.post_json("/v1/keys", {"name": "vera", "role": "viewer"})
+    enrolled = admin_client.post_json("/v1/devices/enroll", {"device_uid": "panel-1"})
+    viewer = ApiClient(live_server.admin_url, created["key"])
+    device_id = enrolled["devices"][0]["id"]
+    try:
+        viewer.post_json(f"/v1/devices/{device_id}/revoke", {})
+    except Exception:  # noqa: BLE001 - refused (403), which is the point
+        pass
+    lines = source.poll()
+    assert [(ln.source, ln.severity) for ln in lines] == [("audit", INFO), ("audit", INFO), ("audit", ALERT)]
+    assert lines[0].text == f"ADMIN_KEY (admin) key.create key:{created['id']} from 127.0.0.1"
+    assert lines[2].text == f"vera (viewer) device.revoke device:{device_id} DENIED from 127.0.0.1"
+    assert source.poll() == []  # each row once
+    viewer_source = AuditSource(viewer)  # a viewer may not read the audit: the source stays quiet
+    assert viewer_source.poll() == [] and viewer_source.unavailable
