@@ -19,6 +19,7 @@ from sqlalchemy import Connection
 
 from api.errors import ApiError
 from db.audit import AuditRecord, record_audit
+from db.engine import transaction
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def audit_change(conn: Connection, *, target: str | None = None, detail: dict[st
 
 def _write_now(change: _Change, outcome: str, detail: dict[str, Any] | None) -> None:
     try:
-        with current_app.extensions["nexmdm"].engine.begin() as conn:
+        with transaction(current_app.extensions["nexmdm"].engine) as conn:
             record_audit(conn, _record(change, outcome, change.target, detail))
     except Exception:  # the answer stands; the log says what the trail missed
         log.exception("audit row not written: %s %s %s", change.action, outcome, change.target)

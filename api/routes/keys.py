@@ -12,7 +12,7 @@ from api.openapi import Operation, register
 from api.responses import NO_STORE, json_response
 from api.schemas import KeyCreatedOut, KeyIn, KeyList, OperatorKeyOut
 from api.state import current_state
-from db.engine import reading
+from db.engine import reading, transaction
 from db.operator_keys import create_key, key_to_dict, list_keys, revoke_key
 
 bp = Blueprint("keys", __name__)
@@ -27,7 +27,7 @@ def create() -> Response:
     body = decode_body(KEY_MAX_BODY_BYTES, KeyIn)
     principal = current_principal()
     assert principal is not None
-    with current_state().engine.begin() as conn:
+    with transaction(current_state().engine) as conn:
         try:
             record, key = create_key(conn, body.name, body.role, created_by=principal.name)
         except ValueError as exc:
@@ -48,7 +48,7 @@ def list_all() -> Response:
 @requires_role("admin", audit="key.revoke")
 def revoke(key_id: int) -> Response:
     """Revoke a key (idempotent): refused on every worker from the next request on."""
-    with current_state().engine.begin() as conn:
+    with transaction(current_state().engine) as conn:
         record = revoke_key(conn, key_id)
         audit_change(conn, detail={"name": record.name, "role": record.role})
     return json_response(key_to_dict(record))
