@@ -31,7 +31,8 @@ def readyz() -> Response:
         with reading(state.engine) as conn:
             conn.exec_driver_sql("SELECT 1")
     except Exception as exc:  # any failure to reach the database means "not ready"
-        detail = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+        cause = exc.__cause__ or exc  # the driver's fault behind a translated DatabaseUnavailable
+        detail = str(getattr(cause, "orig", cause) or cause).strip().splitlines()
         log.warning("readyz: database unavailable: %s", detail[0] if detail else type(exc).__name__)
         return json_response(
             {"status": "unavailable", "database": "unavailable"},

@@ -33,6 +33,7 @@ from api.responses import json_response
 from api.state import current_state
 from db.connections import connection_use
 from db.engine import reading
+from db.errors import DatabaseUnavailable
 from scheduler.locking import add_job_listener
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def seed_job_last_success(engine: Engine) -> None:
                 "SELECT job, extract(epoch FROM max(finished_at)) FROM job_runs "
                 "WHERE status = 'succeeded' AND finished_at IS NOT NULL GROUP BY job"
             ).all()
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, DatabaseUnavailable) as exc:  # reading() translates driver faults
         log.warning("job last-success times not seeded from job_runs: %s", str(exc).splitlines()[0])
         return
     for job, finished_at_s in rows:
