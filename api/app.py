@@ -15,6 +15,7 @@ from api.planes import configure_plane
 from api.state import AppState
 from api.throttle import DeviceRateLimit, FailureThrottle
 from config.settings import Settings
+from db.cold import ColdReader
 from db.engine import make_engine
 from db.reads import ReadRouter, make_read_router
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
         trusted_proxies=parse_networks(settings.trusted_proxies),
         auth_failures=FailureThrottle(settings.auth_failure_limit, settings.auth_failure_window_s),
         device_limit=DeviceRateLimit(settings.device_max_per_minute),
+        cold=ColdReader(settings.archive_dir),
     )
     configure_lag_guard(reads, settings)
     configure_logging(settings)

@@ -9,12 +9,14 @@ hidden 500 cannot pass a test).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
+from db.cold import ColdFileCorrupt
 from db.errors import (
     DRIVER_FAULTS,
     DatabaseUnavailable,
@@ -112,6 +114,13 @@ def configure_errors(app: Flask) -> None:
     @app.errorhandler(KeyNameTaken)
     def _key_taken(exc: KeyNameTaken) -> Response:
         return error_response(409, "key_name_taken", str(exc))
+
+    @app.errorhandler(ColdFileCorrupt)
+    def _cold_corrupt(exc: ColdFileCorrupt) -> Response:
+        # Not the client's fault and not worth a retry: an archived day's file does not match
+        # its manifest. Refused, never served; `python -m scheduler verify` reports it too.
+        log.error("cold tier: %s", exc)
+        return error_response(500, "archive_corrupt", {"file": Path(exc.path).name, "reason": exc.reason})
 
     @app.errorhandler(Overloaded)
     @app.errorhandler(DatabaseUnavailable)

@@ -51,11 +51,14 @@ OPERATIONS: list[Operation] = [
               errors=(400, 401, 403)),
     Operation("get", "/v1/fleet/summary", "Counts for the whole fleet", "admin",
               response=s.FleetSummary, errors=(401, 403)),
-    Operation("get", "/v1/devices/{device_id}/heartbeats", "A device's heartbeat history", "admin",
+    # History reads hot days (PostgreSQL) and cold days (Parquet) alike; 500 archive_corrupt when
+    # a cold day's file does not match its manifest.
+    Operation("get", "/v1/devices/{device_id}/heartbeats",
+              "A device's heartbeat history (hot and archived days alike), paginated", "admin",
               response=s.HeartbeatHistory,
               params=(("device_id", "path", "integer"), ("since", "query", "string"),
-                      ("until", "query", "string"), ("limit", "query", "integer")),
-              errors=(400, 401, 403, 404)),
+                      ("until", "query", "string"), ("limit", "query", "integer"), ("order", "query", "string")),
+              errors=(400, 401, 403, 404, 500)),
     # Operations: run a job now (409 while another runner holds its lock; 500 with the report as
     # detail when it fails), and the recent runs.
     Operation("post", "/ops/partitions", "Run the partitions job now", "admin",

@@ -148,6 +148,11 @@ class HeartbeatRecord(Struct):
     extra: dict[str, Any] | None
 
 
+class HistoryPageRange(Struct):
+    since: datetime
+    until: datetime
+
+
 class HeartbeatHistory(Struct):
     device_id: int
     since: datetime
@@ -155,6 +160,8 @@ class HeartbeatHistory(Struct):
     heartbeats: list[HeartbeatRecord]
     source: ReadSourceName
     replica_lag_s: ReplicaLag
+    next: Annotated[HistoryPageRange | None, Meta(
+        description="since/until of the next page (same order and limit); null on the last page")] = None
 
 
 class Error(Struct):

@@ -15,6 +15,7 @@ from api.group_commit import GroupCommitWriter
 from api.metrics import observe_flush
 from api.throttle import DeviceRateLimit, FailureThrottle
 from config.settings import Settings
+from db.cold import ColdReader
 from db.reads import ReadRouter
 
 
@@ -28,6 +29,7 @@ class AppState:
     trusted_proxies: Networks = ()
     auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(0, 60.0))
     device_limit: DeviceRateLimit = field(default_factory=lambda: DeviceRateLimit(0))
+    cold: ColdReader | None = None  # the Parquet days (db/cold.py); None: hot tier only
     _writer: GroupCommitWriter | None = None
     summary_cache: tuple[float, Any] | None = None
     summary_refreshing: bool = False

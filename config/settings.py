@@ -77,6 +77,10 @@ class Settings:
     max_clock_skew_seconds: int = 300
     offline_after_seconds: int = 180
     retention_days: int = 90
+    # Days kept in PostgreSQL; older days move to Parquet files under archive_dir (the cold
+    # tier, read by the history endpoint through DuckDB) when archive_format is "parquet".
+    hot_days: int = 14
+    archive_format: str = "parquet"  # parquet | copy (the earlier gzip'd COPY files, not read by history)
     partition_premake_days: int = 7
     archive_dir: Path = field(default_factory=lambda: default_var_dir() / "archive")
     var_dir: Path = field(default_factory=default_var_dir)
@@ -160,6 +164,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
             raise ValueError(f"setting PLANE={self.plane!r}: must be one of {', '.join(PLANES)}")
+        if self.archive_format not in ("parquet", "copy"):
+            raise ValueError(f"setting ARCHIVE_FORMAT={self.archive_format!r}: must be parquet or copy")
+        if self.hot_days < 1:
+            raise ValueError(f"setting HOT_DAYS={self.hot_days}: must be at least 1 (today stays hot)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

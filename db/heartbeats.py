@@ -140,9 +140,9 @@ def insert_heartbeats(
 
 
 def list_heartbeats(
-    conn: Connection, device_id: int, since: datetime, until: datetime, limit: int
+    conn: Connection, device_id: int, since: datetime, until: datetime, limit: int, newest_first: bool = True
 ) -> list[dict[str, Any]]:
-    """A device's heartbeats with since <= bucket_ts < until, newest first.
+    """A device's heartbeats in PostgreSQL with since <= bucket_ts < until, newest (or oldest) first.
 
     The range arrives as constants in the SQL text (psycopg2 interpolates client-side), so the
     planner prunes to the partitions in range.
@@ -151,7 +151,7 @@ def list_heartbeats(
         f"""
         SELECT {", ".join(COLUMNS)}, extra FROM heartbeats
         WHERE device_id = %(id)s AND bucket_ts >= %(since)s AND bucket_ts < %(until)s
-        ORDER BY bucket_ts DESC
+        ORDER BY bucket_ts {"DESC" if newest_first else "ASC"}
         LIMIT %(limit)s
         """,
         {"id": device_id, "since": since, "until": until, "limit": limit},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import Engine
@@ -24,13 +25,15 @@ def row(device_id: int, ts: datetime, battery: int = 50, extra: str | None = Non
     )
 
 
-def fill_day(engine: Engine, day: date, device_ids: list[int], per_device: int = 3) -> int:
-    """Create the day's partition and store ``per_device`` heartbeats per device in it."""
+def fill_day(engine: Engine, day: date, device_ids: list[int], per_device: int = 3, noise: bool = False) -> int:
+    """Create the day's partition and store ``per_device`` heartbeats per device in it
+    (``noise``: a random string in each extra, so the rows do not compress to nothing)."""
     rows = []
     for dev in device_ids:
         for k in range(per_device):
             ts = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(hours=1 + k, seconds=10 * dev)
-            rows.append(row(dev, ts, battery=(dev + k) % 100, extra='{"note": "tab\\there\\nnewline \\\\ é"}'))
+            extra = f'{{"noise": "{os.urandom(16).hex()}"}}' if noise else '{"note": "tab\\there\\nnewline \\\\ é"}'
+            rows.append(row(dev, ts, battery=(dev + k) % 100, extra=extra))
     with engine.begin() as conn:
         ensure_partitions(conn, day, 0)
         insert_heartbeats(conn, rows)

@@ -8,12 +8,13 @@ from flask import Blueprint, Response, request
 from sqlalchemy import Connection
 
 from api.auth import viewer_required
+from api.concurrency import run_blocking
 from api.errors import ApiError
 from api.responses import json_response, with_source
 from api.routes.heartbeats import int_arg
 from api.state import current_state
 from db.fleet import get_device_status
-from db.heartbeats import list_heartbeats
+from db.history import HistoryPage, list_history
 
 bp = Blueprint("history", __name__)
 
@@ -42,7 +43,9 @@ def time_arg(name: str, default: datetime | None) -> datetime | None:
 @bp.get("/v1/devices/<int:device_id>/heartbeats")
 @viewer_required
 def device_history(device_id: int) -> Response:
-    """Heartbeats of one device with since <= bucket < until (default: the last 24 h)."""
+    """Heartbeats of one device with since <= bucket < until (default: the last 24 h), from
+    PostgreSQL and the Parquet days alike; ``order`` desc (default) or asc; ``next`` holds the
+    since/until of the following page (null on the last)."""
     state = current_state()
     now = datetime.now(UTC)
     until = time_arg("until", now + timedelta(seconds=1))
@@ -50,11 +53,17 @@ def device_history(device_id: int) -> Response:
     if since >= until:
         raise ApiError(400, "invalid_parameter", "since must be before until")
     limit = int_arg("limit", 1000, 1, HISTORY_MAX_LIMIT)
+    order = request.args.get("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "invalid_parameter", "order must be 'asc' or 'desc'")
 
-    def query(conn: Connection) -> list[dict]:
+    def query(conn: Connection) -> HistoryPage:
         get_device_status(conn, device_id, offline_after_s=state.settings.offline_after_seconds)
-        return list_heartbeats(conn, device_id, since, until, limit)
+        return list_history(conn, state.cold, device_id, since, until, limit, newest_first=order == "desc",
+                            offload=run_blocking)
 
-    rows, source = state.reads.read(query)
+    page, source = state.reads.read(query)
+    following = {"since": page.next_since, "until": page.next_until} if page.next_until else None
     return json_response(with_source(
-        {"device_id": device_id, "since": since, "until": until, "heartbeats": rows}, source))
+        {"device_id": device_id, "since": since, "until": until, "heartbeats": page.rows, "next": following},
+        source))

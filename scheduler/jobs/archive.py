@@ -1,12 +1,19 @@
 """The nightly archive job and restore.
 
-nightly: each partition older than RETENTION_DAYS is exported with COPY to
-``ARCHIVE_DIR/<partition>.copy.gz`` (PostgreSQL COPY text format, gzip, rows in key order, so
-one partition always gives the same bytes), its SHA-256 computed while streaming. The file is
-then read back: its SHA-256 and its row count must match what was written; only then is a
-manifest written beside it and the partition detached, counted once more, dropped, and marked
-archived in hb_partitions — all in one transaction. A partition whose archive did not verify is
-never dropped.
+nightly, ``ARCHIVE_FORMAT=parquet`` (the default): each partition older than HOT_DAYS becomes
+``ARCHIVE_DIR/<partition>.parquet`` (the cold tier, db/cold.py; written and read back against
+the source by scheduler/jobs/cold_export.py), and the history endpoint reads it from there.
+Cold days older than RETENTION_DAYS have their files deleted and are marked 'expired'.
+
+``ARCHIVE_FORMAT=copy`` (the earlier format): each partition older than RETENTION_DAYS is
+exported with COPY to ``ARCHIVE_DIR/<partition>.copy.gz`` (PostgreSQL COPY text format, gzip,
+rows in key order, so one partition always gives the same bytes), its SHA-256 computed while
+streaming, and kept. History does not read these; restore brings a day back.
+
+Either way the file is read back before anything is dropped: SHA-256 and row count must match
+what was written; only then is a manifest written beside it and the partition detached,
+counted once more, dropped, and marked archived in hb_partitions — all in one transaction. A
+partition whose archive did not verify is never dropped.
 
 The export runs in a child process (``python -m scheduler export``): inside the API workers
 psycogreen's wait callback is active and psycopg2's COPY raises there, and a long export would
@@ -51,6 +58,9 @@ from scheduler.locking import JobOutcome, Progress
 ARCHIVE_COLUMNS = (*COLUMNS, "extra")
 FORMAT = "postgresql-copy-text"
 COMPRESSION = "gzip"
+PARQUET = "parquet"
+# manifest format -> (its compression, ARCHIVE_FORMAT's name for it, data file suffix)
+FORMATS = {FORMAT: (COMPRESSION, "copy", ".copy.gz"), PARQUET: ("zstd", "parquet", ".parquet")}
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,255}")
@@ -108,8 +118,8 @@ class Manifest:
             manifest = cls(**raw)
         except (ValueError, TypeError) as exc:
             raise RestoreRefused(f"not a NexMDM archive manifest: {exc}") from None
-        if manifest.manifest_version != MANIFEST_VERSION or manifest.format != FORMAT \
-                or manifest.compression != COMPRESSION:
+        if manifest.manifest_version != MANIFEST_VERSION or manifest.format not in FORMATS \
+                or manifest.compression != FORMATS[manifest.format][0]:
             raise RestoreRefused(
                 f"unsupported archive: version {manifest.manifest_version}, {manifest.format}, "
                 f"{manifest.compression}")
@@ -154,9 +164,9 @@ class Manifest:
         return PartitionSpec(self.partition, day)
 
 
-def data_file_name(partition: str) -> str:
-    """``<partition>.copy.gz``."""
-    return f"{partition}.copy.gz"
+def data_file_name(partition: str, archive_format: str = "copy") -> str:
+    """``<partition>.copy.gz``, or ``<partition>.parquet`` for ``archive_format='parquet'``."""
+    return f"{partition}.parquet" if archive_format == PARQUET else f"{partition}.copy.gz"
 
 
 def manifest_file_name(partition: str) -> str:
@@ -273,8 +283,16 @@ def file_digest(path: Path) -> tuple[str, int]:
 
 
 def count_archive_rows(path: Path) -> int:
-    """Rows in a gzip'd COPY text file (one line per row); ArchiveCorrupt when it will not
-    decompress to the end (truncated or damaged)."""
+    """Rows in a gzip'd COPY text file (one line per row) or a Parquet file (every page
+    decoded); ArchiveCorrupt when it will not decompress to the end (truncated or damaged)."""
+    if path.name.endswith(".parquet"):
+        from db.cold import ColdFileCorrupt
+        from scheduler.jobs.cold_export import parquet_rows
+
+        try:
+            return parquet_rows(path)
+        except ColdFileCorrupt as exc:
+            raise ArchiveCorrupt(str(exc), file=str(path)) from None
     rows = 0
     try:
         with gzip.open(path, "rb") as fh:
@@ -397,6 +415,62 @@ def export_partition(
     return manifest
 
 
+def export_partition_parquet(
+    dsn: str, name: str, archive_dir: Path, *, statement_timeout_ms: int, progress: Progress,
+    sample_rows: int = 256,
+) -> Manifest:
+    """Write one partition as ``<name>.parquet`` and read it back against the partition (count,
+    column sums, a sample of rows), in one snapshot; then its manifest. Plain psycopg2: not for
+    use inside the gevent server. A file that does not verify is deleted, never kept."""
+    from scheduler.jobs.cold_export import copy_to_parquet, source_checksums, verify_against_source
+
+    day = day_of(name)
+    if day is None:
+        raise ArchiveError(f"{name!r} is not a heartbeats_pYYYYMMDD partition")
+    _require_plain_psycopg2("export")
+    spec = PartitionSpec(name, day)
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    final = archive_dir / data_file_name(name, PARQUET)
+    tmp = archive_dir / f".{final.name}.tmp"
+    progress(f"{name}: exporting to {final}")
+    conn = psycopg2.connect(dsn, application_name="nexmdm-archive")
+    try:
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = %s", (statement_timeout_ms,))
+            cur.execute("SELECT version_num FROM alembic_version")
+            schema_version = cur.fetchone()[0]
+            expected = source_checksums(cur, name, day)  # same snapshot as the COPY below
+        written = copy_to_parquet(conn, name, tmp, progress)
+        if written != expected.rows:
+            raise ArchiveError(f"{name}: {written} rows written, the partition holds {expected.rows}")
+        os.replace(tmp, final)
+        _fsync_dir(archive_dir)
+        sha256, size = file_digest(final)
+        progress(f"{name}: {written:,} rows, {size:,} bytes ({size / max(written, 1):.1f} per heartbeat), "
+                 f"sha256 {sha256}; reading back")
+        with conn.cursor() as cur:
+            verify_against_source(cur, name, day, final, expected, sample_rows)
+        if file_digest(final) != (sha256, size):
+            raise ArchiveCorrupt(f"{final.name} changed while it was being verified", file=str(final))
+        conn.rollback()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)  # never leave a file that looks like an archive but did not verify
+        raise
+    finally:
+        conn.close()
+    manifest = Manifest(
+        partition=name, range_start=spec.range_start.isoformat(), range_end=spec.range_end.isoformat(),
+        row_count=written, sha256=sha256, size_bytes=size, file=final.name,
+        columns=list(ARCHIVE_COLUMNS), schema_version=schema_version,
+        created_at=datetime.now(UTC).isoformat(), format=PARQUET, compression=FORMATS[PARQUET][0],
+    )
+    _write_atomically(archive_dir / manifest_file_name(name), manifest.to_json().encode())
+    progress(f"{name}: verified against the partition; manifest {manifest_file_name(name)} written")
+    return manifest
+
+
 def dsn_of(engine: Engine) -> str:
     """A libpq URL for the engine's database (for psycopg2.connect and child processes)."""
     return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -414,6 +488,7 @@ def export_in_child(
         ARCHIVE_DIR=str(settings.archive_dir),
         ARCHIVE_GZIP_LEVEL=str(settings.archive_gzip_level),
         JOB_STATEMENT_TIMEOUT_MS=str(settings.job_statement_timeout_ms),
+        ARCHIVE_FORMAT=settings.archive_format,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "scheduler", "export", *names],
@@ -455,10 +530,16 @@ def export_for_parent(settings: Settings, names: list[str]) -> int:
     failures = 0
     for name in names:
         try:
-            manifest = export_partition(
-                settings.database_url or "", name, settings.archive_dir, gzip_level=settings.archive_gzip_level,
-                statement_timeout_ms=settings.job_statement_timeout_ms,
-                progress=lambda line: print(line, flush=True))
+            if settings.archive_format == PARQUET:
+                manifest = export_partition_parquet(
+                    settings.database_url or "", name, settings.archive_dir,
+                    statement_timeout_ms=settings.job_statement_timeout_ms,
+                    progress=lambda line: print(line, flush=True))
+            else:
+                manifest = export_partition(
+                    settings.database_url or "", name, settings.archive_dir,
+                    gzip_level=settings.archive_gzip_level, statement_timeout_ms=settings.job_statement_timeout_ms,
+                    progress=lambda line: print(line, flush=True))
         except Exception as exc:  # reported to the parent, which keeps that partition
             failures += 1
             message = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -499,14 +580,17 @@ def drop_archived_partition(
                 conn.exec_driver_sql(
                     """
                     INSERT INTO hb_partitions (name, range_start, range_end, state, row_count, archive_path,
-                                               sha256, archived_at)
-                    VALUES (%(name)s, %(start)s, %(end)s, 'archived', %(rows)s, %(path)s, %(sha)s, now())
+                                               sha256, archived_at, archive_format, archive_bytes)
+                    VALUES (%(name)s, %(start)s, %(end)s, 'archived', %(rows)s, %(path)s, %(sha)s, now(),
+                            %(format)s, %(bytes)s)
                     ON CONFLICT (name) DO UPDATE SET state = 'archived', row_count = EXCLUDED.row_count,
                         archive_path = EXCLUDED.archive_path, sha256 = EXCLUDED.sha256,
-                        archived_at = now(), restored_at = NULL
+                        archived_at = now(), restored_at = NULL, archive_format = EXCLUDED.archive_format,
+                        archive_bytes = EXCLUDED.archive_bytes, expired_at = NULL
                     """,
                     {"name": name, "start": manifest.spec.range_start, "end": manifest.spec.range_end,
-                     "rows": manifest.row_count, "path": str(archive_path), "sha": manifest.sha256},
+                     "rows": manifest.row_count, "path": str(archive_path), "sha": manifest.sha256,
+                     "format": FORMATS[manifest.format][1], "bytes": manifest.size_bytes},
                 )
             return
         except DBAPIError as exc:
@@ -524,16 +608,69 @@ def prune_job_runs(engine: Engine, keep_days: int, now: datetime) -> int:
         ).rowcount
 
 
+def archive_after_days(settings: Settings) -> int:
+    """Days a partition stays in PostgreSQL: HOT_DAYS with Parquet (history reads the rest
+    from the files), RETENTION_DAYS with COPY files (which history cannot read)."""
+    return settings.hot_days if settings.archive_format == PARQUET else settings.retention_days
+
+
+@dataclass(frozen=True)
+class ExpiredDay:
+    """A cold day whose files are past RETENTION_DAYS."""
+
+    name: str
+    day: date
+    archive_path: str
+
+
+def plan_expiry(archived: list[ExpiredDay], today: date, retention_days: int) -> list[ExpiredDay]:
+    """Parquet days older than ``today - retention_days``, oldest first. Pure."""
+    cutoff = today - timedelta(days=retention_days)
+    return sorted((a for a in archived if a.day < cutoff), key=lambda a: a.day)
+
+
+def expire_cold_days(engine: Engine, settings: Settings, today: date, progress: Progress) -> list[dict[str, Any]]:
+    """Mark Parquet days past RETENTION_DAYS 'expired' (committed first, so no reader is sent to
+    a file about to go), then delete their files; returns what was expired. COPY archives are
+    never deleted: with ARCHIVE_FORMAT=copy they are the only copy of the day."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT name, range_start, archive_path FROM hb_partitions "
+            "WHERE state = 'archived' AND archive_format = 'parquet'").fetchall()
+        conn.rollback()
+    candidates = [ExpiredDay(n, start.astimezone(UTC).date(), path) for n, start, path in rows
+                  if day_of(n) is not None]
+    expired = []
+    for item in plan_expiry(candidates, today, settings.retention_days):
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE hb_partitions SET state = 'expired', expired_at = now() "
+                "WHERE name = %(n)s AND state = 'archived'", {"n": item.name})
+        removed = []
+        for file in (data_file_name(item.name, PARQUET), manifest_file_name(item.name)):
+            path = settings.archive_dir / file
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(file)
+        _fsync_dir(settings.archive_dir)
+        progress(f"{item.name}: past {settings.retention_days} days; expired, "
+                 f"deleted {', '.join(removed) or 'nothing'}")
+        expired.append({"partition": item.name, "day": item.day.isoformat(), "files_deleted": removed})
+    return expired
+
+
 def run_nightly(engine: Engine, settings: Settings, *, now: datetime, progress: Progress) -> JobOutcome:
-    """The nightly job body: archive and drop every partition past retention (each on its own;
-    one failure leaves that partition in place and fails the run), then prune old job_runs."""
+    """The nightly job body: archive and drop every partition past HOT_DAYS (Parquet) or
+    RETENTION_DAYS (COPY), each on its own (one failure leaves that partition in place and fails
+    the run); delete Parquet days past RETENTION_DAYS; prune old job_runs."""
     today = now.astimezone(UTC).date()
     with engine.connect() as conn:
         infos = list_partition_infos(conn)
         conn.rollback()
-    plan = plan_archive(infos, today, settings.retention_days, settings.restore_keep_days, now)
-    progress(f"{len(infos)} partitions; {len(plan)} older than {settings.retention_days} days to archive "
-             f"(today {today})")
+    keep_days = archive_after_days(settings)
+    plan = plan_archive(infos, today, keep_days, settings.restore_keep_days, now)
+    progress(f"{len(infos)} partitions; {len(plan)} older than {keep_days} days to archive as "
+             f"{settings.archive_format} (today {today})")
     dsn = dsn_of(engine)
     archived: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
@@ -551,9 +688,11 @@ def run_nightly(engine: Engine, settings: Settings, *, now: datetime, progress: 
             continue
         progress(f"{name}: detached and dropped ({manifest.row_count:,} rows archived)")
         archived.append({"partition": name, "rows": manifest.row_count, "sha256": manifest.sha256,
-                         "file": str(path)})
+                         "file": str(path), "bytes": manifest.size_bytes})
+    expired = expire_cold_days(engine, settings, today, progress) if settings.archive_format == PARQUET else []
     pruned = prune_job_runs(engine, settings.job_runs_keep_days, now)
-    detail = {"today": today.isoformat(), "archived": archived, "failed": failed, "job_runs_pruned": pruned}
+    detail = {"today": today.isoformat(), "format": settings.archive_format, "archived": archived,
+              "failed": failed, "expired": expired, "job_runs_pruned": pruned}
     if failed:
         raise ArchiveError(f"{len(failed)} of {len(plan)} partitions could not be archived", **detail)
     return JobOutcome(rows_affected=sum(a["rows"] for a in archived), detail=detail)
@@ -596,9 +735,15 @@ def restore_archive(engine: Engine, manifest_path: Path, progress: Progress) -> 
         conn.exec_driver_sql(f'CREATE TABLE "{name}" (LIKE heartbeats INCLUDING DEFAULTS INCLUDING CONSTRAINTS)')
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
-        with gzip.open(data, "rb") as src, dbapi.cursor() as cur:
-            cur.copy_expert(f'COPY "{name}" ({", ".join(manifest.columns)}) FROM STDIN', src, size=_CHUNK)
-            loaded = cur.rowcount
+        if manifest.format == PARQUET:
+            from scheduler.jobs.cold_export import copy_from_parquet
+
+            with dbapi.cursor() as cur:
+                loaded = copy_from_parquet(cur, data, name)
+        else:
+            with gzip.open(data, "rb") as src, dbapi.cursor() as cur:
+                cur.copy_expert(f'COPY "{name}" ({", ".join(manifest.columns)}) FROM STDIN', src, size=_CHUNK)
+                loaded = cur.rowcount
         if loaded != manifest.row_count:
             raise RestoreRefused(f"{name}: loaded {loaded} rows, the manifest says {manifest.row_count}")
         progress(f"{name}: {loaded:,} rows loaded; attaching (builds the primary key)")

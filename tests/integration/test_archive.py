@@ -43,7 +43,7 @@ def old_days(engine):
 def test_nightly_over_several_days_with_injected_clock_then_restore_and_read_back(engine, settings, client, admin,
                                                                                   old_days):
     devices, days, counts = old_days
-    settings = settings.with_overrides(retention_days=90)
+    settings = settings.with_overrides(retention_days=90, archive_format="copy")
     now = datetime.now(UTC)
 
     # The clock says it is 8 days ago: only the two oldest days are past retention.
@@ -96,7 +96,7 @@ def test_nightly_over_several_days_with_injected_clock_then_restore_and_read_bac
 
 def test_tampered_or_truncated_archive_is_refused_and_nothing_changes(engine, settings, old_days):
     _, days, _ = old_days
-    settings = settings.with_overrides(retention_days=90)
+    settings = settings.with_overrides(retention_days=90, archive_format="copy")
     assert nightly(engine, settings, datetime.now(UTC)).status == "succeeded"
     name = partition_name(days[0])
     manifest_path = settings.archive_dir / f"{name}.manifest.json"
@@ -136,7 +136,7 @@ def test_archive_that_cannot_be_written_never_drops_the_partition(engine, settin
     _, days, counts = old_days
     blocker = Path(settings.var_dir) / "not-a-dir"
     blocker.write_text("a file where the archive directory should be")
-    settings = settings.with_overrides(retention_days=90, archive_dir=blocker)
+    settings = settings.with_overrides(retention_days=90, archive_format="copy", archive_dir=blocker)
     report = nightly(engine, settings, datetime.now(UTC))
     assert report.status == "failed"
     assert len(report.detail["failed"]) == 4 and report.detail["archived"] == []
@@ -147,7 +147,7 @@ def test_archive_that_cannot_be_written_never_drops_the_partition(engine, settin
 
 def test_restore_refuses_when_the_partition_exists(engine, settings, old_days):
     _, days, _ = old_days
-    settings = settings.with_overrides(retention_days=90)
+    settings = settings.with_overrides(retention_days=90, archive_format="copy")
     nightly(engine, settings, datetime.now(UTC))
     manifest_path = settings.archive_dir / f"{partition_name(days[0])}.manifest.json"
     restore_archive(engine, manifest_path, progress=lambda line: None)

@@ -29,11 +29,11 @@ def _metrics(server) -> str:
 
 
 def _nightly_fails_and_keeps_the_day(
-    engine, tmp_path: Path, archive_dir: Path, n_devices: int, rows_per_device: int
+    engine, tmp_path: Path, archive_dir: Path, n_devices: int, rows_per_device: int, noise: bool = False
 ) -> dict:
     devices = make_devices(engine, n_devices)
-    day = datetime.now(UTC).date() - timedelta(days=100)
-    rows = fill_day(engine, day, devices, per_device=rows_per_device)
+    day = datetime.now(UTC).date() - timedelta(days=60)  # past HOT_DAYS, inside RETENTION_DAYS
+    rows = fill_day(engine, day, devices, per_device=rows_per_device, noise=noise)
     url = engine.url.render_as_string(hide_password=False).replace("+psycopg2", "")
     server = start_server(url, ADMIN_KEY, tmp_path, workers=2, RETENTION_DAYS="90",
                           ARCHIVE_DIR=str(archive_dir))
@@ -70,8 +70,9 @@ def test_archive_directory_full(engine, tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a 64 KiB tmpfs to fill up here: {mounted.stderr.strip()}")
     try:
-        # 30,000 rows do not fit in 64 KiB even compressed: the export hits ENOSPC.
-        report = _nightly_fails_and_keeps_the_day(engine, tmp_path, full, n_devices=2000, rows_per_device=15)
+        # 30,000 rows with 16 random bytes each do not fit in 64 KiB even as Parquet: ENOSPC.
+        report = _nightly_fails_and_keeps_the_day(engine, tmp_path, full, n_devices=2000, rows_per_device=15,
+                                                  noise=True)
         assert "No space left" in str(report), report
     finally:
         subprocess.run(["umount", "-l", str(full)], capture_output=True)

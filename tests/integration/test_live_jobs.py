@@ -1,5 +1,6 @@
 """Jobs inside the real server (gunicorn, gevent workers, psycogreen): the scheduler in each
-worker, and the nightly archive's COPY, which psycopg2 refuses under psycogreen in-process."""
+worker, the nightly archive's COPY (which psycopg2 refuses under psycogreen in-process) into
+Parquet, and history read back from those files through DuckDB inside the worker."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def test_nightly_and_reconcile_inside_the_gevent_server(engine, tmp_path):
     from tests.live import start_server
 
     devices = make_devices(engine, 4)
-    days = [datetime.now(UTC).date() - timedelta(days=n) for n in (40, 39)]
+    days = [datetime.now(UTC).date() - timedelta(days=n) for n in (20, 19)]
     counts = [fill_day(engine, day, devices) for day in days]
     fill_day(engine, datetime.now(UTC).date(), devices[:1], per_device=1)
     with engine.begin() as conn:
@@ -27,6 +28,11 @@ def test_nightly_and_reconcile_inside_the_gevent_server(engine, tmp_path):
                           ADMIN_KEY, tmp_path, workers=2, admin_workers=2, RETENTION_DAYS="30")
     try:
         admin = {"x-admin": ADMIN_KEY}
+        since = datetime(*days[0].timetuple()[:3], tzinfo=UTC).isoformat().replace("+00:00", "Z")
+        until = datetime.now(UTC).date().isoformat() + "T00:00:00Z"
+        history_url = f"{server.admin_url}/v1/devices/{devices[1]}/heartbeats?since={since}&until={until}&limit=5"
+        status, hot_history = call(history_url, headers=admin)
+        assert status == 200 and len(hot_history["heartbeats"]) == 5
         # Each operator-plane worker started a scheduler and ran the partitions job at start-up:
         # one ran, one skipped (the device plane runs none).
         deadline = time.monotonic() + 15
@@ -50,6 +56,11 @@ def test_nightly_and_reconcile_inside_the_gevent_server(engine, tmp_path):
             verify_archive(tmp_path / "archive" / manifest.file, manifest.sha256, rows, manifest.size_bytes)
         with engine.connect() as conn:
             assert not {partition_name(d) for d in days} & list_partitions(conn)
+        assert report["detail"]["format"] == "parquet" and manifest.format == "parquet"
+        # The same history, now read from the Parquet files by DuckDB in a gevent worker's thread pool.
+        status, cold_history = call(history_url, headers=admin)
+        assert status == 200, (cold_history, server.log()[-2000:])
+        assert cold_history == hot_history
 
         status, healed = call(server.admin_url + "/ops/reconcile", "POST", headers=admin)
         assert status == 200 and (healed["detail"]["inserted"], healed["detail"]["updated"]) == (1, 0)

@@ -60,7 +60,7 @@ def runbook_steps() -> list[tuple[str, str]]:
 
 def test_runbook_commands_work_as_written(engine, database_url, tmp_path):
     devices = make_devices(engine, 2)
-    old = datetime.now(UTC).date() - timedelta(days=95)
+    old = datetime.now(UTC).date() - timedelta(days=30)  # past HOT_DAYS (14), inside RETENTION_DAYS (90)
     fill_day(engine, old, devices)
     archive_dir = tmp_path / "archive"
     server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1)

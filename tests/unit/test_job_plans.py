@@ -87,3 +87,21 @@ def test_jobs_are_registered_by_dotted_path_once_at_a_time():
     scheduler = BackgroundScheduler(timezone=UTC)
     add_jobs(scheduler, Settings(database_url="unused", webhooks_enabled=False), engine=None, trigger="schedule")
     assert "webhooks" not in {job.id for job in scheduler.get_jobs()}
+
+
+def test_plan_expiry_takes_parquet_days_past_retention_oldest_first():
+    from scheduler.jobs.archive import ExpiredDay, plan_expiry
+
+    days = [ExpiredDay(f"heartbeats_p{(TODAY - timedelta(days=n)):%Y%m%d}", TODAY - timedelta(days=n), "x")
+            for n in (89, 90, 91, 120)]
+    assert [d.day for d in plan_expiry(days, TODAY, 90)] == [TODAY - timedelta(days=120), TODAY - timedelta(days=91)]
+
+
+def test_settings_refuse_an_unknown_archive_format_and_zero_hot_days():
+    from config.settings import Settings
+
+    with pytest.raises(ValueError, match="ARCHIVE_FORMAT"):
+        Settings.from_env({"ARCHIVE_FORMAT": "csv"})
+    with pytest.raises(ValueError, match="HOT_DAYS"):
+        Settings.from_env({"HOT_DAYS": "0"})
+    assert Settings.from_env({"ARCHIVE_FORMAT": "copy", "HOT_DAYS": "3"}).hot_days == 3
