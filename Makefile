@@ -87,6 +87,12 @@ bench: $(STAMP)
 	$(PY) -m bench.suite
 	$(PY) -m bench.tiers
 
+# History tiers at 10,000 devices x 90 days: bytes per heartbeat hot and cold, nightly s per
+# million rows, read latency by range (~13 GB under var/bench-storage while it runs).
+.PHONY: bench-storage
+bench-storage: $(STAMP)
+	$(PY) -m bench.storage $(BENCH_STORAGE_ARGS)
+
 clean-var:
 	$(PY) -m db stop || true
 	rm -rf var

@@ -55,7 +55,6 @@ _ENCODINGS = {"bucket_ts": "DELTA_BINARY_PACKED", "sent_at": "DELTA_BINARY_PACKE
               "free_storage_mb": "DELTA_BINARY_PACKED", "clock_skew_s": "BYTE_STREAM_SPLIT"}
 _DICTIONARY = [c for c in FILE_SCHEMA.names if c not in _ENCODINGS and c != "extra"]
 _RECEIVED = ARROW_SCHEMA.get_field_index("received_at")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CHUNK = 1 << 20
 
 
@@ -189,29 +188,26 @@ def list_cold_days(conn: Any, since: datetime, until: datetime) -> list[ColdDay]
 
 def _select_column(name: str) -> str:
     if name == "received_at":
-        return f"epoch_us(sent_at) + {RECEIVED_OFFSET}"
-    if _ARROW_TYPES[name] == _TS:
-        return f"epoch_us({name})"
-    return f"CAST({name} AS VARCHAR)" if name == "clock_skew_s" else name
+        return f"sent_at + to_microseconds({RECEIVED_OFFSET}) AS received_at"
+    # float4 as PostgreSQL prints it (the shortest text that round-trips), not widened to double
+    return "CAST(clock_skew_s AS VARCHAR) AS clock_skew_s" if name == "clock_skew_s" else name
 
 
 _SELECT = ", ".join(_select_column(c) for c in ARROW_SCHEMA.names)
 _json = msgspec.json.Decoder()
 
 
-def _to_record(row: tuple) -> dict[str, Any]:
-    """A DuckDB row as the dict PostgreSQL's driver gives for the same heartbeat."""
-    (device_id, bucket_us, sent_us, received_us, skew, battery, charging, network, signal, app, os_v,
-     uptime, free, extra) = row
-    return {
-        "device_id": device_id, "bucket_ts": _EPOCH + timedelta(microseconds=bucket_us),
-        "sent_at": _EPOCH + timedelta(microseconds=sent_us),
-        "received_at": _EPOCH + timedelta(microseconds=received_us),
-        # float4 as PostgreSQL prints it (shortest text that round-trips), not widened
-        "clock_skew_s": float(skew), "battery_pct": battery, "charging": charging, "network_type": network,
-        "signal_dbm": signal, "app_version": app, "os_version": os_v, "uptime_s": uptime,
-        "free_storage_mb": free, "extra": _json.decode(extra) if extra is not None else None,
-    }
+def _to_records(table: pa.Table) -> list[dict[str, Any]]:
+    """DuckDB's answer as the dicts PostgreSQL's driver gives for the same heartbeats."""
+    for i, name in enumerate(table.column_names):
+        if _ARROW_TYPES[name] == _TS:
+            table = table.set_column(i, name, table.column(i).cast(_TS))  # always UTC, whatever DuckDB's zone
+    rows = table.to_pylist()
+    for row in rows:
+        row["clock_skew_s"] = float(row["clock_skew_s"])
+        if row["extra"] is not None:
+            row["extra"] = _json.decode(row["extra"])
+    return rows
 
 
 class ColdReader:
@@ -275,13 +271,13 @@ class ColdReader:
             files = [str(self.check(d)) for d in step]
             cursor = self._cursor()
             try:
-                rows = cursor.execute(sql, [files, device_id, since, until, limit - len(out)]).fetchall()
+                table = cursor.sql(sql, params=[files, device_id, since, until, limit - len(out)]).to_arrow_table()
             except duckdb.Error as exc:  # a damaged page or footer that kept its size and stamps
                 raise ColdFileCorrupt(", ".join(Path(f).name for f in files),
                                       f"unreadable: {str(exc).splitlines()[0]}") from None
             finally:
                 cursor.close()
-            out.extend(_to_record(r) for r in rows)
+            out.extend(_to_records(table))
             if len(out) >= limit:
                 break
         return out
