@@ -194,6 +194,8 @@ def _select_column(name: str) -> str:
 
 
 _SELECT = ", ".join(_select_column(c) for c in ARROW_SCHEMA.names)
+_READ_SQL = (f"SELECT {_SELECT} FROM read_parquet(?) WHERE device_id = ? "
+             "AND bucket_ts >= ? AND bucket_ts < ? ORDER BY bucket_ts {direction} LIMIT ?")
 _json = msgspec.json.Decoder()
 
 
@@ -263,9 +265,7 @@ class ColdReader:
         import duckdb
 
         ordered = sorted(days, key=lambda d: d.day, reverse=newest_first)
-        direction = "DESC" if newest_first else "ASC"
-        sql = (f"SELECT {_SELECT} FROM read_parquet(?) WHERE device_id = ? "
-               f"AND bucket_ts >= ? AND bucket_ts < ? ORDER BY bucket_ts {direction} LIMIT ?")
+        sql = _READ_SQL.format(direction="DESC" if newest_first else "ASC")
         out: list[dict[str, Any]] = []
         for step in _steps(ordered):
             files = [str(self.check(d)) for d in step]
@@ -281,6 +281,17 @@ class ColdReader:
             if len(out) >= limit:
                 break
         return out
+
+    def explain(self, device_id: int, since: datetime, until: datetime, days: Sequence[ColdDay]) -> str:
+        """DuckDB's plan of one read over these days (to show and test the pushed-down filters)."""
+        files = [str(self.check(d)) for d in days]
+        cursor = self._cursor()
+        try:
+            rows = cursor.execute(f"EXPLAIN {_READ_SQL.format(direction='DESC')}",
+                                  [files, device_id, since, until, 1]).fetchall()
+        finally:
+            cursor.close()
+        return "\n".join(str(r[-1]) for r in rows)
 
     def close(self) -> None:
         """Close the in-process database."""

@@ -444,22 +444,21 @@ def export_partition_parquet(
         written = copy_to_parquet(conn, name, tmp, progress)
         if written != expected.rows:
             raise ArchiveError(f"{name}: {written} rows written, the partition holds {expected.rows}")
-        os.replace(tmp, final)
-        _fsync_dir(archive_dir)
-        sha256, size = file_digest(final)
+        sha256, size = file_digest(tmp)
         progress(f"{name}: {written:,} rows, {size:,} bytes ({size / max(written, 1):.1f} per heartbeat), "
                  f"sha256 {sha256}; reading back")
         with conn.cursor() as cur:
-            verify_against_source(cur, name, day, final, expected, sample_rows)
-        if file_digest(final) != (sha256, size):
-            raise ArchiveCorrupt(f"{final.name} changed while it was being verified", file=str(final))
+            verify_against_source(cur, name, day, tmp, expected, sample_rows)
+        if file_digest(tmp) != (sha256, size):
+            raise ArchiveCorrupt(f"{tmp.name} changed while it was being verified", file=str(tmp))
         conn.rollback()
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        final.unlink(missing_ok=True)  # never leave a file that looks like an archive but did not verify
+        tmp.unlink(missing_ok=True)  # only a verified file takes the archive's name
         raise
     finally:
         conn.close()
+    os.replace(tmp, final)
+    _fsync_dir(archive_dir)
     manifest = Manifest(
         partition=name, range_start=spec.range_start.isoformat(), range_end=spec.range_end.isoformat(),
         row_count=written, sha256=sha256, size_bytes=size, file=final.name,

@@ -262,3 +262,43 @@ def test_export_that_does_not_match_its_source_is_not_kept(engine, settings, tie
             conn.rollback()
     finally:
         conn.close()
+
+
+def test_a_second_nightly_while_one_exports_is_skipped_and_each_day_is_archived_once(engine, tiers):
+    import threading
+
+    devices, days, counts, settings = tiers
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_progress(line: str) -> None:
+        entered.set()
+        assert release.wait(20)
+
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.setdefault("report", run_job(
+        "nightly", engine, settings, now=datetime.now(UTC), progress=slow_progress)))
+    runner.start()
+    assert entered.wait(20)  # the first run holds the lock and is inside the job
+    second = nightly(engine, settings)
+    release.set()
+    runner.join(60)
+    assert second.status == "skipped" and second.skipped_reason == "already running"
+    assert first["report"].status == "succeeded", first["report"].error
+    assert [a["partition"] for a in first["report"].detail["archived"]] == [partition_name(d) for d in days]
+    assert scalar(engine, "SELECT count(*) FROM hb_partitions WHERE state = 'archived'") == len(days)
+
+
+def test_cold_reads_open_only_the_days_in_range_and_push_the_device_filter_into_the_scan(
+        engine, client, admin, tiers):
+    from db.cold import ColdReader, list_cold_days
+
+    devices, days, counts, settings = tiers
+    assert nightly(engine, settings).status == "succeeded"
+    since = _midnight(days[1]) + timedelta(hours=1)
+    with engine.connect() as conn:
+        in_range = list_cold_days(conn, since, since + timedelta(hours=2))
+        everything = list_cold_days(conn, since - timedelta(days=30), since + timedelta(days=30))
+        conn.rollback()
+    assert [d.day for d in in_range] == [days[1]] and [d.day for d in everything] == days
+    plan = ColdReader(settings.archive_dir).explain(devices[3], since, since + timedelta(hours=2), in_range)
+    assert "READ_PARQUET" in plan and f"device_id = {devices[3]}" in plan, plan

@@ -35,12 +35,13 @@ def test_ops_answer_409_while_another_runner_holds_the_lock(client, admin, engin
 
 def test_ops_nightly_archives_old_partitions(client, admin, engine, settings):
     devices = make_devices(engine, 3)
-    old = datetime.now(UTC).date() - timedelta(days=settings.retention_days + 2)
+    old = datetime.now(UTC).date() - timedelta(days=settings.hot_days + 2)  # cold, inside RETENTION_DAYS
     rows = fill_day(engine, old, devices)
     body = client.post("/ops/nightly", headers=admin).get_json()
     assert body["rows_affected"] == rows
     assert body["detail"]["archived"][0]["partition"] == partition_name(old)
     assert (settings.archive_dir / f"{partition_name(old)}.manifest.json").exists()
+    assert (settings.archive_dir / f"{partition_name(old)}.parquet").exists()
 
 
 def test_ops_need_the_admin_key_and_valid_parameters(client, admin):
