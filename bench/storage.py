@@ -118,10 +118,17 @@ def day_batch(day: date, first_device: int = 1, last_device: int | None = None) 
     return pa.RecordBatch.from_arrays(arrays, schema=FILE_SCHEMA)
 
 
-def write_cold_day(day: date, archive_dir: Path) -> dict[str, Any]:
-    """Write one cold day file as nightly would; its size, SHA-256, rows and seconds."""
+def write_cold_day(day: date, archive_dir: Path, reuse: bool = False) -> dict[str, Any]:
+    """Write one cold day file as nightly would (or, with ``reuse``, take the one a --keep run
+    left); its size, SHA-256, rows and seconds."""
     started = time.perf_counter()
     path = archive_dir / f"{partition_name(day)}.parquet"
+    if reuse and path.exists():
+        import pyarrow.parquet as pq
+
+        sha, size = file_sha256(path)
+        return {"day": day, "path": str(path), "rows": pq.ParquetFile(path).metadata.num_rows, "sha256": sha,
+                "bytes": size, "seconds": time.perf_counter() - started}
     writer = parquet_writer(path)
     try:
         rows = write_row_groups(writer, [day_batch(day)])
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
     parser.add_argument("--nightly-devices", type=int, default=2_000, help="devices in the day nightly archives")
     parser.add_argument("--reads", type=int, default=200, help="requests per range")
     parser.add_argument("--writers", type=int, default=2, help="processes writing cold days")
-    parser.add_argument("--keep", action="store_true", help="keep var/bench-storage afterwards")
+    parser.add_argument("--keep", action="store_true", help="keep the cold files afterwards (for --reuse)")
+    parser.add_argument("--reuse", action="store_true", help="take the cold files a --keep run left")
     args = parser.parse_args(argv)
     if not 0 < args.hot_devices <= args.nightly_devices <= args.devices or args.days <= args.hot_days + 2:
         parser.error("need 0 < hot-devices <= nightly-devices <= devices and days > hot-days + 2")
@@ -162,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
 
     var_dir = PROJECT_ROOT / "var" / "bench-storage"
     archive_dir = var_dir / "archive"
-    shutil.rmtree(archive_dir, ignore_errors=True)
-    archive_dir.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(archive_dir, ignore_errors=True)
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*archive_dir.glob("*.json"), *archive_dir.glob(".*.tmp")]:
+        stale.unlink()
     cluster = EmbeddedCluster(var_dir / "pg")
     print(f"bench-storage: {args.devices:,} devices x {args.days} days, HOT_DAYS={args.hot_days}; "
           f"PostgreSQL and files under {var_dir}", flush=True)
@@ -172,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
     upgrade(url)
     settings = Settings(database_url=url, admin_key="bench-storage-key", var_dir=var_dir, archive_dir=archive_dir,
                         hot_days=args.hot_days, retention_days=args.days, scheduler_enabled=False,
-                        db_pool_size=4, db_max_overflow=2)
+                        db_pool_size=4, db_max_overflow=2, db_statement_timeout_ms=600_000)
     engine = make_engine(settings, url)
     today = datetime.now(UTC).date()
     nightly_day = today - timedelta(days=args.hot_days + 1)
@@ -195,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
         import multiprocessing
 
         with ProcessPoolExecutor(args.writers, mp_context=multiprocessing.get_context("fork")) as pool:
-            written = list(pool.map(write_cold_day, cold_days, [archive_dir] * len(cold_days)))
+            written = list(pool.map(write_cold_day, cold_days, [archive_dir] * len(cold_days),
+                                    [args.reuse] * len(cold_days)))
         cold_wall = time.perf_counter() - t0
         cold_rows = sum(w["rows"] for w in written)
         cold_bytes = sum(w["bytes"] for w in written)
@@ -217,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
         t0 = time.perf_counter()
         raw = engine.raw_connection()
         try:
+            with raw.cursor() as cur:
+                cur.execute("SET statement_timeout = 0")  # a bulk load, not a request
             for day in hot_days:
                 last = args.nightly_devices if day == nightly_day else args.hot_devices
                 path = var_dir / "load.parquet"
