@@ -109,7 +109,7 @@ class HbPartition(Base):
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     range_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     range_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # active|archived|dropped|restored|expired (0004: an archive's files deleted after RETENTION_DAYS)
+    # active|archived|dropped|restored|expired (0005: an archive's files deleted after RETENTION_DAYS)
     state: Mapped[str] = mapped_column(Text, server_default=text("'active'"))
     row_count: Mapped[int | None] = mapped_column(BigInteger)
     archive_path: Mapped[str | None] = mapped_column(Text)
@@ -117,9 +117,9 @@ class HbPartition(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     restored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # 0003
-    archive_format: Mapped[str | None] = mapped_column(Text)  # copy | parquet (0004)
-    archive_bytes: Mapped[int | None] = mapped_column(BigInteger)  # 0004
-    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # 0004
+    archive_format: Mapped[str | None] = mapped_column(Text)  # copy | parquet (0005)
+    archive_bytes: Mapped[int | None] = mapped_column(BigInteger)  # 0005
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # 0005
 
 
 class JobRun(Base):

@@ -1,14 +1,14 @@
 """hb_partitions: the cold tier. archive_format ('copy' | 'parquet') and archive_bytes of an
 archived day; an 'expired' state (its files deleted after RETENTION_DAYS) with expired_at.
 
-Revision ID: 0004_cold_tier
-Revises: 0003
+Revision ID: 0005_cold_tier
+Revises: 0004_events_webhooks
 """
 
 from alembic import op
 
-revision = "0004_cold_tier"
-down_revision = "0003"
+revision = "0005_cold_tier"
+down_revision = "0004_events_webhooks"
 branch_labels = None
 depends_on = None
 
