@@ -2,13 +2,13 @@
 archived day; an 'expired' state (its files deleted after RETENTION_DAYS) with expired_at.
 
 Revision ID: 0005_cold_tier
-Revises: 0004_events_webhooks
+Revises: 0004_operator_keys
 """
 
 from alembic import op
 
 revision = "0005_cold_tier"
-down_revision = "0004_events_webhooks"
+down_revision = "0004_operator_keys"
 branch_labels = None
 depends_on = None
 
