@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
                     "%(p)s, %(h)s, now(), 'parquet', %(b)s)",
                     {"n": partition_name(w["day"]), "s": start, "e": start + timedelta(days=1), "r": w["rows"],
                      "p": w["path"], "h": w["sha256"], "b": w["bytes"]})
-        print(f"  cold: {len(written)} day files, {cold_rows:,} heartbeats, {cold_bytes / 1e9:.2f} GB written in "
+        how = "taken from a --keep run (hashed)" if args.reuse else "written"
+        print(f"  cold: {len(written)} day files, {cold_rows:,} heartbeats, {cold_bytes / 1e9:.2f} GB {how} in "
               f"{cold_wall:.0f} s ({args.writers} processes)", flush=True)
 
         # ---- hot tier: the generated rows loaded with the restore path's COPY ----
