@@ -11,6 +11,7 @@ import string
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -382,3 +383,35 @@ def test_one_device_over_its_limit_gets_429_before_any_database_work(settings, e
         stored = conn.exec_driver_sql("SELECT count(*) FROM heartbeats WHERE device_id = %s",
                                       (flooder["id"],)).scalar_one()
     assert stored == 30
+
+
+def test_a_flooding_device_is_slowed_to_a_request_a_second_per_connection(database_url, engine, tmp_path):
+    """Point 6: the refusals are held a second (LIMIT_REFUSAL_DELAY_S), so a device flooding over
+    a keep-alive connection costs the worker a request a second, not 1,730."""
+    import http.client
+
+    from tests.conftest import ADMIN_KEY
+    from tests.faults.conftest import enroll_fleet, stop_server
+    from tests.live import start_server
+
+    server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, DEVICE_MAX_PER_MINUTE="30")
+    try:
+        (device,) = enroll_fleet(server, 1, prefix="flood")
+        conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
+        statuses, refused_s = [], []
+        body = json.dumps(heartbeat_body()).encode()
+        ends = time.monotonic() + 4
+        while time.monotonic() < ends:
+            started = time.monotonic()
+            conn.request("POST", "/v1/heartbeat", body=body, headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {device.token}"})
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+            if resp.status == 429:
+                refused_s.append(time.monotonic() - started)
+        conn.close()
+    finally:
+        stop_server(server)
+    assert statuses.count(200) <= 32 and 2 <= statuses.count(429) <= 5, statuses
+    assert min(refused_s) >= 0.9, refused_s
