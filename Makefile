@@ -94,7 +94,7 @@ bench-storage: $(STAMP)
 	$(PY) -m bench.storage $(BENCH_STORAGE_ARGS)
 
 clean-var:
-	$(PY) -m db stop || true
+	$(PY) -m db remove || true
 	rm -rf var
 
 # A carrier outage at 150,000 devices: one events run must record the 15,000 device_offline

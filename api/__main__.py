@@ -61,7 +61,7 @@ def serve(settings: Settings) -> int:
         cluster = embedded_cluster(settings)
         print(f"nexmdm: starting the embedded PostgreSQL in {cluster.data_dir} ...", flush=True)
         url = cluster.start()
-        print(f"nexmdm: embedded PostgreSQL ready at {url}", flush=True)
+        print(f"nexmdm: embedded PostgreSQL ready at {cluster.display_url}", flush=True)
     try:
         created = prepare_database(settings, url)
         print(f"nexmdm: schema migrated; partitions created: {len(created)}", flush=True)

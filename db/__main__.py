@@ -1,12 +1,16 @@
-"""``python -m db migrate | backfill-last-status | start | stop | replica start|stop``: database chores."""
+"""``python -m db migrate | backfill-last-status | start | stop | remove | url | psql | replica start|stop``:
+database chores."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 
 from config.settings import Settings
+from db.embedded import DB_NAME, DB_USER
 from db.engine import database_url_for_cli, embedded_cluster, make_engine
 from db.fleet import backfill_last_status
 from db.migrate import upgrade
@@ -17,19 +21,37 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply the Alembic migrations")
     sub.add_parser("backfill-last-status", help="build device_last_status from heartbeats")
-    sub.add_parser("start", help="start the embedded PostgreSQL and print its URL")
+    sub.add_parser("start", help="start the embedded PostgreSQL (on the port it had before)")
     sub.add_parser("stop", help="stop the embedded PostgreSQL")
     replica = sub.add_parser("replica", help="a local streaming replica of the embedded PostgreSQL (pg_basebackup)")
     replica.add_argument("action", choices=("start", "stop", "remove"),
                          help="start (copying the primary on first use), stop, or remove its data")
+    sub.add_parser("remove", help="stop the embedded PostgreSQL and delete it, data included")
+    sub.add_parser("url", help="print the embedded PostgreSQL's URL, password included")
+    sub.add_parser("psql", help="psql into the embedded database as the project's role")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
 
     if args.command == "replica":
         return replica_command(settings, args.action)
     if args.command == "start":
+        cluster = embedded_cluster(settings)
+        cluster.start()
+        print(f"{cluster.display_url} (password in {cluster.password_file})")
+        return 0
+    if args.command == "remove":
+        embedded_cluster(settings).remove()
+        print("removed")
+        return 0
+    if args.command == "url":
         print(embedded_cluster(settings).start())
         return 0
+    if args.command == "psql":
+        cluster = embedded_cluster(settings)
+        cluster.start()
+        env = dict(os.environ, PGPASSWORD=cluster.password)
+        argv_psql = [str(cluster.bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", DB_USER, DB_NAME]
+        return subprocess.run(argv_psql, env=env, check=False).returncode
     if args.command == "stop":
         embedded_cluster(settings).stop()
         print("stopped")

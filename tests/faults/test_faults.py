@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +23,7 @@ from sqlalchemy import text
 from tests.faults.conftest import enroll_fleet, kill_server
 from tests.faults.loadgen import LoadDriver, LoadResult, verify_against_db
 from tests.faults.report import ScenarioRow, record
+from tests.live import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -236,3 +239,70 @@ def test_postgres_restart_mid_load(fault_servers, engine, pg_cluster, mode):
                        check["duplicates"], first_ack - info["t_up"],
                        f"down {info['t_start'] - info['t_down']:.1f} s, {down.get(503, 0)} x 503; "
                        f"/readyz ok {info['t_ready'] - info['t_up']:.2f} s after DB up"))
+
+
+def test_runbook_recovery_commands_mid_load(tmp_path):
+    """The RUNBOOK's recovery as an operator types it: ``python -m db stop`` then ``python -m db
+    start`` (separate processes) under load. The cluster comes back on its port, so the running
+    API is healthy again within 10 s without a restart and nothing acknowledged is lost (the old
+    code brought it back on a new port: 503 until the API was restarted)."""
+    from datetime import UTC, datetime
+
+    from config.settings import Settings
+    from db.embedded import EmbeddedCluster
+    from db.engine import make_engine
+    from db.migrate import upgrade
+    from db.partitions import ensure_partitions
+    from tests.conftest import ADMIN_KEY
+    from tests.faults.conftest import stop_server
+    from tests.live import start_server
+
+    var_dir = tmp_path / "var"
+    cluster = EmbeddedCluster(var_dir / "pg")
+    url = cluster.start()
+    upgrade(url)
+    engine = make_engine(Settings(database_url=url, db_pool_size=2, db_max_overflow=0), url)
+    with engine.begin() as conn:
+        ensure_partitions(conn, datetime.now(UTC).date(), 2)
+    server = start_server(url, ADMIN_KEY, tmp_path, workers=2, DB_POOL_SIZE="4", DB_MAX_OVERFLOW="2",
+                          DB_POOL_TIMEOUT_S="2")
+    cli_env = dict(os.environ, VAR_DIR=str(var_dir))
+    cli_env.pop("DATABASE_URL", None)
+
+    def db_command(word: str) -> None:
+        subprocess.run([sys.executable, "-m", "db", word], env=cli_env, cwd=ROOT, check=True,
+                       capture_output=True, timeout=90)
+
+    def runbook_restart(d: LoadDriver) -> dict[str, Any]:
+        t_stop = d.now()
+        db_command("stop")
+        t_down = d.now()
+        time.sleep(2.0)
+        db_command("start")
+        t_up = d.now()
+        t_ready = None
+        while d.now() < t_up + 15:
+            if http_status(server.url + "/readyz")[0] == 200:
+                t_ready = d.now()
+                break
+            time.sleep(0.1)
+        return {"t_stop": t_stop, "t_down": t_down, "t_up": t_up, "t_ready": t_ready}
+
+    try:
+        devices = enroll_fleet(server, 800, prefix="runbook")
+        driver = LoadDriver(server.url, devices, duration_s=14, concurrency=32, drain_s=20)
+        info = run_with_fault(driver, 4.0, runbook_restart)
+        result: LoadResult = info["result"]
+        assert info["t_ready"] is not None and info["t_ready"] - info["t_up"] < 10, info
+        first_ack = result.first_ack_after(info["t_up"])
+        assert first_ack is not None and first_ack - info["t_up"] < 10, (first_ack, info)
+        engine.dispose()  # its connections went with the old server process
+        check = assert_nothing_lost(engine, result)
+        assert result.unacked == 0
+        record(ScenarioRow("RUNBOOK: python -m db stop; start", result.sent, result.ack_count, check["lost"],
+                           check["duplicates"], first_ack - info["t_up"],
+                           f"/readyz ok {info['t_ready'] - info['t_up']:.2f} s after `db start` returned"))
+    finally:
+        stop_server(server)
+        engine.dispose()
+        cluster.remove()
