@@ -144,7 +144,9 @@ def configure_errors(app: Flask) -> None:
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "http_error")
-        return error_response(status, code, exc.description)
+        # Werkzeug's own headers but its HTML Content-Type: e.g. the Allow of a 405 (RFC 9110).
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return error_response(status, code, exc.description, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -11,6 +11,7 @@ from flask import Blueprint, Response
 
 from api import schemas as s
 from api.responses import json_response
+from scheduler.service import RECORDED_JOBS
 
 bp = Blueprint("openapi", __name__)
 
@@ -24,7 +25,8 @@ class Operation:
     request: Any = None  # a schema type, or a tuple of them (oneOf)
     response: Any = None
     status: int = 200
-    params: tuple[tuple[str, str, str], ...] = ()  # (name, in, type)
+    # (name, in, type), (name, in, type, {extra JSON-schema keywords}), an IntQuery or a TextQuery
+    params: tuple[Any, ...] = ()
     errors: tuple[int, ...] = field(default_factory=tuple)
 
 
@@ -45,9 +47,9 @@ OPERATIONS: list[Operation] = [
               response=s.DeviceStatusRead, params=(("device_id", "path", "integer"),), errors=(401, 403, 404)),
     Operation("get", "/v1/devices", "Fleet list with filters and keyset pagination", "admin",
               response=s.DeviceList,
-              params=(("status", "query", "string"), ("battery_below", "query", "integer"),
-                      ("app_version", "query", "string"), ("label", "query", "string"),
-                      ("after", "query", "integer"), ("limit", "query", "integer")),
+              params=(("status", "query", "string", {"enum": ["online", "offline"]}), s.DEVICES_BATTERY_BELOW,
+                      s.DEVICES_APP_VERSION, s.DEVICES_LABEL,
+                      s.DEVICES_AFTER, s.DEVICES_LIMIT),
               errors=(400, 401, 403)),
     Operation("get", "/v1/fleet/summary", "Counts for the whole fleet", "admin",
               response=s.FleetSummary, errors=(401, 403)),
@@ -56,8 +58,9 @@ OPERATIONS: list[Operation] = [
     Operation("get", "/v1/devices/{device_id}/heartbeats",
               "A device's heartbeat history (hot and archived days alike), paginated", "admin",
               response=s.HeartbeatHistory,
-              params=(("device_id", "path", "integer"), ("since", "query", "string"),
-                      ("until", "query", "string"), ("limit", "query", "integer"), ("order", "query", "string")),
+              params=(("device_id", "path", "integer"), ("since", "query", "string", {"format": "date-time"}),
+                      ("until", "query", "string", {"format": "date-time"}), s.HISTORY_LIMIT,
+                      ("order", "query", "string", {"enum": ["asc", "desc"]})),
               errors=(400, 401, 403, 404, 500)),
     # Operations: run a job now (409 while another runner holds its lock; 500 with the report as
     # detail when it fails), and the recent runs.
@@ -91,8 +94,31 @@ OPERATIONS: list[Operation] = [
                       ("before", "query", "integer"), ("limit", "query", "integer")),
               errors=(400, 401, 403, 404)),
     Operation("get", "/ops/jobs", "Recent job runs, newest first", "admin", response=s.JobRunList,
-              params=(("job", "query", "string"), ("limit", "query", "integer")), errors=(400, 401, 403)),
+              params=(("job", "query", "string", {"enum": list(RECORDED_JOBS)}), s.JOBS_LIMIT),
+              errors=(400, 401, 403)),
 ]
+
+
+def parameter(param: Any) -> dict[str, Any]:
+    """One entry of an operation's ``parameters``."""
+    if isinstance(param, s.IntQuery):
+        schema = {"type": "integer", "minimum": param.lo, "maximum": param.hi}
+        return {"name": param.name, "in": "query", "required": False, "schema": schema}
+    if isinstance(param, s.TextQuery):
+        return {"name": param.name, "in": "query", "required": False,
+                "schema": {"type": "string", "pattern": param.pattern}}
+    name, where, type_name, *extra = param
+    return {"name": name, "in": where, "required": where == "path", "schema": {"type": type_name, **(extra or [{}])[0]}}
+
+
+def error_statuses(op: Operation) -> list[int]:
+    """What an operation can answer besides success: its own errors, and for every operation
+    behind a key or token 503 (the key or token is looked up in the database) and 429 (a source
+    that keeps failing to authenticate, a device over DEVICE_MAX_PER_MINUTE: api/throttle.py)."""
+    codes = set(op.errors)
+    if op.auth is not None:
+        codes.update((429, 503))
+    return sorted(codes)
 
 
 def register(op: Operation) -> None:
@@ -130,10 +156,7 @@ def build_document() -> dict[str, Any]:
         elif op.auth == "device":
             entry["security"] = [{"deviceToken": []}]
         if op.params:
-            entry["parameters"] = [
-                {"name": n, "in": where, "required": where == "path", "schema": {"type": t}}
-                for n, where, t in op.params
-            ]
+            entry["parameters"] = [parameter(p) for p in op.params]
         if op.request is not None:
             if isinstance(op.request, tuple):
                 schema = {"oneOf": [lookup[id(t)] for t in op.request]}
@@ -144,9 +167,7 @@ def build_document() -> dict[str, Any]:
         if op.response is not None:
             ok["content"] = {"application/json": {"schema": lookup[id(op.response)]}}
         entry["responses"][str(op.status)] = ok
-        # Every authenticated operation may answer 429: a source that keeps failing to
-        # authenticate, a device over DEVICE_MAX_PER_MINUTE (api/throttle.py).
-        for code in sorted({*op.errors, *((429,) if op.auth else ())}):
+        for code in error_statuses(op):
             entry["responses"][str(code)] = {
                 "description": "error",
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,35 @@ ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
 Label = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/=-]+(?!\n)$")]
 DeviceUid = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+(?!\n)$")]
 NetworkType = Literal["wifi", "cellular", "ethernet", "none"]
+
+
+@dataclass(frozen=True)
+class IntQuery:
+    """An integer query parameter: its bounds and default, read by the route (api/routes) and
+    declared in /openapi.json from this one definition."""
+
+    name: str
+    lo: int
+    hi: int
+    default: int
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    """A text query parameter and the pattern it must match (empty: no filter), for the route
+    and /openapi.json alike."""
+
+    name: str
+    pattern: str
+
+
+DEVICES_LABEL = TextQuery("label", r"^[A-Za-z0-9_.:/=-]{0,64}$")  # what a Label can be
+DEVICES_APP_VERSION = TextQuery("app_version", r"^[^\x00]{0,64}$")  # ShortText; PostgreSQL takes no NUL
+DEVICES_AFTER = IntQuery("after", 0, 2**63 - 1, 0)
+DEVICES_LIMIT = IntQuery("limit", 1, 1000, 100)
+DEVICES_BATTERY_BELOW = IntQuery("battery_below", 0, 101, -1)  # absent: no battery filter
+HISTORY_LIMIT = IntQuery("limit", 1, 10_000, 1000)
+JOBS_LIMIT = IntQuery("limit", 1, 500, 50)
 
 
 class HeartbeatIn(Struct, forbid_unknown_fields=False):

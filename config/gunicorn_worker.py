@@ -5,12 +5,17 @@ another, so every answer costs two send system calls, two passes through gevent'
 and two TCP segments for the client to read. Here the socket handed to gunicorn for a request
 collects those writes and sends them together when the request is done, or as soon as 64 KiB
 have gathered (a large body still streams). Nothing else changes: parsing, keep-alive,
-timeouts and error answers are gunicorn's own (its error answers go to the real socket).
+timeouts are gunicorn's own (its error answers go to the real socket).
+
+gunicorn answers what it rejects before the application sees it (a request line over 4094
+bytes: 414, too many or too large headers: 431, a malformed request: 400) with an HTML page;
+here those answers are JSON ``{"error", "detail"}`` like every other error of the API.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 from collections import OrderedDict
@@ -22,6 +27,33 @@ from gunicorn import util
 from gunicorn.workers import ggevent
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
+
+# gunicorn's statuses for what it rejects itself -> our error codes
+GUNICORN_ERROR_CODES = {
+    400: "bad_request",
+    403: "forbidden",
+    414: "uri_too_long",
+    417: "expectation_failed",
+    431: "headers_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+}
+
+
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's ``util.write_error`` (called by its worker's ``handle_error``), in JSON."""
+    body = json.dumps({
+        "error": GUNICORN_ERROR_CODES.get(status_int, "http_error"),
+        "detail": mesg or reason,
+    }).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
+# The worker's handle_error looks write_error up in gunicorn.util at each call; this is the one
+# place that decides its format (gunicorn offers no hook for it).
+util.write_error = write_json_error
 
 
 class CoalescingSocket:

@@ -21,6 +21,8 @@ from scheduler.locking import JobOutcome, JobReport, Progress, run_locked
 log = logging.getLogger(__name__)
 
 JOBS = ("partitions", "nightly", "reconcile", "events")
+# Every job name job_runs records: the scheduled jobs and the restore command.
+RECORDED_JOBS = (*JOBS, "restore")
 JOB_FUNC = "scheduler.service:scheduled_run"  # registered by dotted path
 
 

@@ -11,8 +11,16 @@ from api.body import decode_json, read_json_body
 from api.errors import ApiError
 from api.metrics import timed_read
 from api.responses import NO_STORE, json_response, with_source
-from api.routes.heartbeats import int_arg
-from api.schemas import DeviceIn, EnrollBatchIn
+from api.routes.heartbeats import int_query, text_query
+from api.schemas import (
+    DEVICES_AFTER,
+    DEVICES_APP_VERSION,
+    DEVICES_BATTERY_BELOW,
+    DEVICES_LABEL,
+    DEVICES_LIMIT,
+    DeviceIn,
+    EnrollBatchIn,
+)
 from api.state import current_state
 from db.devices import NewDevice, enroll_devices, revoke_device, rotate_token
 from db.engine import transaction
@@ -38,9 +46,11 @@ def enroll() -> Response:
         raise ApiError(422, "validation_failed", str(exc)) from None
     if len(batch) > state.settings.max_enroll_batch:
         raise ApiError(422, "validation_failed", f"at most {state.settings.max_enroll_batch} devices per request")
-    uids = [d.device_uid for d in batch]
-    if len(set(uids)) != len(uids):
-        raise ApiError(422, "validation_failed", "device_uid appears more than once in the batch")
+    seen: set[str] = set()
+    repeated = sorted({d.device_uid for d in batch if d.device_uid in seen or seen.add(d.device_uid)})
+    if repeated:
+        # A conflict like enrolling an enrolled uid (409): each entry is valid on its own.
+        raise ApiError(409, "duplicate_in_batch", {"device_uids": repeated[:100]})
     new = [NewDevice(d.device_uid, d.name, tuple(d.labels)) for d in batch]
     with transaction(state.engine) as conn:
         enrolled = enroll_devices(conn, new)
@@ -100,16 +110,16 @@ def fleet_list() -> Response:
     """The fleet, filtered (status, battery_below, app_version, label), keyset-paginated."""
     state = current_state()
     status = request.args.get("status")
-    if status not in (None, "", "online", "offline"):
+    if status not in (None, "online", "offline"):
         raise ApiError(400, "invalid_parameter", "status must be 'online' or 'offline'")
     flt = FleetFilter(
         status=status or None,
-        battery_below=int_arg("battery_below", -1, 0, 101) if request.args.get("battery_below") else None,
-        app_version=request.args.get("app_version") or None,
-        label=request.args.get("label") or None,
+        battery_below=int_query(DEVICES_BATTERY_BELOW) if DEVICES_BATTERY_BELOW.name in request.args else None,
+        app_version=text_query(DEVICES_APP_VERSION),
+        label=text_query(DEVICES_LABEL),
     )
-    after = int_arg("after", 0, 0, 2**63 - 1)
-    limit = int_arg("limit", 100, 1, 1000)
+    after = int_query(DEVICES_AFTER)
+    limit = int_query(DEVICES_LIMIT)
     (rows, next_after), source = state.reads.read(lambda conn: list_devices(
         conn, flt, after_id=after, limit=limit,
         offline_after_s=state.settings.offline_after_seconds,

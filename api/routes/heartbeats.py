@@ -69,9 +69,10 @@ def count_rejected_heartbeats(response: Response) -> Response:
 
 
 def int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    """An integer query parameter within [lo, hi]; 400 otherwise."""
+    """An integer query parameter within [lo, hi], ``default`` when absent; 400 otherwise
+    (an empty value too: ``?limit=`` is no integer)."""
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)

@@ -11,7 +11,8 @@ from api.auth import viewer_required
 from api.concurrency import run_blocking
 from api.errors import ApiError
 from api.responses import json_response, with_source
-from api.routes.heartbeats import int_arg
+from api.routes.heartbeats import int_query
+from api.schemas import HISTORY_LIMIT
 from api.state import current_state
 from db.fleet import get_device_status
 from db.history import HistoryPage, list_history
@@ -19,13 +20,12 @@ from db.history import HistoryPage, list_history
 bp = Blueprint("history", __name__)
 
 HISTORY_DEFAULT_WINDOW = timedelta(hours=24)
-HISTORY_MAX_LIMIT = 10_000
 
 
 def time_arg(name: str, default: datetime | None) -> datetime | None:
     """An ISO 8601 query parameter with a time zone; 400 otherwise."""
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
@@ -45,20 +45,20 @@ def time_arg(name: str, default: datetime | None) -> datetime | None:
 def device_history(device_id: int) -> Response:
     """Heartbeats of one device with since <= bucket < until (default: the last 24 h), from
     PostgreSQL and the Parquet days alike; ``order`` desc (default) or asc; ``next`` holds the
-    since/until of the following page (null on the last)."""
+    since/until of the following page (null on the last). An empty window (since >= until) has none."""
     state = current_state()
     now = datetime.now(UTC)
     until = time_arg("until", now + timedelta(seconds=1))
-    since = time_arg("since", until - HISTORY_DEFAULT_WINDOW)
-    if since >= until:
-        raise ApiError(400, "invalid_parameter", "since must be before until")
-    limit = int_arg("limit", 1000, 1, HISTORY_MAX_LIMIT)
-    order = request.args.get("order") or "desc"
+    since = time_arg("since", until - min(HISTORY_DEFAULT_WINDOW, until - datetime.min.replace(tzinfo=UTC)))
+    limit = int_query(HISTORY_LIMIT)
+    order = request.args.get("order", "desc")
     if order not in ("asc", "desc"):
         raise ApiError(400, "invalid_parameter", "order must be 'asc' or 'desc'")
 
     def query(conn: Connection) -> HistoryPage:
         get_device_status(conn, device_id, offline_after_s=state.settings.offline_after_seconds)
+        if since >= until:
+            return HistoryPage([], None, None)
         return list_history(conn, state.cold, device_id, since, until, limit, newest_first=order == "desc",
                             offload=run_blocking)
 

@@ -7,10 +7,11 @@ from flask import Blueprint, Response, request
 from api.auth import requires_role, viewer_required
 from api.errors import ApiError, error_response
 from api.responses import json_response
-from api.routes.heartbeats import int_arg
+from api.routes.heartbeats import int_query
+from api.schemas import JOBS_LIMIT
 from api.state import current_state
 from scheduler.locking import list_job_runs
-from scheduler.service import JOBS, run_job
+from scheduler.service import RECORDED_JOBS, run_job
 
 bp = Blueprint("ops", __name__)
 
@@ -58,9 +59,9 @@ def run_events() -> Response:
 @viewer_required
 def jobs() -> Response:
     """Recent job runs, newest first (?job=, ?limit= up to 500)."""
-    job = request.args.get("job") or None
-    if job is not None and job not in (*JOBS, "restore"):
-        raise ApiError(400, "invalid_parameter", f"job must be one of {', '.join((*JOBS, 'restore'))}")
-    limit = int_arg("limit", 50, 1, 500)
+    job = request.args.get("job")
+    if job is not None and job not in RECORDED_JOBS:
+        raise ApiError(400, "invalid_parameter", f"job must be one of {', '.join(RECORDED_JOBS)}")
+    limit = int_query(JOBS_LIMIT)
     return json_response({"runs": list_job_runs(current_state().engine, job, limit)})
 

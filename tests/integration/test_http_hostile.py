@@ -5,6 +5,7 @@ keeps serving."""
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 
@@ -12,7 +13,7 @@ import pytest
 
 from tests.helpers import heartbeat_body
 
-BODY = __import__("json").dumps(heartbeat_body()).encode()
+BODY = json.dumps(heartbeat_body()).encode()
 HOSTILE = {
     "bare CR in header value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\rSet-Cookie: evil=1\r\n\r\n",
     "NUL in header value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
@@ -75,6 +76,9 @@ def test_hostile_http(hostile_server, name):
     if answer:  # a refusal, never a success of the smuggled or injected request
         status = int(status_line.split()[1])
         assert 400 <= status < 500, (name, status_line)
+        # JSON like every other error, gunicorn's own refusals (414, 431, 400) included.
+        assert b"content-type: application/json" in head, (name, answer[:300])
+        assert set(json.loads(answer.partition(b"\r\n\r\n")[2])) == {"error", "detail"}, (name, answer[:300])
     assert b"traceback" not in answer.lower() and b'file "' not in answer.lower()
     assert b"set-cookie" not in head and b"evil" not in head
     assert b'"total"' not in answer  # the smuggled fleet summary was never answered

@@ -6,7 +6,10 @@ operation, derandomized."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -24,6 +27,7 @@ from tests.integration.test_live_server import call
 from tests.live import start_server
 
 EXAMPLES_PER_OPERATION = 30
+CLI_EXAMPLES_PER_OPERATION = 25
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +109,27 @@ def test_openapi_document_serves_and_covers_every_route(client, app):
         path = rule.rule.replace("<int:", "{").replace("<", "{").replace(">", "}")
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert (method, path) in documented, (method, path)
+
+
+def test_schemathesis_cli_all_checks(fuzz_server, tmp_path):
+    """Schemathesis' own command line with every check (positive and negative data, undeclared
+    methods and their Allow header, declared statuses and bounds, auth, stateful links), as an
+    operator would run it: it reports no failure. Bounded: examples per operation, two workers,
+    a request timeout and a deadline for the whole run; a fixed seed so a failure can be replayed."""
+    server, devices = fuzz_server
+    cli = Path(sys.executable).with_name("schemathesis")
+    cmd = [
+        str(cli), "run", server.url + "/openapi.json", "--checks", "all",
+        "-H", f"x-admin: {ADMIN_KEY}", "-H", f"Authorization: Bearer {devices[0].token}",
+        "--max-examples", str(CLI_EXAMPLES_PER_OPERATION), "--seed", "19", "--workers", "2",
+        "--request-timeout", "10", "--generation-database", "none", "--no-color",
+        "--report", "junit", "--report-dir", str(tmp_path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    out = result.stdout
+    summary = out[out.find("===== FAILURES"):][:6000] if "FAILURES" in out else out[-3000:]
+    assert result.returncode == 0, summary + result.stderr[-2000:]
+    counts = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", out)
+    assert counts, out[-2000:]
+    selected, total, tested = map(int, counts.groups())
+    assert selected == total == tested >= 16, out[-2000:]  # every operation of the document ran
