@@ -25,8 +25,9 @@ test: $(STAMP) promtool pgbouncer
 	$(PY) -m pytest -q -m "not slow"
 
 # The slow tests (fault and overload scenarios, a few minutes); prints the fault table at the end.
-# Includes the short PostgreSQL failover drill (Patroni + etcd + HAProxy), hence cluster-packages.
-test-faults: $(STAMP) cluster-packages
+# Includes the short PostgreSQL failover drill (Patroni + etcd + HAProxy), hence cluster-packages,
+# and the live Prometheus drill, hence promtool (Debian's prometheus package).
+test-faults: $(STAMP) cluster-packages promtool
 	$(PY) -m pytest -q -m slow
 
 # The full multi-node drill: etcd, Patroni (primary + synchronous standby + async replica),
@@ -35,7 +36,8 @@ test-faults: $(STAMP) cluster-packages
 drill-cluster: $(STAMP) cluster-packages
 	$(PY) -m bench.drill $(DRILL_ARGS)
 
-# promtool (Debian's prometheus package) runs the alert-rule tests. Installed when missing and
+# promtool and prometheus (Debian's prometheus package) run the alert-rule tests and the live
+# Prometheus drill (make test-faults). Installed when missing and
 # this is root with apt-get; otherwise those tests skip and say why.
 promtool:
 	@command -v promtool >/dev/null 2>&1 || { \

@@ -22,6 +22,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import multiprocess as pc_multiprocess
 from prometheus_client.exposition import generate_latest
@@ -31,6 +32,7 @@ from sqlalchemy.pool import QueuePool
 from db.events import EVENT_TYPES
 
 PREFIX = "nexmdm"
+_SELF = psutil.Process()
 
 # Bucket edges at the SLO boundaries: 0.02 s (fast read p95), 0.15 s and 0.3 s (heartbeat
 # p95/p99), dense below them so a percentile computed from buckets stays close to the truth.
@@ -177,6 +179,92 @@ JOB_LAST_SUCCESS = Gauge(
     multiprocess_mode="max",
 )
 
+# Figures that page while an incident happens (config/monitoring/alerts.yml). The database's are
+# measured when /metrics or /readyz is served ("mostrecent": the latest check of any worker);
+# the workers' own every WORKER_SAMPLE_INTERVAL_S by a sampler in each worker.
+DATABASE_UP = Gauge(
+    f"{PREFIX}_database_up", "1 when the latest check reached the database (readiness), else 0.",
+    multiprocess_mode="livemostrecent",
+)
+POSTGRES_CONNECTIONS = Gauge(
+    f"{PREFIX}_postgres_connections", "Client connections open on PostgreSQL (every application).",
+    multiprocess_mode="livemostrecent",
+)
+POSTGRES_CONNECTIONS_LIMIT = Gauge(
+    f"{PREFIX}_postgres_connections_limit",
+    "Connections PostgreSQL accepts from clients (max_connections minus reserved slots).",
+    multiprocess_mode="livemostrecent",
+)
+INGEST_QUEUE_DEPTH = Gauge(
+    f"{PREFIX}_ingest_queue_depth", "Heartbeats waiting to be written, summed over live workers.",
+    multiprocess_mode="livesum",
+)
+INGEST_QUEUE_CAPACITY = Gauge(
+    f"{PREFIX}_ingest_queue_capacity", "Room in the ingest queues (INGEST_QUEUE_MAX), summed over live workers.",
+    multiprocess_mode="livesum",
+)
+EVENT_LOOP_LAG_SECONDS = Gauge(
+    f"{PREFIX}_event_loop_lag_seconds", "How late the busiest worker's event loop runs a timer.",
+    multiprocess_mode="livemax",
+)
+# Per worker (a pid label in multiprocess mode, where prometheus_client's process_* series are
+# not collected): memory, CPU time and file descriptors of each live worker.
+PROCESS_RSS_BYTES = Gauge(
+    f"{PREFIX}_process_resident_memory_bytes", "Resident memory of each worker.", multiprocess_mode="liveall",
+)
+PROCESS_CPU_SECONDS = Gauge(
+    f"{PREFIX}_process_cpu_seconds", "CPU time (user + system) each worker has used; rate() it.",
+    multiprocess_mode="liveall",
+)
+PROCESS_OPEN_FDS = Gauge(
+    f"{PREFIX}_process_open_fds", "Open file descriptors of each worker.", multiprocess_mode="liveall",
+)
+WORKER_SAMPLE_INTERVAL_S = 2.0
+
+
+def observe_database(up: bool, connections: int | None = None, limit: int | None = None) -> None:
+    """The outcome of a database check, and PostgreSQL's client connections and limit if known."""
+    DATABASE_UP.set(1 if up else 0)
+    if connections is not None and limit is not None:
+        POSTGRES_CONNECTIONS.set(connections)
+        POSTGRES_CONNECTIONS_LIMIT.set(limit)
+
+
+class IngestFigures(Protocol):
+    def stats(self) -> dict[str, Any]: ...
+
+
+def sample_worker(writer: IngestFigures | None, queue_capacity: int, loop_lag_s: float = 0.0) -> None:
+    """This worker's ingest queue, event-loop lag (the larger of ``loop_lag_s`` and the writer's
+    own probe), memory, CPU time and open descriptors."""
+    stats = writer.stats() if writer is not None else {}
+    INGEST_QUEUE_DEPTH.set(stats.get("queued", 0))
+    INGEST_QUEUE_CAPACITY.set(queue_capacity)
+    EVENT_LOOP_LAG_SECONDS.set(max(loop_lag_s, stats.get("loop_lag_ms", 0.0) / 1000))
+    with _SELF.oneshot():
+        PROCESS_RSS_BYTES.set(_SELF.memory_info().rss)
+        cpu = _SELF.cpu_times()
+        PROCESS_CPU_SECONDS.set(cpu.user + cpu.system)
+        PROCESS_OPEN_FDS.set(_SELF.num_fds())
+
+
+def start_worker_sampler(writer: Callable[[], IngestFigures | None], queue_capacity: int) -> None:
+    """Sample this worker every WORKER_SAMPLE_INTERVAL_S in a greenlet (under gevent only); how
+    late its own timer fires is the event loop's lag."""
+    import gevent
+
+    def loop() -> None:
+        lag_s = 0.0
+        while True:
+            try:
+                sample_worker(writer(), queue_capacity, lag_s)
+            except Exception:  # a failed sample must not end the sampling
+                pass
+            started = time.monotonic()
+            gevent.sleep(WORKER_SAMPLE_INTERVAL_S)
+            lag_s = max(0.0, time.monotonic() - started - WORKER_SAMPLE_INTERVAL_S)
+
+    gevent.spawn(loop)
 
 CONNECTION_CLOSE_REASONS = ("shed", "refused", "header_timeout", "idle_timeout", "body_timeout")
 

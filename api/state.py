@@ -36,6 +36,11 @@ class AppState:
     started_mono: float = field(default_factory=time.monotonic)
 
     @property
+    def started_writer(self) -> GroupCommitWriter | None:
+        """The writer if a heartbeat has created it, else None (for samplers, which must not)."""
+        return self._writer
+
+    @property
     def writer(self) -> GroupCommitWriter:
         """The heartbeat writer; created on first use, inside the worker, so its greenlets
         belong to the worker's hub (or, in-process, to the calling thread's)."""

@@ -6,6 +6,7 @@ import logging
 
 from flask import Blueprint, Response
 
+from api.metrics import observe_database
 from api.responses import json_response
 from api.state import current_state
 from db.engine import reading
@@ -31,6 +32,7 @@ def readyz() -> Response:
         with reading(state.engine) as conn:
             conn.exec_driver_sql("SELECT 1")
     except Exception as exc:  # any failure to reach the database means "not ready"
+        observe_database(False)
         cause = exc.__cause__ or exc  # the driver's fault behind a translated DatabaseUnavailable
         detail = str(getattr(cause, "orig", cause) or cause).strip().splitlines()
         log.warning("readyz: database unavailable: %s", detail[0] if detail else type(exc).__name__)
@@ -39,4 +41,5 @@ def readyz() -> Response:
             status=503,
             headers={"Retry-After": "2"},
         )
+    observe_database(True)
     return json_response({"status": "ok", "database": "ok"})

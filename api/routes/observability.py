@@ -19,13 +19,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from api.auth import requires_role, viewer_required
+from api.concurrency import gevent_active
 from api.metrics import (
     initialize_series,
     mark_worker_ready,
+    observe_database,
     observe_job_report,
     observe_request,
     render_metrics,
+    sample_worker,
     set_job_last_success,
+    start_worker_sampler,
 )
 from api.openapi import Operation, register
 from api.pool_health import PoolHealth, assess, plane_pool_figures, postgres_figures, server_pool_figures
@@ -70,6 +74,9 @@ def configure_metrics(app: Flask, plane: str = "all") -> None:
         seed_job_last_success(app.extensions["nexmdm"].engine)
         app.extensions[_JOBS_READ_MONO] = time.monotonic()
     mark_worker_ready()
+    state = app.extensions["nexmdm"]
+    if gevent_active():  # a gunicorn worker: its queue, loop lag and process figures, all along
+        start_worker_sampler(lambda: state.started_writer, state.settings.ingest_queue_max)
 
 
 def seed_job_last_success(engine: Engine) -> None:
@@ -105,8 +112,23 @@ def metrics() -> Response:
     if now - current_app.extensions.get(_JOBS_READ_MONO, 0.0) >= JOB_RUNS_REREAD_S:
         current_app.extensions[_JOBS_READ_MONO] = now
         seed_job_last_success(_ops_engine(current_app, current_state().engine))
-    body, content_type = render_metrics(current_state().settings.prometheus_multiproc_dir)
+    state = current_state()
+    if not gevent_active():  # no sampler runs (Flask's test client): this process, now
+        sample_worker(state.started_writer, state.settings.ingest_queue_max)
+    check_database(_ops_engine(current_app, state.engine))
+    body, content_type = render_metrics(state.settings.prometheus_multiproc_dir)
     return Response(body, status=200, headers={"Content-Type": content_type})
+
+
+def check_database(ops_engine: Engine) -> None:
+    """At each scrape: whether the database answers, and its connections against the limit."""
+    try:
+        with ops_engine.connect() as conn:
+            use = connection_use(conn)
+    except (SQLAlchemyError, DatabaseUnavailable):
+        observe_database(False)
+        return
+    observe_database(True, use.in_use, use.max_connections - use.reserved_connections)
 
 
 def _ops_engine(app: Flask, engine: Engine) -> Engine:

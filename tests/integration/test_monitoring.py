@@ -36,7 +36,12 @@ needs_promtool = pytest.mark.skipif(
 
 def alert_expressions() -> dict[str, str]:
     groups = yaml.safe_load(RULES.read_text())["groups"]
-    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def recording_expressions() -> dict[str, str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["record"]: rule["expr"] for group in groups for rule in group["rules"] if "record" in rule}
 
 
 def dashboard_expressions() -> list[str]:
@@ -81,8 +86,10 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path):
 def test_the_required_alerts_and_panels_exist():
     alerts = alert_expressions()
     assert {"NexmdmHeartbeatP95High", "NexmdmHeartbeatP99High", "NexmdmDbPoolUtilizationHigh",
-            "NexmdmDbPoolUtilizationCritical", "NexmdmHeartbeatErrorRateHigh", "NexmdmJobFailed",
-            "NexmdmJobNotSucceeding", "NexmdmNightlyJobNotSucceeding"} <= set(alerts)
+            "NexmdmDbPoolUtilizationCritical", "NexmdmErrorBudgetBurnFast", "NexmdmErrorBudgetBurnSlow",
+            "NexmdmJobFailed", "NexmdmJobNotSucceeding", "NexmdmNightlyJobNotSucceeding", "NexmdmDown",
+            "NexmdmAbsent", "NexmdmDatabaseDown", "NexmdmPostgresConnectionsLow", "NexmdmIngestQueueBacklog",
+            "NexmdmEventLoopLagHigh"} <= set(alerts)
     text = " ".join(dashboard_expressions())
     for signal in ("histogram_quantile(0.95, sum by (le) (rate(nexmdm_heartbeat_write_duration_seconds_bucket",
                    "nexmdm_heartbeats_accepted_total", "nexmdm_heartbeats_rejected_total",
@@ -92,12 +99,19 @@ def test_the_required_alerts_and_panels_exist():
 
 
 def test_every_alert_points_to_a_runbook_section():
+    """runbook_url: the configurable base (external label runbook_base) plus an anchor that exists."""
     headings = re.findall(r"^#+ (.+)$", (ROOT / "RUNBOOK.md").read_text(), flags=re.M)
     anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+    base = '{{ or $externalLabels.runbook_base "RUNBOOK.md" }}#'
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
-            target = rule["annotations"]["runbook"]
-            assert target.startswith("RUNBOOK.md#") and target.split("#", 1)[1] in anchors, target
+            if "alert" not in rule:
+                continue  # a recording rule
+            target = rule["annotations"]["runbook_url"]
+            assert target.startswith(base) and target[len(base):] in anchors, target
+    # Every alert has a promtool unit test.
+    tested = set(re.findall(r"alertname: (\w+)", (MONITORING / "alerts_test.yml").read_text()))
+    assert set(alert_expressions()) <= tested, set(alert_expressions()) - tested
 
 
 def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, engine, tmp_path):
@@ -129,6 +143,7 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
         exported = m.names()
     finally:
         server.stop()
-    used = {name for expr in [*alert_expressions().values(), *dashboard_expressions()] for name in NAME.findall(expr)}
+    exprs = [*alert_expressions().values(), *recording_expressions().values(), *dashboard_expressions()]
+    used = {name for expr in exprs for name in NAME.findall(expr)}
     assert used, "no nexmdm_ metric found in the rules and the dashboard"
     assert used <= exported, f"not exported by the server: {sorted(used - exported)}"
