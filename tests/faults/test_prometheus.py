@@ -10,14 +10,18 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import ADMIN_KEY
-from tests.faults.conftest import stop_server
+from tests.faults.conftest import enroll_fleet, stop_server
+from tests.helpers import heartbeat_body
+from tests.integration.test_monitoring import dashboard_expressions
 from tests.live import ROOT, free_port, start_server
 
 pytestmark = [
@@ -77,6 +81,21 @@ def test_real_prometheus_sees_the_database_down_alert_fire(database_url, engine,
             return bool(result) and result[0]["value"][1] == "1"
 
         wait_for("Prometheus scraping the server", scraped_and_ready, 60)
+        # Some traffic for the heartbeat panels, then every panel's query against the real
+        # scrapes: each answers something (the 5xx ratio 0, not an empty graph).
+        device = enroll_fleet(server, 1, prefix="prom")[0]
+        for _ in range(5):
+            post = urllib.request.Request(
+                server.url + "/v1/heartbeat", data=json.dumps(heartbeat_body(datetime.now(UTC))).encode(),
+                headers={"Authorization": f"Bearer {device.token}", "Content-Type": "application/json"},
+            )
+            urllib.request.urlopen(post, timeout=10).close()
+            time.sleep(1.0)
+        empty = []
+        for expr in dashboard_expressions({"$__rate_interval": "15s", "$__interval": "15s", "$__range": "1m"}):
+            if not prometheus_get(base, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))["result"]:
+                empty.append(expr)
+        assert not empty, empty
         assert firing(base, "NexmdmDatabaseDown") == []
         assert firing(base, "NexmdmDown") == []
         pg_cluster.stop()

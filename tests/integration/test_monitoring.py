@@ -11,9 +11,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
+from config.settings import Settings
 from tests.conftest import ADMIN_KEY
 from tests.helpers import heartbeat_body
 from tests.integration.test_live_server import call
@@ -44,12 +46,12 @@ def recording_expressions() -> dict[str, str]:
     return {rule["record"]: rule["expr"] for group in groups for rule in group["rules"] if "record" in rule}
 
 
-def dashboard_expressions() -> list[str]:
+def dashboard_expressions(variables: dict[str, str] = GRAFANA_VARIABLES) -> list[str]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
     exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
     out = []
     for expr in exprs:
-        for var, value in GRAFANA_VARIABLES.items():
+        for var, value in variables.items():
             expr = expr.replace(var, value)
         out.append(expr)
     return out
@@ -141,9 +143,46 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
             time.sleep(0.2)
         assert runs == {"succeeded": 1, "skipped": 1, "failed": 0}, runs
         exported = m.names()
+        # Each worker's own process figures, despite multiprocess mode (no process_* series there).
+        workers = {p.pid for p in psutil.Process(server.proc.pid).children()}
+        for name, low in (("nexmdm_process_resident_memory_bytes", 20e6), ("nexmdm_process_cpu_seconds", 0.01),
+                          ("nexmdm_process_open_fds", 5)):
+            values = {dict(labels)["pid"]: v for (n, labels), v in m.samples.items() if n == name}
+            assert set(values) == {str(pid) for pid in workers}, (name, values, workers)
+            assert all(v >= low for v in values.values()), (name, values)
+        assert m.value("nexmdm_database_up") == 1
+        assert 0 < m.value("nexmdm_postgres_connections") < m.value("nexmdm_postgres_connections_limit")
+        assert m.value("nexmdm_ingest_queue_capacity") == 2 * Settings().ingest_queue_max
     finally:
         server.stop()
     exprs = [*alert_expressions().values(), *recording_expressions().values(), *dashboard_expressions()]
     used = {name for expr in exprs for name in NAME.findall(expr)}
     assert used, "no nexmdm_ metric found in the rules and the dashboard"
     assert used <= exported, f"not exported by the server: {sorted(used - exported)}"
+
+
+def test_dashboard_draws_its_thresholds_with_one_unit_per_axis():
+    """The lines the titles promise are drawn; a panel that mixes units puts the second on its
+    own (right) axis; the jobs table is an instant query; the 5xx ratio is 0, not empty."""
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+
+    def steps(title: str) -> list[float]:
+        defaults = panels[title]["fieldConfig"]["defaults"]
+        assert defaults["custom"]["thresholdsStyle"]["mode"] in {"line", "dashed", "area", "line+area"}
+        return [s["value"] for s in defaults["thresholds"]["steps"] if s["value"] is not None]
+
+    assert steps("Heartbeat latency (server side)") == [0.15, 0.3]
+    assert steps("Pool utilisation (WARN 80 %, CRITICAL 95 %)") == [0.8, 0.95]
+    assert steps("Error rates (SLO 0.5 %)") == [0.005]
+    for title, panel in panels.items():
+        overrides = panel.get("fieldConfig", {}).get("overrides", [])
+        second = [o for o in overrides if any(p["id"] == "unit" for p in o["properties"])]
+        for override in second:
+            assert {"id": "custom.axisPlacement", "value": "right"} in override["properties"], title
+        if panel["type"] == "table":
+            assert all(t.get("instant") and t.get("format") == "table" for t in panel["targets"]), title
+    assert all("or vector(0)" in t["expr"] for t in panels["Error rates (SLO 0.5 %)"]["targets"])
+    exprs = " ".join(dashboard_expressions())
+    for wanted in ('up{job="nexmdm"}', "nexmdm_token_cache_misses_total", "nexmdm_database_up",
+                   "nexmdm_process_resident_memory_bytes", "nexmdm_event_loop_lag_seconds"):
+        assert wanted in exprs, wanted
