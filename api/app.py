@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 from sqlalchemy import Engine
 
@@ -14,6 +12,7 @@ from api.metrics import MeteredQueuePool, observe_replica, set_plane
 from api.planes import configure_plane
 from api.state import AppState
 from api.throttle import DeviceRateLimit, FailureThrottle
+from config.logs import configure_logging as configure_logging_as
 from config.settings import Settings
 from db.cold import ColdReader
 from db.engine import make_engine
@@ -70,7 +69,7 @@ def configure_lag_guard(reads: ReadRouter, settings: Settings) -> None:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging_as(settings)
 
 
 def configure_heartbeat_path(app: Flask) -> None:

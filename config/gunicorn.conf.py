@@ -29,6 +29,20 @@ preload_app = False  # no engine, no greenlet before the fork
 accesslog = None
 errorlog = "-"
 loglevel = "warning"
+if _settings.log_format == "json":  # gunicorn's own lines as JSON too (config/logs.py)
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "config.logs.JsonFormatter"}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+        # The root logger is left to config/logs.py (else every line would show twice); access
+        # lines stay off as in text mode (accesslog is None).
+        "root": {"level": "WARNING", "handlers": []},
+        "loggers": {
+            "gunicorn.error": {"level": "WARNING", "handlers": ["console"], "propagate": False},
+            "gunicorn.access": {"level": "WARNING", "handlers": ["console"], "propagate": False},
+        },
+    }
 proc_name = f"nexmdm-{_settings.plane}"
 
 

@@ -157,6 +157,8 @@ class Settings:
     # Peers whose X-Forwarded-For is believed (comma-separated addresses or CIDR blocks, e.g. the
     # HAProxy in front); from anyone else the header is ignored and the TCP peer is the client.
     trusted_proxies: str = ""
+    # "text" for people, "json" (one object per line) for log shippers: config/logs.py.
+    log_format: str = "text"
     # Where the gunicorn workers' Prometheus values live (multiprocess mode); the launcher sets
     # and wipes it. None: metrics of this process only (tests with the Flask test client).
     prometheus_multiproc_dir: Path | None = None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from config.logs import configure_logging
 from config.settings import Settings
 from db.engine import database_url_for_cli, make_engine
 from scheduler.locking import JobReport, list_job_runs, run_locked
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("partitions", nargs="+")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings, level="WARNING")
 
     if args.command == "export":
         return cmd_export(settings, args.partitions)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     with database_url_for_cli(settings) as url:
         settings = settings.with_overrides(database_url=url)
         if args.command is None:
-            logging.getLogger().setLevel(settings.log_level)
+            configure_logging(settings)
             return cmd_serve(settings, url)
         engine = _engine(settings, url)
         try:

@@ -129,12 +129,16 @@ def test_enroll_validation(client, admin, engine):
     bad = [
         {"devices": []},
         {"devices": [{"device_uid": "has space"}]},
-        {"devices": [{"device_uid": "a"}, {"device_uid": "a"}]},
         {"device_uid": "x", "unexpected": 1},
     ]
     for body in bad:
         resp = client.post("/v1/devices/enroll", json=body, headers=admin)
         assert resp.status_code == 422, body
+    # Each entry valid, the batch in conflict with itself: 409 like an enrolled uid, nothing stored.
+    resp = client.post("/v1/devices/enroll", json={"devices": [{"device_uid": "a"}, {"device_uid": "a"}]},
+                       headers=admin)
+    assert resp.status_code == 409 and resp.get_json() == {"error": "duplicate_in_batch",
+                                                           "detail": {"device_uids": ["a"]}}
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM devices").scalar_one() == 0
 
@@ -142,3 +146,15 @@ def test_enroll_validation(client, admin, engine):
 def test_unknown_route_and_method_are_json(client):
     assert client.get("/nope").get_json()["error"] == "not_found"
     assert client.get("/v1/heartbeat").status_code == 405
+
+
+def test_a_whole_number_written_with_a_fraction_is_an_integer(client, admin, engine):
+    """JSON Schema (and so /openapi.json) counts 80.0 as an integer: accepted as 80; 80.5 is not."""
+    enrolled = enroll(client, admin, prefix="float-int")[0]
+    auth = bearer(enrolled["token"])
+    body = heartbeat_body(battery_pct=80.0, uptime_s=3600.0)
+    assert client.post("/v1/heartbeat", json=body, headers=auth).status_code == 200
+    status = client.get(f"/v1/devices/{enrolled['id']}", headers=admin).get_json()
+    assert status["battery_pct"] == 80 and isinstance(status["battery_pct"], int)
+    bad = client.post("/v1/heartbeat", json=heartbeat_body(battery_pct=80.5), headers=auth)
+    assert bad.status_code == 422

@@ -240,7 +240,7 @@ def test_hostile_enrollments(client, engine, admin):
         (huge, 413),  # over 4 MB
         (nested(200_000), 400),
         (json.dumps({"device_uid": "u" * 1_000_000}).encode(), 422),
-        (json.dumps({"devices": [{"device_uid": "a"}, {"device_uid": "a"}]}).encode(), 422),
+        (json.dumps({"devices": [{"device_uid": "a"}, {"device_uid": "a"}]}).encode(), 409),
         (json.dumps({"device_uid": "ok", "labels": ["x"] * 1000}).encode(), 422),
         (json.dumps({"device_uid": "ok", "is_admin": True}).encode(), 422),
         (json.dumps({"device_uid": "a'; DROP TABLE devices; --"}).encode(), 422),
