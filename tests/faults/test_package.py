@@ -45,12 +45,12 @@ def test_pip_install_into_a_fresh_virtualenv_serves_and_stops_cleanly(database_u
                            cwd=tmp_path, check=True).stdout.strip()
     assert found == "[]", found
 
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     workdir = tmp_path / "run"
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(DATABASE_URL=database_url, ADMIN_KEY=ADMIN_KEY, PORT=str(port), SCHEDULER_ENABLED="false",
-               WEB_CONCURRENCY="2")
+    env.update(DATABASE_URL=database_url, ADMIN_KEY=ADMIN_KEY, PORT=str(port), ADMIN_PORT=str(admin_port),
+               SCHEDULER_ENABLED="false", WEB_CONCURRENCY="2")
     out = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen([str(venv / "bin" / "nexmdm"), "serve"], cwd=workdir, env=env, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -58,14 +58,15 @@ def test_pip_install_into_a_fresh_virtualenv_serves_and_stops_cleanly(database_u
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
+                with (urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as device,
+                      urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as operator):
+                    if device.status == operator.status == 200:
                         break
             except OSError:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.3)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/fleet/summary", headers={"x-admin": ADMIN_KEY})
+        req = urllib.request.Request(f"http://127.0.0.1:{admin_port}/v1/fleet/summary", headers={"x-admin": ADMIN_KEY})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert "total" in json.loads(resp.read())
         assert (workdir / "var" / "prometheus").is_dir()  # var/ of where it runs, not site-packages

@@ -62,7 +62,7 @@ def test_real_prometheus_sees_the_database_down_alert_fire(database_url, engine,
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     job = config["scrape_configs"][0]
     job["authorization"]["credentials_file"] = str(tmp_path / "key")
-    job["static_configs"] = [{"targets": [server.url.removeprefix("http://")]}]
+    job["static_configs"] = [{"targets": [server.admin_url.removeprefix("http://")]}]  # /metrics: operator plane
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -144,7 +144,7 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
         assert runs == {"succeeded": 1, "skipped": 1, "failed": 0}, runs
         exported = m.names()
         # Each worker's own process figures, despite multiprocess mode (no process_* series there).
-        workers = {p.pid for p in psutil.Process(server.proc.pid).children()}
+        workers = {p.pid for master in (server.proc, server.admin_proc) for p in psutil.Process(master.pid).children()}
         for name, low in (("nexmdm_process_resident_memory_bytes", 20e6), ("nexmdm_process_cpu_seconds", 0.01),
                           ("nexmdm_process_open_fds", 5)):
             values = {dict(labels)["pid"]: v for (n, labels), v in m.samples.items() if n == name}
@@ -152,7 +152,7 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
             assert all(v >= low for v in values.values()), (name, values)
         assert m.value("nexmdm_database_up") == 1
         assert 0 < m.value("nexmdm_postgres_connections") < m.value("nexmdm_postgres_connections_limit")
-        assert m.value("nexmdm_ingest_queue_capacity") == 2 * Settings().ingest_queue_max
+        assert m.value("nexmdm_ingest_queue_capacity") == len(workers) * Settings().ingest_queue_max
     finally:
         server.stop()
     exprs = [*alert_expressions().values(), *recording_expressions().values(), *dashboard_expressions()]
