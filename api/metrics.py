@@ -57,8 +57,8 @@ UNMATCHED_ENDPOINT = "unmatched"
 # Error codes a heartbeat is commonly rejected with (others appear on first use).
 REJECT_REASONS = (
     "token_required", "token_invalid", "malformed_json", "validation_failed", "body_too_large",
-    "overloaded", "database_unavailable", "pool_exhausted", "internal_error", "too_many_failures",
-    "rate_limited",
+    "overloaded", "database_unavailable", "pool_exhausted", "statement_timeout", "lock_timeout", "internal_error",
+    "too_many_failures", "rate_limited",
 )
 
 HEARTBEAT_WRITE_SECONDS = Histogram(
@@ -459,8 +459,16 @@ class MeteredQueuePool(QueuePool):
         super()._do_return_conn(record)
         self._publish()
 
+    def recreate(self) -> QueuePool:
+        """The replacement pool (engine.dispose()); this one publishes nothing from now on: its
+        connections still coming back would report the old pool's figures, below zero."""
+        self._retired = True
+        return super().recreate()
+
     def _publish(self) -> None:
-        checked_out = self.checkedout()
+        if getattr(self, "_retired", False):
+            return
+        checked_out = max(0, self.checkedout())
         self._gauge_checked_out.set(checked_out)
         self._gauge_overflow.set(max(0, self.overflow()))
         self._gauge_utilization.set(checked_out / self._capacity)

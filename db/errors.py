@@ -53,6 +53,29 @@ class PoolExhausted(DatabaseUnavailable):
     code = "pool_exhausted"
 
 
+class QueryTimeout(DatabaseUnavailable):
+    """A statement or lock timeout: the database is up, one statement waited or ran too long
+    (``code`` statement_timeout or lock_timeout). Not an outage: no connection is replaced. A
+    DatabaseUnavailable only so that every path that answers "retry later" treats it alike."""
+
+    def __init__(self, code: str, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail, retry_after_s)
+        self.code = code
+
+
+def query_timeout_of(exc: BaseException) -> QueryTimeout | None:
+    """The QueryTimeout a driver error (or SQLAlchemy's wrapper of one) stands for, else None.
+
+    psycopg2 files both under OperationalError, like a lost connection; told apart by SQLSTATE:
+    57014 query_canceled (statement_timeout), 55P03 lock_not_available (lock_timeout)."""
+    code = getattr(getattr(exc, "orig", None) or exc, "pgcode", None)
+    if code == "57014":
+        return QueryTimeout("statement_timeout", "a database statement took too long (statement_timeout)")
+    if code == "55P03":
+        return QueryTimeout("lock_timeout", "a database lock was not granted in time (lock_timeout)")
+    return None
+
+
 class Overloaded(DataError):
     """The server sheds load (ingest queue full, event loop late); worth a retry later."""
 
@@ -77,6 +100,9 @@ def domain_error(exc: BaseException) -> DataError | None:
     # SQLAlchemy wraps the driver's error; a raw DBAPI connection (the heartbeat writer's, a
     # pool's connect) raises the driver's own.
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    timeout = query_timeout_of(exc)
+    if timeout is not None:  # before OperationalError, of which psycopg2 makes it a kind
+        return timeout
     if isinstance(exc, OperationalError) or isinstance(orig, psycopg2.OperationalError):
         return DatabaseUnavailable("the database cannot be reached", retry_after_s=2)
     if (isinstance(exc, DBAPIError) and exc.connection_invalidated) or isinstance(orig, psycopg2.InterfaceError):

@@ -69,6 +69,10 @@ class IngestConnection:
                 with translated_faults():
                     try:
                         return insert_heartbeats(conn, rows, prepared=self._prepared)
+                    except (pg_errors.QueryCanceled, pg_errors.LockNotAvailable):
+                        # A statement or lock timeout: this connection and the pool are fine
+                        # (autocommit: nothing left open); translated_faults makes it a QueryTimeout.
+                        raise
                     except (psycopg2.OperationalError, psycopg2.InterfaceError):
                         # The connection is gone (database restart, network): outcome unknown,
                         # nothing acknowledged; a retry by the device is deduplicated. A lost
