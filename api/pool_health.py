@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+import psutil
 from msgspec import Struct
 from sqlalchemy.pool import Pool, QueuePool
 
@@ -46,15 +47,58 @@ class PostgresFigures(Struct):
     utilization_pct: float
 
 
+class PostgresCpu(Struct):
+    """CPU time PostgreSQL has used so far (postmaster, its live backends and the ones it has
+    reaped), read from its processes on this host; a rate of it is PostgreSQL's CPU use."""
+
+    seconds: float
+    host_cpus: int
+    source: str
+
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def local_postgres_cpu(host: str | None, backend_pid: int | None) -> tuple[PostgresCpu | None, str | None]:
+    """PostgreSQL's CPU seconds when it runs on this host, else (None, why not). ``backend_pid``:
+    one of its backends (pg_backend_pid() of our connection), whose parent is the postmaster."""
+    if host not in LOCAL_HOSTS or backend_pid is None:
+        return None, ("the database is not on this host: PostgreSQL itself reports no CPU figure "
+                      "(see its host's monitoring)")
+    try:
+        postmaster = psutil.Process(backend_pid).parent()
+        if postmaster is None or postmaster.name() != "postgres":
+            return None, f"backend {backend_pid} has no postgres parent on this host"
+        with postmaster.oneshot():
+            own = postmaster.cpu_times()
+            # Its reaped backends' CPU is in children_*; the live ones are added below.
+            total = own.user + own.system + own.children_user + own.children_system
+        for child in postmaster.children():
+            try:
+                times = child.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:  # exited meanwhile: now in the postmaster's children_* times
+                continue
+    except psutil.Error as exc:
+        return None, f"PostgreSQL's processes could not be read here: {exc}"
+    source = f"local processes (postmaster pid {postmaster.pid} and its children)"
+    return PostgresCpu(round(total, 2), psutil.cpu_count() or 1, source), None
+
+
 class PoolHealth(PoolFigures):
     """GET /ops/pool_health: the pool figures of every live worker of both planes (PoolFigures'
-    fields), each plane's (``planes``), then PostgreSQL's, then the judgement."""
+    fields), each plane's (``planes``), then PostgreSQL's, then the judgement. ``pool`` repeats
+    the whole server's pool figures as one object, so the seed's monitoring command
+    (``jq .pool.utilization_pct``) works as written."""
 
     planes: dict[str, PoolFigures]
+    pool: PoolFigures
     status: Status
     reasons: list[str]
     postgres: PostgresFigures | None
     postgres_error: str | None
+    postgres_cpu: PostgresCpu | None
+    postgres_cpu_note: str | None
     warn_pct: float
     critical_pct: float
     as_of: datetime
@@ -130,6 +174,7 @@ def postgres_figures(use: ConnectionUse) -> PostgresFigures:
 def assess(
     pool: PoolFigures, postgres: PostgresFigures | None, postgres_error: str | None, now: datetime,
     planes: dict[str, PoolFigures] | None = None,
+    cpu: tuple[PostgresCpu | None, str | None] = (None, None),
 ) -> PoolHealth:
     """Judge the figures. The status is the worst of: the busiest worker's pool (a worker whose
     pool runs out fails its requests even when the others idle), PostgreSQL's connection use,
@@ -161,6 +206,7 @@ def assess(
             worse("WARN", f"the pools of all workers may open {pool.capacity} connections, "
                           f"more than the {available} PostgreSQL allows")
     return PoolHealth(
-        **msgspec.structs.asdict(pool), planes=by_plane, status=status, reasons=reasons, postgres=postgres,
-        postgres_error=postgres_error, warn_pct=WARN_PCT, critical_pct=CRITICAL_PCT, as_of=now,
+        **msgspec.structs.asdict(pool), planes=by_plane, pool=pool, status=status, reasons=reasons,
+        postgres=postgres, postgres_error=postgres_error, postgres_cpu=cpu[0], postgres_cpu_note=cpu[1],
+        warn_pct=WARN_PCT, critical_pct=CRITICAL_PCT, as_of=now,
     )

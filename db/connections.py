@@ -42,3 +42,8 @@ def connection_use(conn: Connection, application_prefix: str = "nexmdm") -> Conn
         {"prefix": application_prefix + "%"},
     ).one()
     return ConnectionUse(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def backend_pid(conn: Connection) -> int:
+    """The process id of this connection's PostgreSQL backend (a child of the postmaster)."""
+    return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())

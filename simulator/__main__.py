@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-p99-ms", type=float, default=seed.heartbeat_p99_ms, help="heartbeat p99 target (300)")
     p.add_argument("--target-read-p95-ms", type=float, default=seed.read_p95_ms, help="fast read p95 target (20)")
     p.add_argument("--target-error-pct", type=float, default=seed.error_rate_pct, help="error rate target (0.5)")
+    p.add_argument("--target-db-cpu-pct", type=float, default=seed.db_cpu_pct,
+                   help="PostgreSQL CPU target, %% of its host's cores (70); measured when the database is "
+                        "on the server's host, else N/A")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress line")
     p.add_argument("--outage-pct", type=float, default=0.0,
                    help="silence this share of the fleet in %% (a carrier outage) and check the server's "
@@ -151,7 +154,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         outage_pct=args.outage_pct, outage_at_s=args.outage_at, outage_for_s=args.outage_for,
         outage_grace_s=args.outage_grace,
         targets=Targets(heartbeat_p95_ms=args.target_p95_ms, heartbeat_p99_ms=args.target_p99_ms,
-                        read_p95_ms=args.target_read_p95_ms, error_rate_pct=args.target_error_pct),
+                        read_p95_ms=args.target_read_p95_ms, error_rate_pct=args.target_error_pct,
+                        db_cpu_pct=args.target_db_cpu_pct),
     )
 
 

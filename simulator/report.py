@@ -28,6 +28,7 @@ class Targets:
     read_p95_ms: float = 20.0
     error_rate_pct: float = 0.5
     pool_utilisation_pct: float = 80.0
+    db_cpu_pct: float = 70.0
 
 
 SEED_TARGETS = Targets()
@@ -68,6 +69,15 @@ def sustained_pool_pct(samples: list[float], window: int = POOL_SUSTAINED_S) -> 
     return round(best / window, 1)
 
 
+def db_cpu_pct(samples: list[tuple[float, float, int]]) -> float | None:
+    """PostgreSQL's CPU over the run in % of its host's cores, from (monotonic time, CPU seconds
+    so far, host cores) samples; None with fewer than two."""
+    if len(samples) < 2 or samples[-1][0] <= samples[0][0]:
+        return None
+    (t0, cpu0, _), (t1, cpu1, cores) = samples[0], samples[-1]
+    return round(100.0 * max(0.0, cpu1 - cpu0) / (t1 - t0) / max(1, cores), 1)
+
+
 def check_slis(
     heartbeat_ms: dict[str, float | None],
     read_ms: dict[str, float | None] | None,
@@ -76,9 +86,11 @@ def check_slis(
     duplicates_stored: int | None,
     pool_pct: float | None,
     targets: Targets = SEED_TARGETS,
+    db_cpu: float | None = None,
 ) -> list[SliCheck]:
     """Every SLI check. ``read_ms`` None: no read mix; ``lost`` None: not checked yet (N/A);
-    ``pool_pct`` None: the server exposes no pool figures (N/A)."""
+    ``pool_pct`` None: the server exposes no pool figures (N/A); ``db_cpu`` None: PostgreSQL's
+    CPU was not measurable (N/A: the database is not on the server's host)."""
     checks = [
         _below("heartbeat p95", heartbeat_ms.get("p95"), targets.heartbeat_p95_ms, "ms"),
         _below("heartbeat p99", heartbeat_ms.get("p99"), targets.heartbeat_p99_ms, "ms"),
@@ -93,6 +105,10 @@ def check_slis(
                                "N/A"))
     else:
         checks.append(_below("pool utilisation (sustained)", pool_pct, targets.pool_utilisation_pct, "%"))
+    if db_cpu is None:
+        checks.append(SliCheck("DB CPU", None, f"< {targets.db_cpu_pct:g}", "%", "N/A"))
+    else:
+        checks.append(_below("DB CPU", db_cpu, targets.db_cpu_pct, "%"))
     return checks
 
 
@@ -121,14 +137,14 @@ def error_rate_pct(hb: KindStats, rd: KindStats) -> float | None:
 def progress_snapshot(stats: Stats, window: dict[str, Any], read_window: dict[str, Any], sent_window: int,
                       lag_p99_ms: float | None, pool_samples: list[float], targets: Targets, *, t_s: float,
                       phase: str, expected_per_s: float, in_flight: int, connections: int,
-                      pool_latest: float | None) -> dict[str, Any]:
+                      pool_latest: float | None, db_cpu: float | None = None) -> dict[str, Any]:
     """One per-second ``progress`` line (the schema is in simulator/README.md)."""
     hb, rd = stats.kinds["heartbeat"], stats.kinds["read"]
     cumulative = percentiles_ms(hb.total)
     read_cumulative = percentiles_ms(rd.total) if rd.ok or rd.errors else None
     error_rate = error_rate_pct(hb, rd)
     checks = check_slis(cumulative, read_cumulative, error_rate, None, None, sustained_pool_pct(pool_samples),
-                        targets)
+                        targets, db_cpu)
     all_met, failed = verdict(checks)
     return {
         "type": "progress",
@@ -162,8 +178,9 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
     hb_pct = percentiles_ms(hb.total)
     error_rate = error_rate_pct(hb, rd)
     pool_pct = sustained_pool_pct(run.pool_samples)
+    db_cpu = db_cpu_pct(run.db_cpu_samples)
     checks = check_slis(hb_pct, percentiles_ms(rd.total) if cfg.read_rate > 0 else None, error_rate,
-                        no_loss.get("lost"), no_loss.get("duplicates_stored"), pool_pct, cfg.targets)
+                        no_loss.get("lost"), no_loss.get("duplicates_stored"), pool_pct, cfg.targets, db_cpu)
     if no_loss.get("errors"):  # what could not be read back cannot be claimed as kept
         checks = [SliCheck(c.name, c.value, c.target, c.unit, "FAIL") if c.name == "acknowledged heartbeats lost"
                   else c for c in checks]
@@ -188,6 +205,7 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
         "generator": _generator_section(run, attempts, stats.counters.get("queued_at_connection_limit", 0)),
         "pool": {"samples": len(run.pool_samples), "sustained_pct": pool_pct,
                  "max_pct": max(run.pool_samples) if run.pool_samples else None},
+        "db_cpu": {"pct_of_host": db_cpu, "samples": len(run.db_cpu_samples), "source": run.db_cpu_source},
         "rollout": {"from": "1.0.0", "to": "1.1.0", "devices": cfg.devices, "devices_on_new": new_version},
         "slis": checks_as_json(checks),
         "verdict": "PASS" if all_met else "FAIL",
@@ -374,6 +392,9 @@ def render_text(report: dict[str, Any]) -> str:
         value = _fmt(c["value"], c["unit"])
         target = c["target"] + (" " + c["unit"] if c["unit"] else "")
         lines.append(f"  {c['name']:<30} {value:>14}   target {target:<10} {c['status']}")
+    db_cpu = report.get("db_cpu") or {}
+    if db_cpu.get("source"):
+        lines.append(f"  (DB CPU: {db_cpu['source']}; % of the database host's cores)")
     outage = report.get("outage")
     if outage:
         lines.append(f"  {'outage events':<30} {outage['offline_events']:>7,} offline {outage['online_events']:>7,} "

@@ -197,6 +197,10 @@ class RunResult:
     load_s: float = 0.0
     cpu_sys_s: float = 0.0  # of cpu_s, in the kernel (mostly loopback TCP)
     connects: int = 0  # TCP connections opened during the run
+    # PostgreSQL's CPU seconds as the server read them (monotonic time, seconds, host cores), and
+    # where they came from, or why there are none.
+    db_cpu_samples: list[tuple[float, float, int]] = field(default_factory=list)
+    db_cpu_source: str | None = None
 
 
 class _GcPauses:
@@ -275,6 +279,8 @@ class LoadRun:
         self.series: list[dict[str, Any]] = []
         self.pool_samples: list[float] = []
         self.pool_latest: float | None = None
+        self.db_cpu_samples: list[tuple[float, float, int]] = []
+        self.db_cpu_source: str | None = None
         self.phase = "load"
         self.end_s = cfg.duration_s  # moves earlier when a stop is requested
         self.outage = (plan_outage(len(self.devices), cfg.outage_pct, cfg.outage_at_s, cfg.outage_for_s, cfg.seed)
@@ -373,6 +379,7 @@ class LoadRun:
         return RunResult(
             stats=self.stats, series=self.series, acked=self.acked,
             lag_ms=percentiles_ms(self.lag), pool_samples=self.pool_samples,
+            db_cpu_samples=self.db_cpu_samples, db_cpu_source=self.db_cpu_source,
             cpu_s=(usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
             cpu_sys_s=usage1.ru_stime - usage0.ru_stime,
             wall_s=wall_s, rss_mb=round(usage1.ru_maxrss / 1024, 1), connections=connections,
@@ -589,6 +596,7 @@ class LoadRun:
         sent_window, stats.window_sent = stats.window_sent, 0
         snapshot = rep.progress_snapshot(
             stats, window, read_window, sent_window, lag_window["p99"], self.pool_samples, self.cfg.targets,
+            db_cpu=rep.db_cpu_pct(self.db_cpu_samples),
             t_s=round(time.perf_counter() - self.t0, 3), phase="final" if final else self.phase,
             expected_per_s=self.cfg.expected_per_s, in_flight=self.inflight,
             connections=len(self.workers) + self.open_conns, pool_latest=self.pool_latest,
@@ -609,6 +617,12 @@ class LoadRun:
                 if status == 404:
                     return  # this server has no pool figures: the SLI shows N/A
                 pct = utilisation_pct(body) if status == 200 else None
+                cpu = body.get("postgres_cpu") if status == 200 and isinstance(body, dict) else None
+                if isinstance(cpu, dict):
+                    self.db_cpu_samples.append((time.monotonic(), float(cpu["seconds"]), int(cpu["host_cpus"])))
+                    self.db_cpu_source = cpu.get("source")
+                elif status == 200 and isinstance(body, dict) and body.get("postgres_cpu_note"):
+                    self.db_cpu_source = "not measured: " + str(body["postgres_cpu_note"])
                 if pct is not None:
                     self.pool_latest = pct
                     self.pool_samples.append(pct)

@@ -32,10 +32,18 @@ from api.metrics import (
     start_worker_sampler,
 )
 from api.openapi import Operation, register
-from api.pool_health import PoolHealth, assess, plane_pool_figures, postgres_figures, server_pool_figures
+from api.pool_health import (
+    PoolHealth,
+    PostgresCpu,
+    assess,
+    local_postgres_cpu,
+    plane_pool_figures,
+    postgres_figures,
+    server_pool_figures,
+)
 from api.responses import json_response
 from api.state import current_state
-from db.connections import connection_use
+from db.connections import backend_pid, connection_use
 from db.engine import reading
 from db.errors import DatabaseUnavailable
 from scheduler.locking import add_job_listener
@@ -153,13 +161,16 @@ def pool_health() -> Response:
     pool = server_pool_figures(state.settings.prometheus_multiproc_dir, state.engine.pool)
     planes = plane_pool_figures(state.settings.prometheus_multiproc_dir, state.engine.pool, state.settings.plane)
     postgres, error = None, None
+    cpu: tuple[PostgresCpu | None, str | None] = (None, "the database cannot be reached")
     try:
         with _ops_engine(current_app, state.engine).connect() as conn:
             postgres = postgres_figures(connection_use(conn))
+            # While this connection's backend lives: its parent is the postmaster.
+            cpu = local_postgres_cpu(state.engine.url.host, backend_pid(conn))
     except SQLAlchemyError as exc:
         lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         error = lines[0] if lines else type(exc).__name__
-    return json_response(assess(pool, postgres, error, datetime.now(UTC), planes))
+    return json_response(assess(pool, postgres, error, datetime.now(UTC), planes, cpu))
 
 
 register(Operation("get", "/metrics", "Prometheus metrics of every worker (text format)", "admin",

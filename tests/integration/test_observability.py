@@ -82,6 +82,8 @@ def test_pool_health_in_one_process(client, admin, engine):
     with engine.connect(), engine.connect():  # two of this process's connections are in use
         held = client.get("/ops/pool_health", headers=admin).get_json()
     assert held["in_use"] == 2 and held["utilization_pct"] == 20.0
+    # The seed's monitoring command: curl .../ops/pool_health | jq .pool.utilization_pct
+    assert held["pool"]["utilization_pct"] == 20.0 and held["pool"]["in_use"] == 2
 
 
 def test_openapi_lists_the_new_endpoints(client):

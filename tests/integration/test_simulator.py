@@ -46,6 +46,11 @@ def test_short_run_passes_loses_nothing_and_streams_progress(live_server, engine
     assert tp["lost_answer_retries"] > 0 and tp["retries_answered_duplicate"] == tp["lost_answer_retries"]
     assert report["latency_ms"]["read"]["count"] > 40
     assert {c["name"]: c["status"] for c in report["slis"]}["fast read p95"] in ("PASS", "FAIL")
+    # The seed's "DB CPU < 70 %": measured from PostgreSQL's processes (the database is local here).
+    db_cpu = {c["name"]: c for c in report["slis"]}["DB CPU"]
+    assert db_cpu["status"] == "PASS" and 0 <= db_cpu["value"] < 70, (db_cpu, report["db_cpu"])
+    assert report["db_cpu"]["source"].startswith("local processes (postmaster pid"), report["db_cpu"]
+    assert "DB CPU" in proc.stderr
     assert report["config"]["equivalent_fleet_at_60s"] == 12_000
     assert report["config"]["admin_url"] == live_server.admin_url  # reads went to the operator plane
     assert len(report["timeseries"]) >= 4 and all("rate_per_s" in s for s in report["timeseries"])

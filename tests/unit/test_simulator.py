@@ -347,3 +347,17 @@ def test_read_mix_parses_weights_and_picks_by_them() -> None:
     for bad in ("nope:1", "device_status:-1", "fleet_list:0"):
         with pytest.raises(ValueError):
             ReadMix.parse(bad)
+
+
+def test_db_cpu_is_an_sli_of_its_own() -> None:
+    """The seed's "DB CPU < 70 %": PostgreSQL's CPU seconds over the run, in % of its host's cores."""
+    # 2 cores; 1.5 CPU-seconds used over 1 s of wall time: 75 % of the host.
+    samples = [(100.0, 10.0, 2), (100.5, 10.7, 2), (101.0, 11.5, 2)]
+    assert rep.db_cpu_pct(samples) == 75.0
+    assert rep.db_cpu_pct(samples[:1]) is None
+    all_met, failed = rep.verdict(rep.check_slis(GOOD, None, 0.0, 0, 0, None, rep.SEED_TARGETS, 75.0))
+    assert not all_met and failed == ["DB CPU"]
+    checks = {c.name: c.status for c in rep.check_slis(GOOD, None, 0.0, 0, 0, None, rep.SEED_TARGETS, 30.0)}
+    assert checks["DB CPU"] == "PASS"
+    checks = {c.name: c.status for c in rep.check_slis(GOOD, None, 0.0, 0, 0, None)}
+    assert checks["DB CPU"] == "N/A"  # not measurable (database on another host): neither pass nor fail
