@@ -1,5 +1,7 @@
-"""Latency chart: heartbeat p50/p95/p99/p999 over time in braille dots, with the SLO lines
-(p95 < 150 ms, p99 < 300 ms) drawn across it, and the current values underneath."""
+"""Latency chart: heartbeat p50/p95/p99/p999 over time in braille dots, the y axis scaled to the
+data (10 ms heartbeats fill the chart instead of lying on the floor of a 400 ms axis), the SLO
+lines (p95 < 150 ms, p99 < 300 ms) drawn across it when they are in range, and the current
+values underneath."""
 
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ SERIES = (  # drawn in this order: a later series wins a shared cell's colour
 )
 TARGETS = {"p95": 150.0, "p99": 300.0}
 _DOTS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # braille bit per (sub-row, sub-col)
-_SCALES = (400, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 20000, 60000)
+_SCALES = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000,
+           20000, 60000)
 LABEL_WIDTH = 5
 
 
 def y_max(points: list[LatencyPoint]) -> float:
-    """The top of the y axis: at least 400 ms so both SLO lines show, else a round number."""
+    """The top of the y axis: the smallest round number above the highest value shown."""
     peak = max((v for p in points for v in (p.p50_ms, p.p95_ms, p.p99_ms, p.p999_ms) if v is not None), default=0.0)
     return next((s for s in _SCALES if peak <= s * 0.95), max(peak * 1.1, _SCALES[-1]))
 
@@ -56,7 +59,7 @@ def render_chart(points: list[LatencyPoint], width: int, height: int) -> list[Te
                 cells[row][col] |= _DOTS[sub_row][sub_col]
                 colours[row][col] = colour
             previous = y
-    slo_rows = {(dots_h - 1 - dot_y(v)) // 4: (v, colour) for v, colour, _ in SLO_LINES}
+    slo_rows = {(dots_h - 1 - dot_y(v)) // 4: (v, colour) for v, colour, _ in SLO_LINES if v <= top}
     lines = []
     for row in range(rows):
         line = Text()
