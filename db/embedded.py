@@ -118,7 +118,7 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` readable by its owner only (created 600, never wider)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -257,15 +257,19 @@ class EmbeddedCluster:
     def initialized(self) -> bool:
         return (self.data_dir / "PG_VERSION").exists()
 
-    def init(self) -> None:
-        """Create the cluster (idempotent), with password authentication only."""
+    def prepare(self) -> None:
+        """Before creating a data directory: var/, binaries and a place the cluster user reaches."""
         self.home.mkdir(parents=True, exist_ok=True)
         self._reachable_binaries()
         self._place_data_dir()
+
+    def init(self) -> None:
+        """Create the cluster (idempotent), with password authentication only."""
+        self.prepare()
         if self.initialized():
             return
         if not self.password_file.exists():
-            _write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
+            write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)
         if self.run_as:
@@ -342,13 +346,15 @@ class EmbeddedCluster:
 
     def _secure(self) -> None:
         """A cluster made before passwords (``trust`` in pg_hba.conf): give the superuser the
-        password and require it from then on. Idempotent."""
+        password and require it from then on. Idempotent; a standby follows its primary."""
+        if self.psql("SELECT pg_is_in_recovery()") == "t":
+            return
         hba = self.data_dir / "pg_hba.conf"
         rules = [line.split() for line in hba.read_text().splitlines() if line.strip() and not line.startswith("#")]
         if not any("trust" in rule for rule in rules):
             return
         if not self.password_file.exists():
-            _write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
+            write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
         self.psql(f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password}'")
         hba.write_text(
             "# NexMDM: TCP on loopback only, every user with a password (SCRAM)\n"
@@ -398,6 +404,8 @@ class EmbeddedCluster:
         return result.stdout.strip()
 
     def _ensure_database(self) -> None:
+        if self.psql("SELECT pg_is_in_recovery()") == "t":
+            return  # a standby: roles and databases come from its primary
         if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{DB_USER}'"):
             self.psql(f"CREATE ROLE {DB_USER} LOGIN SUPERUSER")
         self.psql(f"ALTER ROLE {DB_USER} PASSWORD '{self.password}'")

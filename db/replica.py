@@ -9,13 +9,12 @@ It listens on 127.0.0.1 on a port of its own; point READ_DATABASE_URL at its URL
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
 from dataclasses import dataclass
 
 from config.settings import Settings
-from db.embedded import EmbeddedCluster, EmbeddedError
+from db.embedded import EmbeddedCluster, EmbeddedError, write_private
 from db.engine import embedded_cluster
 
 
@@ -27,8 +26,7 @@ class ReplicaCluster(EmbeddedCluster):
 
     def init(self) -> None:
         """Copy the primary (which must be running) into ``data_dir``, unless already done."""
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._prepare_user()
+        self.prepare()
         if self.initialized():
             return
         if self.primary is None:
@@ -42,12 +40,14 @@ class ReplicaCluster(EmbeddedCluster):
         self.data_dir.mkdir(parents=True)
         self.data_dir.chmod(0o700)
         if self.run_as:
-            entry = pwd.getpwnam(self.run_as)
-            os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+            os.chown(self.data_dir, self.run_as.pw_uid, self.run_as.pw_gid)
+        # A copy of the primary: the same roles, so the same password (var/<name>.password, 600);
+        # pg_basebackup takes it from the environment and writes it into primary_conninfo.
+        write_private(self.password_file, self.primary.password + "\n")
         result = self._run(
             "pg_basebackup", "-D", str(self.data_dir), "-h", "127.0.0.1", "-p", str(self.primary.port),
             "-U", "postgres", "--write-recovery-conf", "--wal-method=stream", "--checkpoint=fast",
-            "--no-password", check=False, timeout=600,
+            "--no-password", check=False, timeout=600, env={"PGPASSWORD": self.primary.password},
         )
         if result.returncode != 0:
             shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -52,6 +52,9 @@ def replica_started(pg_cluster: EmbeddedCluster, database_url: str) -> Iterator[
     shutil.rmtree(CLI_VAR_DIR, ignore_errors=True)
     CLI_VAR_DIR.mkdir(parents=True)
     (CLI_VAR_DIR / "pg").symlink_to(pg_cluster.data_dir)
+    # The port and password files live beside the link (var/pg.port, var/pg.password).
+    (CLI_VAR_DIR / "pg.port").symlink_to(pg_cluster.port_file)
+    (CLI_VAR_DIR / "pg.password").symlink_to(pg_cluster.password_file)
     started = db_cli("replica", "start")
     assert started.returncode == 0, started.stdout + started.stderr
     cluster.port = int(cluster.port_file.read_text())

@@ -76,9 +76,9 @@ def test_statement_timeouts_keep_the_pool_and_have_their_own_reason(database_url
         assert m.value("nexmdm_heartbeats_rejected_total", reason="database_unavailable") == 0
         for gauge in ("nexmdm_db_pool_checked_out_connections", "nexmdm_db_pool_overflow_connections",
                       "nexmdm_db_pool_utilization_ratio"):
-            assert m.value(gauge) >= 0, (gauge, m.value(gauge))
+            assert m.value(gauge, plane="device") >= 0, (gauge, m.value(gauge, plane="device"))
         # The flusher kept its connection: one checked out on the device plane, none lost.
-        assert m.value("nexmdm_db_pool_checked_out_connections") >= 1
+        assert m.value("nexmdm_db_pool_checked_out_connections", plane="device") >= 1
         assert "Traceback" not in server.log(), server.log()[-3000:]
     finally:
         stop_server(server)
@@ -89,22 +89,24 @@ def test_pool_gauges_come_from_the_live_pool_only(database_url):
     (the old code published the old pool's figures: checked_out -3 here)."""
     from prometheus_client import REGISTRY
 
+    from api import metrics
     from api.metrics import MeteredQueuePool
     from config.settings import Settings
     from db.engine import make_engine
 
+    plane = {"plane": metrics._plane}
     engine = make_engine(Settings(database_url=database_url, db_pool_size=3, db_max_overflow=2), database_url,
                          pool_class=MeteredQueuePool)
     try:
         held = [engine.connect() for _ in range(3)]
-        assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections") == 3
+        assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections", plane) == 3
         engine.dispose()  # a new, empty pool
         for conn in held:
             conn.close()  # back to the old pool
-        assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections") == 0
+        assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections", plane) == 0
         with engine.connect():
-            assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections") == 1
-        assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections") == 0
-        assert REGISTRY.get_sample_value("nexmdm_db_pool_utilization_ratio") == 0
+            assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections", plane) == 1
+        assert REGISTRY.get_sample_value("nexmdm_db_pool_checked_out_connections", plane) == 0
+        assert REGISTRY.get_sample_value("nexmdm_db_pool_utilization_ratio", plane) == 0
     finally:
         engine.dispose()
