@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from db.events import EVENT_TYPES
+
 ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
 # Whole-string patterns: "(?!\n)$" because Python's $ also matches before a final newline
 # ("dev-a\n" beside "dev-a"); in the OpenAPI document's (ECMA) dialect it changes nothing.
@@ -43,6 +45,15 @@ DEVICES_AFTER = IntQuery("after", 0, 2**63 - 1, 0)
 DEVICES_LIMIT = IntQuery("limit", 1, 1000, 100)
 DEVICES_BATTERY_BELOW = IntQuery("battery_below", 0, 101, -1)  # absent: no battery filter
 HISTORY_LIMIT = IntQuery("limit", 1, 10_000, 1000)
+_MAX_ID = 2**63 - 1
+EVENTS_DEVICE_ID = IntQuery("device_id", 1, _MAX_ID, 0)
+EVENTS_AFTER = IntQuery("after", 0, _MAX_ID, 0)
+EVENTS_BEFORE = IntQuery("before", 0, _MAX_ID, _MAX_ID)
+EVENTS_LIMIT = IntQuery("limit", 1, 1000, 100)
+_EVENT_TYPE = "(" + "|".join(EVENT_TYPES) + ")"
+EVENTS_TYPES = TextQuery("type", rf"^({_EVENT_TYPE}(,{_EVENT_TYPE})*)?$")  # a comma-separated list
+DELIVERIES_BEFORE = IntQuery("before", 1, _MAX_ID, _MAX_ID)
+DELIVERIES_LIMIT = IntQuery("limit", 1, 500, 100)
 JOBS_LIMIT = IntQuery("limit", 1, 500, 50)
 
 

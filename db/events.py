@@ -232,6 +232,9 @@ def list_events(
     if before is not None:
         where.append("id < %(before)s")
         params["before"] = before
+        if after:  # both: the ids between them, newest first
+            where.append("id > %(after)s")
+            params["after"] = after
         order = "DESC"
     else:
         where.append("id > %(after)s")

@@ -241,8 +241,10 @@ _DELIVERY_FIELDS = """id, webhook_id, idempotency_key::text AS idempotency_key, 
 def list_deliveries(
     conn: Connection, webhook_id: int, *, status: str | None = None, before: int | None = None, limit: int = 100
 ) -> tuple[list[dict[str, Any]], int | None]:
-    """The delivery log of a webhook, newest first (keyset on id). Raises WebhookNotFound."""
-    if conn.exec_driver_sql("SELECT 1 FROM webhooks WHERE id = %(id)s", {"id": webhook_id}).first() is None:
+    """The delivery log of a webhook, newest first (keyset on id). Raises WebhookNotFound, for a
+    deleted webhook too: once deleted it is gone from the API (its rows stay for the prune)."""
+    active = "SELECT 1 FROM webhooks WHERE id = %(id)s AND deleted_at IS NULL"
+    if conn.exec_driver_sql(active, {"id": webhook_id}).first() is None:
         raise WebhookNotFound(webhook_id)
     rows = conn.exec_driver_sql(
         f"""

@@ -10,8 +10,8 @@ from api.auth import admin_required, requires_role
 from api.body import decode_body
 from api.errors import ApiError
 from api.responses import json_response
-from api.routes.heartbeats import int_arg
-from api.schemas import WebhookIn
+from api.routes.heartbeats import int_query
+from api.schemas import DELIVERIES_BEFORE, DELIVERIES_LIMIT, WebhookIn
 from api.state import current_state
 from db.engine import reading
 from db.webhooks import create_webhook, delete_webhook, list_deliveries, list_webhooks
@@ -53,11 +53,11 @@ def delete(webhook_id: int) -> Response:
 @admin_required
 def deliveries(webhook_id: int) -> Response:
     """The delivery log, newest first (?status=, ?before=, ?limit= up to 500)."""
-    status = request.args.get("status") or None
+    status = request.args.get("status")
     if status is not None and status not in DELIVERY_STATUSES:
         raise ApiError(400, "invalid_parameter", f"status must be one of {', '.join(DELIVERY_STATUSES)}")
-    before = int_arg("before", 2**63 - 1, 1, 2**63 - 1)
-    limit = int_arg("limit", 100, 1, 500)
+    before = int_query(DELIVERIES_BEFORE)
+    limit = int_query(DELIVERIES_LIMIT)
     with reading(current_state().engine) as conn:
         rows, cursor = list_deliveries(conn, webhook_id, status=status, before=before, limit=limit)
     return json_response({"deliveries": rows, "next_before": cursor})

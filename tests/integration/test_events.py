@@ -126,9 +126,15 @@ def test_event_log_reads_filter_and_paginate(engine, settings, client, admin):
     since = (t0 + timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
     assert len(client.get(f"/v1/events?since={since}", headers=admin).get_json()["events"]) == 5
 
-    for bad in ("type=device_exploded", "since=yesterday", "after=-1", "limit=0", "order=up", "after=1&before=5"):
+    for bad in ("type=device_exploded", "type=device_online,", "since=yesterday", "after=-1", "limit=0",
+                "limit=", "order=up", "order="):
         resp = client.get(f"/v1/events?{bad}", headers=admin)
         assert resp.status_code == 400 and resp.get_json()["error"] == "invalid_parameter", bad
+    # Both bounds are a range of ids, newest first (issue 19.8: the document cannot forbid the pair).
+    everything = client.get("/v1/events?order=desc&limit=1000", headers=admin).get_json()["events"]
+    ids = sorted(e["id"] for e in everything)
+    ranged = client.get(f"/v1/events?after={ids[0]}&before={ids[-1]}", headers=admin).get_json()["events"]
+    assert [e["id"] for e in ranged] == sorted(ids[1:-1], reverse=True)
     assert client.get("/v1/devices/999999/events", headers=admin).status_code == 404
     assert client.get("/v1/events").status_code == 401
 

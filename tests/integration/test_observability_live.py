@@ -138,8 +138,11 @@ def test_one_scrape_covers_every_worker_and_the_histogram_matches_the_client(dat
         # Only bounded labels (request metrics are grouped by endpoint, not by path): no device id.
         label_names = {name for _, labels in m.samples for name, _ in labels}
         bounded = {"reason", "query", "job_name", "outcome", "endpoint", "method", "status", "le", "version", "plane",
-                   "type"}  # type: the closed set of event types (db.events.EVENT_TYPES)
+                   "type",  # type: the closed set of event types (db.events.EVENT_TYPES)
+                   "pid"}  # pid: each live worker's process figures; a dead worker's are dropped
         assert label_names <= bounded, label_names - bounded
+        pids = {dict(labels)["pid"] for name, labels in m.samples if name == "nexmdm_process_resident_memory_bytes"}
+        assert 0 < len(pids) <= 3 + 1, pids  # the workers of both planes, no more
         assert m.value("nexmdm_http_request_duration_seconds_count",
                        endpoint="devices.device_status", method="GET", status="200") == 5
 
