@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from api.body import decode_json
 from api.errors import ApiError
@@ -55,6 +56,27 @@ def choose_bucket(sent_at: datetime, now: datetime, bucket_s: int, max_skew_s: i
     return floor_to_bucket(sent_at + correction, bucket_s), skew_s, True
 
 
+def _integer_fields(struct: type) -> frozenset[str]:
+    """The fields of a msgspec Struct that hold integers (optional ones included)."""
+    names = set()
+    for f in msgspec.inspect.type_info(struct).fields:
+        kinds = f.type.types if isinstance(f.type, msgspec.inspect.UnionType) else (f.type,)
+        if any(isinstance(k, msgspec.inspect.IntType) for k in kinds):
+            names.add(f.encode_name)
+    return frozenset(names)
+
+
+_INTEGER_FIELDS = _integer_fields(HeartbeatIn)
+
+
+def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with 80.0 read as 80 in integer fields (JSON Schema's integers, and the document's:
+    a number with no fraction is one); ``raw`` itself when there is none. Only on the error path."""
+    fixed = {k: int(v) for k, v in raw.items()
+             if k in _INTEGER_FIELDS and isinstance(v, float) and v.is_integer() and abs(v) < 2**63}
+    return {**raw, **fixed} if fixed else raw
+
+
 def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: datetime) -> tuple[HeartbeatRow, bool]:
     """Validate a heartbeat body into a row; raises a 400/422 ApiError naming the problem."""
     raw = decode_json(body)
@@ -63,7 +85,13 @@ def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: dateti
     try:
         hb = msgspec.convert(raw, HeartbeatIn)
     except msgspec.ValidationError as exc:
-        raise ApiError(422, "validation_failed", str(exc)) from None
+        whole = _integral_floats_as_ints(raw)
+        if whole is raw:
+            raise ApiError(422, "validation_failed", str(exc)) from None
+        try:
+            hb = msgspec.convert(whole, HeartbeatIn)
+        except msgspec.ValidationError as again:
+            raise ApiError(422, "validation_failed", str(again)) from None
     extra_json = None
     if len(raw) > len(_KNOWN_FIELDS) or not _KNOWN_FIELDS.issuperset(raw):
         extra = {k: v for k, v in raw.items() if k not in _KNOWN_FIELDS}
