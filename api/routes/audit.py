@@ -7,8 +7,8 @@ from flask import Blueprint, Response, request
 from api.auth import admin_required
 from api.openapi import Operation, register
 from api.responses import json_response
-from api.routes.heartbeats import int_arg
-from api.schemas import AuditPage
+from api.routes.heartbeats import int_query, text_query
+from api.schemas import AUDIT_ACTION, AUDIT_BEFORE, AUDIT_LIMIT, AuditPage
 from api.state import current_state
 from db.audit import list_audit
 from db.engine import reading
@@ -20,9 +20,9 @@ bp = Blueprint("audit", __name__)
 @admin_required
 def audit_log() -> Response:
     """Audit rows newest first (?action=, ?before= the previous page's next_before, ?limit= up to 500)."""
-    before = int_arg("before", 0, 1, 2**63 - 1) if request.args.get("before") else None
-    limit = int_arg("limit", 100, 1, 500)
-    action = request.args.get("action") or None
+    before = int_query(AUDIT_BEFORE) if AUDIT_BEFORE.name in request.args else None
+    limit = int_query(AUDIT_LIMIT)
+    action = text_query(AUDIT_ACTION)
     with reading(current_state().engine) as conn:
         entries, next_before = list_audit(conn, before_id=before, limit=limit, action=action)
     return json_response({"entries": entries, "next_before": next_before})
@@ -30,6 +30,5 @@ def audit_log() -> Response:
 
 register(Operation("get", "/v1/audit", "The audit trail of operator changes, newest first", "admin",
                    response=AuditPage,
-                   params=(("action", "query", "string"), ("before", "query", "integer"),
-                           ("limit", "query", "integer")),
+                   params=(AUDIT_ACTION, AUDIT_BEFORE, AUDIT_LIMIT),
                    errors=(400, 401, 403)))
