@@ -15,6 +15,9 @@ from config.settings import Settings
 from db.heartbeats import HeartbeatRow
 
 _KNOWN_FIELDS = frozenset(HeartbeatIn.__struct_fields__)
+# What the device reports that is stored as sent (sent_at is normalised to UTC first): a field
+# added to HeartbeatIn and HeartbeatRow flows through here without an edit.
+_REPORTED_AS_IS = tuple(name for name in HeartbeatIn.__struct_fields__ if name != "sent_at")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -104,7 +107,7 @@ def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: dateti
                     422, "extra_too_large",
                     f"fields beyond the schema take {len(encoded)} bytes; at most {settings.max_extra_bytes}",
                 )
-            extra_json = encoded.decode()
+            extra_json = msgspec.Raw(encoded)
     try:
         # In UTC: PostgreSQL refuses zone offsets beyond 15:59 that Python accepts.
         sent_at = hb.sent_at.astimezone(UTC)
@@ -119,14 +122,7 @@ def parse_heartbeat(body: bytes, device_id: int, settings: Settings, now: dateti
         sent_at=sent_at,
         received_at=now,
         clock_skew_s=round(skew_s, 3),
-        battery_pct=hb.battery_pct,
-        charging=hb.charging,
-        network_type=hb.network_type,
-        signal_dbm=hb.signal_dbm,
-        app_version=hb.app_version,
-        os_version=hb.os_version,
-        uptime_s=hb.uptime_s,
-        free_storage_mb=hb.free_storage_mb,
         extra_json=extra_json,
+        **{name: getattr(hb, name) for name in _REPORTED_AS_IS},
     )
     return row, corrected

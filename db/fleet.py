@@ -13,13 +13,13 @@ from typing import Any
 from sqlalchemy import Connection
 
 from db.errors import DeviceNotFound
+from db.heartbeats import STATUS_COLUMNS
 
-_STATUS_FIELDS = """
-    s.received_at AS last_seen_at, s.sent_at, s.bucket_ts, s.clock_skew_s, s.battery_pct,
-    s.charging, s.network_type, s.signal_dbm, s.app_version, s.os_version, s.uptime_s,
-    s.free_storage_mb,
-    COALESCE(s.received_at >= now() - make_interval(secs => %(offline_after)s), false) AS online
-"""
+# A device's status: the heartbeat columns (received_at named last_seen_at), and whether it is online.
+_STATUS_FIELDS = ", ".join(
+    ["s.received_at AS last_seen_at", *(f"s.{c}" for c in STATUS_COLUMNS if c not in ("device_id", "received_at")),
+     "COALESCE(s.received_at >= now() - make_interval(secs => %(offline_after)s), false) AS online"]
+)
 _FROM_LAST_STATUS = "devices d LEFT JOIN device_last_status s ON s.device_id = d.id"
 _FROM_HEARTBEATS = """devices d LEFT JOIN LATERAL (
     SELECT * FROM heartbeats h WHERE h.device_id = d.id ORDER BY h.bucket_ts DESC LIMIT 1
@@ -150,11 +150,8 @@ def fleet_summary(conn: Connection, *, offline_after_s: int, from_heartbeats: bo
 def backfill_last_status(conn: Connection) -> int:
     """Build device_last_status from heartbeats, set-based: insert missing rows and move
     stale ones to each device's last-arrived heartbeat. Idempotent; returns how many rows changed. Caller commits."""
-    cols = (
-        "device_id, bucket_ts, sent_at, received_at, clock_skew_s, battery_pct, charging, network_type, "
-        "signal_dbm, app_version, os_version, uptime_s, free_storage_mb"
-    )
-    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols.split(", ")[1:])
+    cols = ", ".join(STATUS_COLUMNS)
+    sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in STATUS_COLUMNS[1:])
     result = conn.exec_driver_sql(
         f"""
         INSERT INTO device_last_status ({cols})

@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     SmallInteger,
     Text,
     text,
@@ -51,36 +52,11 @@ class Device(Base):
     )
 
 
-class Heartbeat(Base):
-    """One stored heartbeat. Partitioned by RANGE (bucket_ts), one partition a day
-    (``heartbeats_pYYYYMMDD``); the primary key makes retries in one bucket a conflict."""
+class HeartbeatColumns:
+    """The columns of a heartbeat, as both heartbeats and device_last_status keep them (mirroring
+    db.heartbeats.HeartbeatRow; tests/unit/test_heartbeat_columns.py checks they agree)."""
 
-    __tablename__ = "heartbeats"
-
-    device_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    bucket_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
-    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    clock_skew_s: Mapped[float] = mapped_column(REAL)
-    battery_pct: Mapped[int] = mapped_column(SmallInteger)
-    charging: Mapped[bool] = mapped_column(Boolean)
-    network_type: Mapped[str] = mapped_column(Text)
-    signal_dbm: Mapped[int | None] = mapped_column(SmallInteger)
-    app_version: Mapped[str] = mapped_column(Text)
-    os_version: Mapped[str] = mapped_column(Text)
-    uptime_s: Mapped[int] = mapped_column(BigInteger)
-    free_storage_mb: Mapped[int] = mapped_column(Integer)
-    extra: Mapped[dict | None] = mapped_column(JSONB)
-
-    __table_args__ = ({"postgresql_partition_by": "RANGE (bucket_ts)"},)
-
-
-class DeviceLastStatus(Base):
-    """The newest stored heartbeat of each device: fleet reads are O(1) per device."""
-
-    __tablename__ = "device_last_status"
-
-    device_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    device_id: Mapped[int] = mapped_column(BigInteger)
     bucket_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -94,7 +70,26 @@ class DeviceLastStatus(Base):
     uptime_s: Mapped[int] = mapped_column(BigInteger)
     free_storage_mb: Mapped[int] = mapped_column(Integer)
 
+
+class Heartbeat(HeartbeatColumns, Base):
+    """One stored heartbeat. Partitioned by RANGE (bucket_ts), one partition a day
+    (``heartbeats_pYYYYMMDD``); the primary key (device, bucket) makes retries in one bucket a
+    conflict. ``extra``: the fields a device sent beyond the schema."""
+
+    __tablename__ = "heartbeats"
+
+    extra: Mapped[dict | None] = mapped_column(JSONB, sort_order=1)  # after the shared columns
+
+    __table_args__ = (PrimaryKeyConstraint("device_id", "bucket_ts"), {"postgresql_partition_by": "RANGE (bucket_ts)"})
+
+
+class DeviceLastStatus(HeartbeatColumns, Base):
+    """The newest stored heartbeat of each device: fleet reads are O(1) per device."""
+
+    __tablename__ = "device_last_status"
+
     __table_args__ = (
+        PrimaryKeyConstraint("device_id"),
         Index("ix_last_status_received_at", "received_at"),
         Index("ix_last_status_battery", "battery_pct"),
         Index("ix_last_status_app_version", "app_version"),

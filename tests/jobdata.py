@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, date, datetime, timedelta
 
+import msgspec
 from sqlalchemy import Engine
 
 from db.devices import NewDevice, enroll_devices
@@ -21,7 +22,8 @@ def row(device_id: int, ts: datetime, battery: int = 50, extra: str | None = Non
     return HeartbeatRow(
         device_id=device_id, bucket_ts=ts, sent_at=ts, received_at=ts, clock_skew_s=0.0,
         battery_pct=battery, charging=False, network_type="wifi", signal_dbm=-70, app_version="1.0.0",
-        os_version="14", uptime_s=100, free_storage_mb=1000, extra_json=extra,
+        os_version="14", uptime_s=100, free_storage_mb=1000,
+        extra_json=msgspec.Raw(extra.encode()) if extra is not None else None,
     )
 
 

@@ -43,7 +43,7 @@ def test_parse_heartbeat_collects_unknown_fields():
     )
     now = datetime(2026, 11, 27, 11, 0, 9, tzinfo=UTC)
     row, corrected = parse_heartbeat(body, 7, Settings(), now)
-    assert row.device_id == 7 and row.extra_json == '{"rooted":false}' and not corrected
+    assert row.device_id == 7 and bytes(row.extra_json) == b'{"rooted":false}' and not corrected
     assert row.bucket_ts == datetime(2026, 11, 27, 11, 0, 0, tzinfo=UTC)
     assert row.signal_dbm is None
 
