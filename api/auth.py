@@ -156,15 +156,19 @@ class TokenCache:
     # before the previous sync) is still seen. Evicting twice is harmless.
     SYNC_OVERLAP = timedelta(seconds=15)
 
-    def __init__(self, engine: Engine, ttl_s: float, sync_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, engine: Engine, ttl_s: float, sync_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._engine = engine
+        self._clock = clock  # monotonic seconds; tests pass their own instead of sleeping
         self._ttl_s = ttl_s
         self._sync_interval_s = sync_interval_s
         self._entries: dict[bytes, _Entry] = {}
         self._negative: OrderedDict[bytes, float] = OrderedDict()  # unknown token hash -> expiry
         # device id -> the token hashes cached for it, so a change evicts all of them
         self._by_device: dict[int, list[bytes]] = {}
-        self._synced_mono = time.monotonic()
+        self._synced_mono = clock()
         self._synced_db: datetime | None = None
         self.syncs = 0
         self._grouped = gevent_active()
@@ -174,7 +178,7 @@ class TokenCache:
     def authenticate(self, token: str) -> int:
         """The device id a token belongs to; raises 401 ApiError otherwise."""
         digest = hash_token(token)
-        now = time.monotonic()
+        now = self._clock()
         if now - self._synced_mono >= self._sync_interval_s:
             self.sync(now)
         entry = self._entries.get(digest)
@@ -219,7 +223,7 @@ class TokenCache:
                         result.set_exception(exc)
                     continue
                 count_token_lookups(len(batch))
-                now = time.monotonic()
+                now = self._clock()
                 for digest, result in batch.items():
                     result.set(self._store(digest, owners.get(digest), now))
         finally:
@@ -253,7 +257,7 @@ class TokenCache:
 
     def sync(self, now_mono: float | None = None) -> None:
         """Evict every cached token of the devices whose tokens changed since the last sync."""
-        self._synced_mono = time.monotonic() if now_mono is None else now_mono
+        self._synced_mono = self._clock() if now_mono is None else now_mono
         since = self._synced_db - self.SYNC_OVERLAP if self._synced_db else None
         if since is None:
             # First sync: everything cached so far was loaded after the worker started, so only

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 from tests.helpers import bearer, enroll, heartbeat_body
 
@@ -56,12 +55,34 @@ def test_rotation_keeps_old_token_for_the_overlap_then_stops(client, admin, app,
     assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(new)).status_code == 200
 
 
-def test_previous_token_is_cached_no_longer_than_its_overlap(client, admin, app, settings):
+class FakeClock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_previous_token_is_cached_no_longer_than_its_overlap(client, admin, app, settings, engine):
+    from api.auth import TokenCache
+
+    clock = FakeClock()
+    state = app.extensions["nexmdm"]
+    state.tokens = TokenCache(engine, ttl_s=86_400, sync_interval_s=3600, clock=clock)
     dev = enroll(client, admin)[0]
-    app.extensions["nexmdm"].settings = settings.with_overrides(token_rotation_overlap_s=1)
+    state.settings = settings.with_overrides(token_rotation_overlap_s=60)
     client.post(f"/v1/devices/{dev['id']}/token", headers=admin)
+    # Cached now, for what is left of the overlap (about 60 s), not for the day-long TTL.
     assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(dev["token"])).status_code == 200
-    time.sleep(1.2)
+    with engine.begin() as conn:  # the database's clock moves past the overlap too
+        conn.exec_driver_sql(
+            "UPDATE devices SET prev_token_expires_at = now() - interval '1 second' WHERE id = %s", (dev["id"],)
+        )
+    clock.now += 50
+    assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(dev["token"])).status_code == 200
+    clock.now += 11
     assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(dev["token"])).status_code == 401
 
 
@@ -84,11 +105,13 @@ def test_revocation_reaches_other_workers_within_the_sync_interval(client, admin
     from api.errors import ApiError
 
     dev = enroll(client, admin)[0]
-    other_worker = TokenCache(engine, ttl_s=900, sync_interval_s=0.2)
+    clock = FakeClock()
+    other_worker = TokenCache(engine, ttl_s=900, sync_interval_s=0.2, clock=clock)
     assert other_worker.authenticate(dev["token"]) == dev["id"]
     assert client.post(f"/v1/devices/{dev['id']}/revoke", headers=admin).status_code == 200
+    clock.now += 0.19
     assert other_worker.authenticate(dev["token"]) == dev["id"]  # still cached before the sync
-    time.sleep(0.25)
+    clock.now += 0.05
     try:
         other_worker.authenticate(dev["token"])
         raise AssertionError("revoked token still accepted after the sync interval")
