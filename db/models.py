@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -191,7 +191,7 @@ class WebhookDelivery(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     webhook_id: Mapped[int] = mapped_column(BigInteger)
-    idempotency_key: Mapped[str] = mapped_column(Text, unique=True)  # uuid
+    idempotency_key: Mapped[str] = mapped_column(UUID(as_uuid=False), unique=True)
     first_event_id: Mapped[int] = mapped_column(BigInteger)
     last_event_id: Mapped[int] = mapped_column(BigInteger)
     event_count: Mapped[int] = mapped_column(Integer)

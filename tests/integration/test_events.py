@@ -3,8 +3,9 @@ the fleet summary's long-offline counts; the events partitions and their retenti
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+
+from msgspec.structs import replace
 
 from db.devices import revoke_device
 from db.events import event_partition_name, list_event_partitions, plan_event_partitions
