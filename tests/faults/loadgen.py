@@ -194,16 +194,20 @@ class LoadDriver:
 
 def verify_against_db(engine: Engine, result: LoadResult) -> dict[str, int]:
     """Compare the acknowledgements with the heartbeats table: lost (acked but absent) and
-    duplicate (device, bucket) rows. Also checks device_last_status kept up with the rows."""
+    duplicate (device, bucket) rows. Also checks device_last_status holds the row that arrived last."""
     device_ids = sorted({d for d, _ in result.acked})
     with engine.connect() as conn:
         rows = conn.execute(
             text("SELECT device_id, bucket_ts FROM heartbeats WHERE device_id = ANY(:ids)"),
             {"ids": device_ids},
         ).all()
+        # The status row follows the heartbeat that arrived last (server receive time), not the
+        # newest bucket: a retry of an older bucket stored after a newer one is the latest news.
         stale_last_status = conn.execute(text(
-            "SELECT count(*) FROM (SELECT device_id, max(bucket_ts) AS b FROM heartbeats GROUP BY device_id) h "
-            "LEFT JOIN device_last_status s USING (device_id) WHERE s.bucket_ts IS DISTINCT FROM h.b"
+            "SELECT count(*) FROM (SELECT DISTINCT ON (device_id) device_id, bucket_ts AS b, received_at AS r "
+            "FROM heartbeats ORDER BY device_id, received_at DESC, bucket_ts DESC) h "
+            "LEFT JOIN device_last_status s USING (device_id) "
+            "WHERE s.received_at IS DISTINCT FROM h.r"
         )).scalar_one()
     stored = [(d, b.astimezone(UTC)) for d, b in rows]
     stored_set = set(stored)
