@@ -8,6 +8,7 @@ import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
 
+import msgspec
 import pyarrow.parquet as pq
 import pytest
 
@@ -39,7 +40,10 @@ def fill(engine, day: date, devices: list[int], per_device: int) -> int:
                 charging=k % 3 == 0, network_type=("wifi", "cellular", "ethernet")[k % 3],
                 signal_dbm=None if k % 3 == 2 else -60 - k % 40, app_version=f"2.{dev % 3}.{k % 2}",
                 os_version="" if k == 1 else "14", uptime_s=10**9 + 60 * k, free_storage_mb=64_000 - k,
-                extra_json=None if k % 2 else f'{{"note": "tab\\there \\"q\\" é {k}", "n": [1, 2.5, null]}}',
+                # an object, and (k == 2) a bare JSON string, which must come back a string
+                extra_json=None if k % 2 else msgspec.Raw(
+                    b'"just a string"' if k == 2
+                    else f'{{"note": "tab\\there \\"q\\" é {k}", "n": [1, 2.5, null]}}'.encode()),
             ))
     with engine.begin() as conn:
         ensure_partitions(conn, day, 0)
@@ -89,7 +93,7 @@ def test_history_is_the_same_json_before_and_after_days_move_to_parquet(engine, 
     before_asc = history(client, admin, devices[2], since, until, order="asc", limit=20)
 
     report = nightly(engine, settings)
-    assert report.status == "succeeded", report.error
+    assert report.status == "succeeded", (report.error, report.detail)
     assert [a["partition"] for a in report.detail["archived"]] == [partition_name(d) for d in days]
     with engine.connect() as conn:
         assert not {partition_name(d) for d in days} & list_partitions(conn)
