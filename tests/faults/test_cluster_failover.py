@@ -59,7 +59,8 @@ def test_primary_machine_lost_nothing_acknowledged_lost(cluster_dir: Path) -> No
         etcd = start_etcd(procs, cluster_dir)
         cluster = start_patroni_cluster(procs, cluster_dir, etcd, async_replica=False)
         env = {"DATABASE_URL": cluster.app_url, "ADMIN_KEY": ADMIN_KEY, "WEB_CONCURRENCY": "1",
-               "DB_POOL_SIZE": "8", "DB_MAX_OVERFLOW": "4", "SCHEDULER_ENABLED": "false"}
+               "DB_POOL_SIZE": "8", "DB_MAX_OVERFLOW": "4", "SCHEDULER_ENABLED": "false",
+               "DEVICE_MAX_PER_MINUTE": "0"}  # the load sends faster than a real device
         nodes = [ApiNode(f"api{i}", free_port(), cluster_dir / f"api{i}", env) for i in (1, 2)]
         for node in nodes:
             start_api_node(procs, node)

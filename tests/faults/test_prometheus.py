@@ -93,6 +93,8 @@ def test_real_prometheus_sees_the_database_down_alert_fire(database_url, engine,
             time.sleep(1.0)
         empty = []
         for expr in dashboard_expressions({"$__rate_interval": "15s", "$__interval": "15s", "$__range": "1m"}):
+            if "nexmdm_replica_" in expr:
+                continue  # exported only with READ_DATABASE_URL; the panel says it is empty without one
             if not prometheus_get(base, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))["result"]:
                 empty.append(expr)
         assert not empty, empty
