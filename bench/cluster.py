@@ -599,11 +599,16 @@ def haproxy_env(haproxy: Haproxy, api_nodes: list[ApiNode], admin_addresses: lis
     return env
 
 
+# A simulated fleet on one machine comes from one address (127.0.0.1): the edge's per-address
+# request and error ceilings, meant for a carrier NAT, are lifted for it.
+ONE_SOURCE_FLEET = {"NEXMDM_EDGE_REQ_PER_10S": "10000000", "NEXMDM_EDGE_ERR_PER_10S": "10000000"}
+
+
 def start_haproxy(procs: Processes, base: Path, api_nodes: list[ApiNode], admin_addresses: list[str] | None = None,
-                  cfg: Path = HAPROXY_CFG) -> Haproxy:
+                  cfg: Path = HAPROXY_CFG, env_overrides: dict[str, str] | None = None) -> Haproxy:
     """Check, then start HAProxy in the foreground (-db) on the shipped config."""
     haproxy = Haproxy(free_port(), free_port(), base / "haproxy.sock")
-    env = haproxy_env(haproxy, api_nodes, admin_addresses)
+    env = {**haproxy_env(haproxy, api_nodes, admin_addresses), **(env_overrides or {})}
     check = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], env=env, capture_output=True, text=True)
     if check.returncode != 0:
         raise ClusterError(f"haproxy -c failed: {check.stdout}{check.stderr}")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cluster import (
+    ONE_SOURCE_FLEET,
     ROOT,
     ApiNode,
     ClusterError,
@@ -183,7 +184,7 @@ class Drill:
             # The first node migrates the schema; the others start after it, on a migrated schema.
             start_api_node(self.procs, node)
             self.api.append(node)
-        self.haproxy = start_haproxy(self.procs, self.base, self.api)
+        self.haproxy = start_haproxy(self.procs, self.base, self.api, env_overrides=ONE_SOURCE_FLEET)
         print(f"drill: {len(self.api)} API nodes and HAProxy up after {time.monotonic() - t0:.1f} s "
               f"(edge {self.haproxy.url}, operator {self.haproxy.operator_url})", flush=True)
 

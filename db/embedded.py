@@ -101,17 +101,18 @@ def run_as_user() -> str | None:
 
 
 def prepare_run_as(user: str | None, paths: list[Path]) -> None:
-    """Create the system user if needed and let it reach ``paths`` by opening their parents (o+x):
-    for the cluster harness and the PgBouncer test (bench/cluster.py); the embedded cluster
-    itself (EmbeddedCluster) never changes a directory's permissions."""
+    """Create the system user if needed and check that it can reach ``paths`` (for the cluster
+    harness and the PgBouncer test). Changes no directory's permissions: a closed parent is an
+    error that names it, so the caller picks a directory the user can reach (e.g. under /tmp)."""
     if user is None:
         return
     _system_account()
     for path in paths:
-        for parent in [path, *path.parents]:
-            mode = parent.stat().st_mode
-            if mode & stat.S_IXOTH == 0:
-                parent.chmod(mode | stat.S_IXOTH | stat.S_IROTH)
+        for parent in path.parents:
+            if parent.stat().st_mode & stat.S_IXOTH == 0:
+                raise PermissionError(
+                    f"{parent} is closed to the {SYSTEM_USER} user that runs PostgreSQL/PgBouncer; "
+                    f"use a directory it can reach (e.g. under /tmp) instead of {path}")
 
 
 def _short_hash(text: str) -> str:

@@ -7,6 +7,7 @@ themselves, and every heartbeat acknowledged before, during and after must be on
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from sqlalchemy import text
 
 from bench.cluster import (
     DEBIAN_PG_BIN,
+    ONE_SOURCE_FLEET,
     ApiNode,
     Processes,
     free_port,
@@ -26,7 +28,7 @@ from bench.cluster import (
     start_patroni_cluster,
     wait_for,
 )
-from config.settings import PROJECT_ROOT, Settings
+from config.settings import Settings
 from db.engine import make_engine
 from tests.conftest import ADMIN_KEY
 from tests.faults.conftest import enroll_fleet
@@ -46,9 +48,10 @@ pytestmark = [
 
 @pytest.fixture
 def cluster_dir() -> Iterator[Path]:
-    # Under var/: the PostgreSQL system user must reach it (pytest's tmp_path is private to root).
-    base = PROJECT_ROOT / "var" / "test-cluster"
-    shutil.rmtree(base, ignore_errors=True)
+    # A new directory under /tmp, open to the PostgreSQL system user (pytest's tmp_path is private
+    # to root, and the checkout itself may be in a private directory).
+    base = Path(tempfile.mkdtemp(prefix="nexmdm-cluster-"))
+    base.chmod(0o711)
     yield base
     shutil.rmtree(base, ignore_errors=True)
 
@@ -64,7 +67,7 @@ def test_primary_machine_lost_nothing_acknowledged_lost(cluster_dir: Path) -> No
         nodes = [ApiNode(f"api{i}", free_port(), cluster_dir / f"api{i}", env) for i in (1, 2)]
         for node in nodes:
             start_api_node(procs, node)
-        haproxy = start_haproxy(procs, cluster_dir, nodes)
+        haproxy = start_haproxy(procs, cluster_dir, nodes, env_overrides=ONE_SOURCE_FLEET)
         # Enrolled through HAProxy's operator frontend (the nodes' operator planes).
         devices = enroll_fleet(SimpleNamespace(admin_url=haproxy.operator_url, admin_key=ADMIN_KEY), 600)
         old, standby = cluster.leader(), cluster.sync_standby()

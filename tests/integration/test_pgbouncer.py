@@ -15,6 +15,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ import psycopg2
 import pytest
 from sqlalchemy import text
 
-from config.settings import PROJECT_ROOT, Settings
+from config.settings import Settings
 from db.embedded import SYSTEM_USER, prepare_run_as, run_as_user
 from db.engine import make_engine
 from db.heartbeats import HeartbeatRow, insert_heartbeats, prepare_insert
@@ -55,9 +56,8 @@ def _row(device_id: int, minute: int) -> HeartbeatRow:
 def pgbouncer(database_url: str) -> Iterator[str]:
     """A transaction-pooling PgBouncer on a free port in front of the test database; its URL."""
     pg = urlsplit(database_url)
-    work = PROJECT_ROOT / "var" / f"test-pgbouncer-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    # A new directory under /tmp: PgBouncer's system user reaches it wherever the checkout is.
+    work = Path(tempfile.mkdtemp(prefix="nexmdm-pgbouncer-"))
     user = run_as_user()  # PgBouncer, like PostgreSQL, refuses to run as root
     prepare_run_as(user, [work])
     port = free_port()
