@@ -84,11 +84,12 @@ def event_lines(events: list[dict[str, Any]], source: str = "fleet", burst_min: 
     return [line for _, line in sorted(lines, key=lambda pair: pair[0])]
 
 
-class FleetEventsSource:
-    """New fleet events since the last poll, keyset-paginated on event id. The first poll shows
-    the few most recent; a server without /v1/events is remembered and not asked again."""
+class _PagedFeed:
+    """A feed read by keyset pages since the last poll. An endpoint that answers one of
+    ``QUIET_KINDS`` (missing, or not for this key) is remembered and not asked again."""
 
-    name = "fleet"
+    name = "feed"
+    QUIET_KINDS: tuple[str, ...] = (UNAVAILABLE,)
 
     def __init__(self, client: ApiClient, *, page: int = PAGE, max_pages: int = MAX_PAGES_PER_POLL) -> None:
         self.client = client
@@ -98,30 +99,43 @@ class FleetEventsSource:
         self.unavailable = False
 
     def poll(self) -> list[FeedLine]:
-        """Lines for the events recorded since the last poll."""
+        """Lines for what was recorded since the last poll."""
         if self.unavailable:
             return []
         try:
-            if self.cursor is None:
-                body = self.client.get_json(f"/v1/events?order=desc&limit={FIRST_LOOK}")
-                events = list(reversed(body.get("events") or []))
-                self.cursor = max((int(e["id"]) for e in events), default=0)
-                return event_lines(events, self.name)
-            events: list[dict[str, Any]] = []
-            for _ in range(self.max_pages):
-                body = self.client.get_json(f"/v1/events?after={self.cursor}&limit={self.page}")
-                batch = body.get("events") or []
-                events += batch
-                if batch:
-                    self.cursor = int(batch[-1]["id"])
-                if body.get("next_after") is None:
-                    break
-            return event_lines(events, self.name)
+            return self._new_lines()
         except EndpointError as err:
-            if err.kind == UNAVAILABLE:
+            if err.kind in self.QUIET_KINDS:
                 self.unavailable = True
                 return []
             raise
+
+    def _new_lines(self) -> list[FeedLine]:
+        raise NotImplementedError
+
+
+class FleetEventsSource(_PagedFeed):
+    """New fleet events since the last poll, keyset-paginated on event id. The first poll shows
+    the few most recent; a server without /v1/events is remembered and not asked again."""
+
+    name = "fleet"
+
+    def _new_lines(self) -> list[FeedLine]:
+        if self.cursor is None:
+            body = self.client.get_json(f"/v1/events?order=desc&limit={FIRST_LOOK}")
+            events = list(reversed(body.get("events") or []))
+            self.cursor = max((int(e["id"]) for e in events), default=0)
+            return event_lines(events, self.name)
+        events: list[dict[str, Any]] = []
+        for _ in range(self.max_pages):
+            body = self.client.get_json(f"/v1/events?after={self.cursor}&limit={self.page}")
+            batch = body.get("events") or []
+            events += batch
+            if batch:
+                self.cursor = int(batch[-1]["id"])
+            if body.get("next_after") is None:
+                break
+        return event_lines(events, self.name)
 
 
 def audit_lines(entries: list[dict[str, Any]], source: str = "audit") -> list[FeedLine]:
@@ -139,40 +153,28 @@ def audit_lines(entries: list[dict[str, Any]], source: str = "audit") -> list[Fe
     return lines
 
 
-class AuditSource:
+class AuditSource(_PagedFeed):
     """New audit rows (GET /v1/audit, newest first, keyset on id) since the last poll. The first
     poll shows the few most recent. A key that may not read the audit (viewer, operator) or a
     server without it is remembered and not asked again."""
 
     name = "audit"
+    QUIET_KINDS = (UNAVAILABLE, AUTH)
 
     def __init__(self, client: ApiClient, *, page: int = 100, max_pages: int = 20) -> None:
-        self.client = client
-        self.page = page
-        self.max_pages = max_pages
-        self.cursor: int | None = None
-        self.unavailable = False
+        super().__init__(client, page=page, max_pages=max_pages)
 
-    def poll(self) -> list[FeedLine]:
-        """Lines for the audit rows written since the last poll."""
-        if self.unavailable:
-            return []
-        try:
-            limit = FIRST_LOOK if self.cursor is None else self.page
-            newest: list[dict[str, Any]] = []
-            before: int | None = None
-            for _ in range(1 if self.cursor is None else self.max_pages):
-                query = f"/v1/audit?limit={limit}" + (f"&before={before}" if before else "")
-                body = self.client.get_json(query)
-                batch = [e for e in body.get("entries") or [] if self.cursor is None or int(e["id"]) > self.cursor]
-                newest += batch
-                before = body.get("next_before")
-                if before is None or self.cursor is None or before <= self.cursor:
-                    break
-        except EndpointError as err:
-            if err.kind in (UNAVAILABLE, AUTH):
-                self.unavailable = True
-                return []
-            raise
+    def _new_lines(self) -> list[FeedLine]:
+        limit = FIRST_LOOK if self.cursor is None else self.page
+        newest: list[dict[str, Any]] = []
+        before: int | None = None
+        for _ in range(1 if self.cursor is None else self.max_pages):
+            query = f"/v1/audit?limit={limit}" + (f"&before={before}" if before else "")
+            body = self.client.get_json(query)
+            batch = [e for e in body.get("entries") or [] if self.cursor is None or int(e["id"]) > self.cursor]
+            newest += batch
+            before = body.get("next_before")
+            if before is None or self.cursor is None or before <= self.cursor:
+                break
         self.cursor = max([int(e["id"]) for e in newest] + [self.cursor or 0])
         return audit_lines(list(reversed(newest)), self.name)
