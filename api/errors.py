@@ -9,6 +9,7 @@ hidden 500 cannot pass a test).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,23 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+
+# Domain errors answered with their message as the detail: (status, code).
+_MESSAGE_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    DeviceNotFound: (404, "device_not_found"),
+    WebhookNotFound: (404, "webhook_not_found"),
+    KeyNotFound: (404, "key_not_found"),
+    KeyNameTaken: (409, "key_name_taken"),
+}
+
+
+def _message_handler(status: int, code: str) -> Callable[[Exception], Response]:
+    def handle(exc: Exception) -> Response:
+        return error_response(status, code, str(exc))
+
+    return handle
+
+
 def configure_errors(app: Flask) -> None:
     """Register the handlers that turn every exception into a JSON answer."""
 
@@ -95,25 +113,12 @@ def configure_errors(app: Flask) -> None:
     def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.detail, exc.headers)
 
-    @app.errorhandler(DeviceNotFound)
-    def _not_found(exc: DeviceNotFound) -> Response:
-        return error_response(404, "device_not_found", str(exc))
-
-    @app.errorhandler(WebhookNotFound)
-    def _webhook_not_found(exc: WebhookNotFound) -> Response:
-        return error_response(404, "webhook_not_found", str(exc))
+    for error_type, (status, code) in _MESSAGE_ERRORS.items():
+        app.register_error_handler(error_type, _message_handler(status, code))
 
     @app.errorhandler(DuplicateDevice)
     def _duplicate(exc: DuplicateDevice) -> Response:
         return error_response(409, "device_already_enrolled", {"device_uids": exc.device_uids[:100]})
-
-    @app.errorhandler(KeyNotFound)
-    def _key_not_found(exc: KeyNotFound) -> Response:
-        return error_response(404, "key_not_found", str(exc))
-
-    @app.errorhandler(KeyNameTaken)
-    def _key_taken(exc: KeyNameTaken) -> Response:
-        return error_response(409, "key_name_taken", str(exc))
 
     @app.errorhandler(ColdFileCorrupt)
     def _cold_corrupt(exc: ColdFileCorrupt) -> Response:
