@@ -105,9 +105,20 @@ def reading(engine: Engine) -> Iterator[Connection]:
     """A pooled connection for reads, in autocommit: each statement runs alone, so a read is one
     round trip to PostgreSQL instead of three (BEGIN, the query, ROLLBACK). Under load every
     round trip waits for the database process to get a core, so this is most of a fast read's
-    latency. Not for writes that must commit together. Driver faults become domain errors."""
+    latency. Not for writes that must commit together. Driver faults become domain errors.
+
+    Autocommit is switched on the driver's connection, not with SQLAlchemy's
+    ``isolation_level="AUTOCOMMIT"``: that one resets the level when the connection goes back to
+    the pool with a ``SET default_transaction_isolation`` round trip, doubling a read's trips.
+    psycopg2's ``autocommit`` is client-side (it only decides whether a BEGIN is sent)."""
     with translated_faults(), engine.connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        driver = conn.connection.dbapi_connection
+        driver.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not driver.closed:
+                driver.autocommit = False
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import psycopg2
 import pytest
 
 from db.fleet import backfill_last_status
@@ -133,3 +134,24 @@ def test_fleet_summary_is_cached_then_refreshed(client, admin, app, settings, fl
     app.extensions["nexmdm"].settings = settings.with_overrides(summary_cache_ttl_s=0)
     refreshed = client.get("/v1/fleet/summary", headers=admin).get_json()
     assert refreshed["never_seen"] == 3 and refreshed["as_of"] > first["as_of"]
+
+
+def test_a_read_is_one_round_trip_and_leaves_no_autocommit_behind(engine):
+    """``db.engine.reading`` runs the query alone (autocommit) and hands the connection back
+    without a ``SET default_transaction_isolation`` round trip (SQLAlchemy's isolation-level
+    reset sent one after every read); the pooled connection is transactional again after."""
+    from db.engine import reading
+
+    for _ in range(2):  # the second read finds the connection as the first one left it
+        with reading(engine) as conn:
+            driver = conn.connection.dbapi_connection
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    assert driver.autocommit is False
+    observer = psycopg2.connect(engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        with observer.cursor() as cur:
+            cur.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))
+            (last,) = cur.fetchone()
+    finally:
+        observer.close()
+    assert last == "SELECT pg_backend_pid()"
