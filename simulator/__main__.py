@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="write the report (with per-second time series) as JSON here")
     p.add_argument("--dry-run", action="store_true", help="check server, key and plan; send no load")
     p.add_argument("--read-rate", type=float, default=0.0, help="fast reads per second mixed in (0 = none)")
+    p.add_argument("--reads-only", action="store_true",
+                   help="send only the read mix, no heartbeats: an operator's console beside a fleet that "
+                        "another simulator (or real devices) drives; the devices read are this fleet's "
+                        "(from the token cache, enrolled if missing)")
     p.add_argument("--progress-jsonl", action="store_true",
                    help="one JSON snapshot per second on stdout, then a final {'type': 'report'} line")
     p.add_argument("--find-capacity", action="store_true",
@@ -144,7 +148,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         url=args.url.rstrip("/"), admin_url=(args.admin_url or default_admin_url(args.url)).rstrip("/"),
         admin_key=admin_key, devices=args.devices, duration_s=args.duration,
         interval_s=args.interval, jitter_s=jitter, ramp_up_s=args.ramp_up, read_rate=args.read_rate,
-        read_mix=args.read_mix,
+        read_mix=args.read_mix, reads_only=args.reads_only,
         connection_mode=PER_DEVICE if args.connection_per_device else NEW_CONNECTION if args.new_connection
         else POOLED,
         flaky_pct=args.flaky_pct, max_connections=args.connections, timeout_s=args.timeout, client=args.client,

@@ -79,7 +79,7 @@ def db_cpu_pct(samples: list[tuple[float, float, int]]) -> float | None:
 
 
 def check_slis(
-    heartbeat_ms: dict[str, float | None],
+    heartbeat_ms: dict[str, float | None] | None,
     read_ms: dict[str, float | None] | None,
     error_rate_pct: float | None,
     lost: int | None,
@@ -88,12 +88,17 @@ def check_slis(
     targets: Targets = SEED_TARGETS,
     db_cpu: float | None = None,
 ) -> list[SliCheck]:
-    """Every SLI check. ``read_ms`` None: no read mix; ``lost`` None: not checked yet (N/A);
+    """Every SLI check. ``heartbeat_ms`` None: no heartbeats sent (--reads-only), so N/A;
+    ``read_ms`` None: no read mix; ``lost`` None: not checked yet (N/A);
     ``pool_pct`` None: the server exposes no pool figures (N/A); ``db_cpu`` None: PostgreSQL's
     CPU was not measurable (N/A: the database is not on the server's host)."""
-    checks = [
-        _below("heartbeat p95", heartbeat_ms.get("p95"), targets.heartbeat_p95_ms, "ms"),
-        _below("heartbeat p99", heartbeat_ms.get("p99"), targets.heartbeat_p99_ms, "ms"),
+    if heartbeat_ms is None:
+        checks = [SliCheck(f"heartbeat {q}", None, f"< {limit:g}", "ms", "N/A")
+                  for q, limit in (("p95", targets.heartbeat_p95_ms), ("p99", targets.heartbeat_p99_ms))]
+    else:
+        checks = [_below("heartbeat p95", heartbeat_ms.get("p95"), targets.heartbeat_p95_ms, "ms"),
+                  _below("heartbeat p99", heartbeat_ms.get("p99"), targets.heartbeat_p99_ms, "ms")]
+    checks += [
         _below("error rate", error_rate_pct, targets.error_rate_pct, "%"),
         _zero("acknowledged heartbeats lost", lost),
         _zero("duplicates stored", duplicates_stored),
@@ -179,7 +184,8 @@ def build_report(cfg: SimConfig, run: RunResult, no_loss: dict[str, Any]) -> dic
     error_rate = error_rate_pct(hb, rd)
     pool_pct = sustained_pool_pct(run.pool_samples)
     db_cpu = db_cpu_pct(run.db_cpu_samples)
-    checks = check_slis(hb_pct, percentiles_ms(rd.total) if cfg.read_rate > 0 else None, error_rate,
+    checks = check_slis(None if cfg.reads_only else hb_pct, percentiles_ms(rd.total) if cfg.read_rate > 0 else None,
+                        error_rate,
                         no_loss.get("lost"), no_loss.get("duplicates_stored"), pool_pct, cfg.targets, db_cpu)
     if no_loss.get("errors"):  # what could not be read back cannot be claimed as kept
         checks = [SliCheck(c.name, c.value, c.target, c.unit, "FAIL") if c.name == "acknowledged heartbeats lost"

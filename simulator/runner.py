@@ -85,6 +85,7 @@ class SimConfig:
     ramp_up_s: float = 0.0
     read_rate: float = 0.0
     read_mix: ReadMix = ReadMix()
+    reads_only: bool = False  # an operator's console beside the fleet: the read mix, no heartbeats
     flaky_pct: float = 5.0
     skewed_clock_pct: float = 0.0
     connection_mode: str = POOLED
@@ -115,7 +116,7 @@ class SimConfig:
     @property
     def expected_per_s(self) -> float:
         """Heartbeats per second the schedule offers once every device is active."""
-        return self.devices / self.interval_s
+        return 0.0 if self.reads_only else self.devices / self.interval_s
 
     @property
     def equivalent_fleet_at_60s(self) -> int:
@@ -133,6 +134,7 @@ class SimConfig:
             (0 <= self.jitter_s < self.interval_s, "--jitter must be at least 0 and smaller than --interval"),
             (self.ramp_up_s >= 0, "--ramp-up must not be negative"),
             (self.read_rate >= 0, "--read-rate must not be negative"),
+            (self.read_rate > 0 or not self.reads_only, "--reads-only needs a --read-rate"),
             (0 <= self.flaky_pct <= 100, "--flaky-pct must be between 0 and 100"),
             (0 <= self.skewed_clock_pct <= 100, "--skewed-clock-pct must be between 0 and 100"),
             (self.connection_mode in CONNECTION_MODES, f"the connection mode must be one of {CONNECTION_MODES}"),
@@ -314,6 +316,8 @@ class LoadRun:
         cfg = self.cfg
         for i, device in enumerate(self.devices):
             device.app_version = self.behaviour.base_version
+            if cfg.reads_only:
+                continue  # the fleet's heartbeats come from elsewhere (another simulator, real devices)
             self._push(first_send_offset_s(i, len(self.devices), cfg.interval_s, cfg.ramp_up_s, self.rng), device, None)
 
     def _pace(self) -> None:

@@ -170,3 +170,26 @@ def test_devices_keep_their_own_connections_or_open_one_per_heartbeat(live_serve
     assert config["connection_mode"] == "per-device" and sent >= 600 and 300 <= connects <= 300 + dropped
     sent, connects, config, _ = figures["--new-connection"]
     assert config["connection_mode"] == "new-connection" and connects == sent >= 600
+
+
+def test_reads_only_reads_the_fleet_and_sends_no_heartbeat(live_server, engine: Engine, tmp_path: Path) -> None:
+    """--reads-only: an operator's console beside a fleet driven elsewhere. It reads this fleet's
+    devices (enrolled once, then from the token cache), sends no heartbeat, and its heartbeat
+    SLIs are N/A rather than failures."""
+    cache, out = tmp_path / "tokens.json", tmp_path / "ops.json"
+    common = ("--devices", "50", "--admin-key", live_server.admin_key, "--url", live_server.url,
+              "--admin-url", live_server.admin_url, "--token-cache", str(cache), "--quiet", *LOOSE_LATENCY)
+    proc = simulator(*common, "--duration", "2", "--reads-only", "--read-rate", "40",
+                     "--read-mix", "device_status:9,fleet_summary:1", "--output", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    slis = {c["name"]: c["status"] for c in report["slis"]}
+    assert slis["heartbeat p95"] == slis["heartbeat p99"] == "N/A" and slis["fast read p95"] == "PASS"
+    assert report["throughput"]["sent"] == 0 and report["latency_ms"]["heartbeat"]["count"] == 0
+    reads = report["latency_ms"]["read_endpoints"]
+    assert reads["device_status"]["count"] >= 50 and reads["device_status"]["errors"] == 0
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM devices").scalar_one() == 50
+        assert conn.exec_driver_sql("SELECT count(*) FROM heartbeats").scalar_one() == 0
+    no_rate = simulator(*common, "--duration", "1", "--reads-only")
+    assert no_rate.returncode == 2 and "--reads-only needs a --read-rate" in no_rate.stderr
