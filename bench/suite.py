@@ -296,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         # Steady state: every device's token is in every worker's cache (a fleet reporting each
         # minute keeps them there); the warm-up sends each device a few heartbeats first.
         results["a_warm_up"] = warm_up(wrk, server, tokens, args)
+        # Steady state on the database side too: enrolling 140,000 devices and the warm-up's
+        # writes leave autovacuum and a checkpoint due, which otherwise land in round 1 of (a)
+        # (2026-12-01: round 1 at 5,476/s with the API at 0.89 cores, rounds 2-3 at ~8,000/s).
+        t_settle = time.perf_counter()
+        cluster.psql("VACUUM (ANALYZE); CHECKPOINT;", database="nexmdm")
+        results["a_db_settle_s"] = round(time.perf_counter() - t_settle, 1)
         results["ab_rounds"] = saturation_rounds(wrk, server, cluster, tokens, args)
         # wrk leaves each worker a backlog of accepted requests, and the load shedding it
         # provoked decays over about a second after that: (c) starts on a settled server.
