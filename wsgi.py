@@ -30,4 +30,5 @@ gc.set_threshold(50_000, 20, 100)
 if settings.scheduler_enabled and settings.plane != "device":  # the device plane runs no jobs
     from scheduler.service import start_scheduler  # noqa: E402
 
-    start_scheduler(settings, app.extensions["nexmdm"].engine)
+    state = app.extensions["nexmdm"]
+    start_scheduler(settings, state.engine, on_report=state.job_metrics.observe_report)

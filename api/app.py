@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 from api.auth import TokenCache
 from api.clients import parse_networks
 from api.errors import configure_errors
-from api.metrics import MeteredQueuePool, observe_replica, set_plane
+from api.metrics import ReplicaGauges, metered_pool
 from api.planes import configure_plane
 from api.state import AppState
 from api.throttle import DeviceRateLimit, FailureThrottle
@@ -20,15 +20,20 @@ from db.reads import ReadRouter, make_read_router
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: str | None = None) -> Flask:
-    """Build the Flask app of ``settings.plane``. ``settings.database_url`` must be resolved (see db.engine)."""
-    set_plane(settings.plane)  # the label of this process's worker and pool gauges
+    """Build the Flask app of ``settings.plane``. ``settings.database_url`` must be resolved (see db.engine).
+
+    Nothing here talks to the database: the app starts while the database is down, and answers
+    503 until it is back."""
     app = Flask("nexmdm")
     app.config["MAX_CONTENT_LENGTH"] = None  # limits are per route (api/body.py)
     key = admin_key or settings.admin_key
     if not key:
         raise ValueError("create_app needs an admin key (ADMIN_KEY, or config.admin_key.ensure_admin_key)")
-    engine = engine or make_engine(settings, pool_class=MeteredQueuePool)
-    reads = make_read_router(settings, engine, observe_replica) if settings.plane != "device" else ReadRouter(engine)
+    # The plane is the label of this app's pool gauges (and of its worker: configure_metrics).
+    engine = engine or make_engine(settings, pool_class=metered_pool(settings.plane))
+    replica_gauges = ReplicaGauges()
+    reads = (make_read_router(settings, engine, replica_gauges.observe) if settings.plane != "device"
+             else ReadRouter(engine))
     app.extensions["nexmdm"] = AppState(
         settings=settings, engine=engine, admin_key=key,
         tokens=TokenCache(engine, settings.token_cache_ttl_s, settings.token_sync_interval_s),
@@ -37,6 +42,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, admin_key: s
         auth_failures=FailureThrottle(settings.auth_failure_limit, settings.auth_failure_window_s),
         device_limit=DeviceRateLimit(settings.device_max_per_minute),
         cold=ColdReader(settings.archive_dir),
+        replica_gauges=replica_gauges,
     )
     configure_lag_guard(reads, settings)
     configure_logging(settings)

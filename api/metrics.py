@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import wraps
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -30,6 +30,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
 from db.events import EVENT_TYPES
+from db.job_runs import SCHEDULED_JOBS
 
 PREFIX = "nexmdm"
 _SELF = psutil.Process()
@@ -44,9 +45,9 @@ CHECKOUT_WAIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 
 FLUSH_ROWS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 JOB_DURATION_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)
 
-# The scheduled jobs (issue 3) and the outcomes job_runs records; pre-created at zero so that
+# The scheduled jobs and the outcomes job_runs records; pre-created at zero so that
 # increase() sees the first failure and the dashboard has a series before the first run.
-KNOWN_JOBS = ("partitions", "nightly", "reconcile", "events")
+KNOWN_JOBS = SCHEDULED_JOBS
 JOB_OUTCOMES = ("succeeded", "failed", "skipped")
 READ_QUERIES = ("device", "list", "summary")
 # Label values taken from a request come from closed sets, or any client could mint new series
@@ -149,14 +150,8 @@ POOL_UTILIZATION = Gauge(
     multiprocess_mode="livemax",
 )
 # Gauges combined over planes by their maximum (the busiest worker), the others by their sum.
-_MAX_OVER_PLANES = {f"{PREFIX}_db_pool_utilization_ratio"}
-_plane = "all"
+_MAX_OVER_PLANES = frozenset({f"{PREFIX}_db_pool_utilization_ratio"})
 
-
-def set_plane(plane: str) -> None:
-    """The plane this process serves: the label of its worker and pool gauges (before the engine)."""
-    global _plane
-    _plane = plane
 POOL_CHECKOUT_WAIT_SECONDS = Histogram(
     f"{PREFIX}_db_pool_checkout_wait_seconds",
     "Time to get a connection from the pool (including opening one), timeouts and failures included.",
@@ -309,22 +304,8 @@ def observe_flush(batch_size: int, seconds: float) -> None:
     INGEST_FLUSH_SECONDS.observe(seconds)
 
 
-def observe_job(job: str, outcome: str, duration_s: float, finished_at_s: float | None = None) -> None:
-    """Record one job run. ``outcome`` is a job_runs status: succeeded, failed or skipped.
-
-    A success also sets the job's last-success timestamp (``finished_at_s``, Unix seconds;
-    now when omitted). Safe to call from any process that imported this module.
-    """
-    if outcome not in JOB_OUTCOMES:
-        raise ValueError(f"outcome must be one of {JOB_OUTCOMES}, got {outcome!r}")
-    JOB_RUNS.labels(job, outcome).inc()
-    JOB_DURATION_SECONDS.labels(job).observe(max(0.0, duration_s))
-    if outcome == "succeeded":
-        set_job_last_success(job, finished_at_s if finished_at_s is not None else time.time())
-
-
 class JobReportLike(Protocol):
-    """What observe_job_report reads from a run report (scheduler.locking.JobReport)."""
+    """What JobMetrics.observe_report reads from a run report (scheduler.locking.JobReport)."""
 
     job: str
     status: str
@@ -333,24 +314,53 @@ class JobReportLike(Protocol):
     detail: dict[str, Any]
 
 
-def observe_job_report(report: JobReportLike) -> None:
-    """A job listener: ``add_job_listener(observe_job_report)`` counts every run, skips included."""
-    observe_job(report.job, report.status, report.duration_s, report.finished_at.timestamp())
-    if report.job == "events" and report.status == "succeeded":
-        for kind, count in (report.detail.get("events") or {}).items():
-            if kind in EVENT_TYPES:
-                EVENTS_RECORDED.labels(kind).inc(count)
+class JobMetrics:
+    """The job series of one app: runs by outcome, durations, each job's last success.
 
+    Owned by the app (AppState.job_metrics), not by this module: what it remembers (each job's
+    last success, so that a late reading of job_runs cannot move a newer success back; when
+    job_runs was last read) lives as long as the app, and two apps in one process share none of it.
+    """
 
-_last_success_s: dict[str, float] = {}
+    def __init__(self, reread_s: float = 60.0) -> None:
+        self.reread_s = reread_s
+        self._last_success_s: dict[str, float] = {}
+        self._read_mono: float | None = None
 
+    def observe(self, job: str, outcome: str, duration_s: float, finished_at_s: float | None = None) -> None:
+        """Record one job run. ``outcome`` is a job_runs status: succeeded, failed or skipped.
 
-def set_job_last_success(job: str, finished_at_s: float) -> None:
-    """Set a job's last-success time (also to seed it from job_runs at start-up); never
-    moves it back, so a late seed cannot hide a newer success."""
-    if finished_at_s > _last_success_s.get(job, 0.0):
-        _last_success_s[job] = finished_at_s
-        JOB_LAST_SUCCESS.labels(job).set(finished_at_s)
+        A success also sets the job's last-success timestamp (``finished_at_s``, Unix seconds;
+        now when omitted)."""
+        if outcome not in JOB_OUTCOMES:
+            raise ValueError(f"outcome must be one of {JOB_OUTCOMES}, got {outcome!r}")
+        JOB_RUNS.labels(job, outcome).inc()
+        JOB_DURATION_SECONDS.labels(job).observe(max(0.0, duration_s))
+        if outcome == "succeeded":
+            self.set_last_success(job, finished_at_s if finished_at_s is not None else time.time())
+
+    def observe_report(self, report: JobReportLike) -> None:
+        """A run's ``on_report`` (scheduler.locking.run_locked): counts every run, skips included,
+        and the events the events job recorded."""
+        self.observe(report.job, report.status, report.duration_s, report.finished_at.timestamp())
+        if report.job == "events" and report.status == "succeeded":
+            for kind, count in (report.detail.get("events") or {}).items():
+                if kind in EVENT_TYPES:
+                    EVENTS_RECORDED.labels(kind).inc(count)
+
+    def set_last_success(self, job: str, finished_at_s: float) -> None:
+        """Set a job's last-success time (also from job_runs); never moves it back."""
+        if finished_at_s > self._last_success_s.get(job, 0.0):
+            self._last_success_s[job] = finished_at_s
+            JOB_LAST_SUCCESS.labels(job).set(finished_at_s)
+
+    def reread_due(self, now_mono: float) -> bool:
+        """Whether job_runs is to be read again now (never read yet, or ``reread_s`` ago: runs
+        made by another process are seen that way); a True answer counts as the reading."""
+        if self._read_mono is not None and now_mono - self._read_mono < self.reread_s:
+            return False
+        self._read_mono = now_mono
+        return True
 
 
 def initialize_series() -> None:
@@ -370,41 +380,47 @@ def initialize_series() -> None:
 
 
 class ReplicaStateLike(Protocol):
-    """What observe_replica reads from a lag measurement (db.reads.ReplicaState)."""
+    """What ReplicaGauges.observe reads from a lag measurement (db.reads.ReplicaState)."""
 
     reachable: bool
     lag_s: float | None
 
 
-_replica_gauges: tuple[Gauge, Gauge] | None = None
+class ReplicaGauges:
+    """The read replica's lag and reachability, as one app's lag guard measures them.
+
+    The gauges are created on the first measurement, so only processes that read from a replica
+    export them (a device-plane worker's zero would otherwise read as "no lag" and "down"). They
+    live in this object's own registry (``registry``, which /metrics renders with the default
+    one), so two apps in one process never register the same series twice.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._gauges: tuple[Gauge, Gauge] | None = None
+
+    def _series(self) -> tuple[Gauge, Gauge]:
+        if self._gauges is None:
+            self._gauges = (
+                Gauge(f"{PREFIX}_replica_lag_seconds",
+                      "Upper bound of the read replica's lag, measured every second by the lag guard "
+                      "(NaN while it cannot be reached). Above READ_MAX_LAG_S, reads go to the primary.",
+                      multiprocess_mode="livemax", registry=self.registry),
+                Gauge(f"{PREFIX}_replica_up", "1 while the read replica answers the lag guard as a standby, else 0.",
+                      multiprocess_mode="livemin", registry=self.registry),
+            )
+        return self._gauges
+
+    def observe(self, state: ReplicaStateLike) -> None:
+        """The lag guard's listener: publish one measurement."""
+        lag, up = self._series()
+        up.set(1 if state.reachable else 0)
+        lag.set(state.lag_s if state.reachable and state.lag_s is not None else float("nan"))
 
 
-def _replica_series() -> tuple[Gauge, Gauge]:
-    # Created on the first measurement, so only processes that read from a replica export them
-    # (a device-plane worker's zero would otherwise read as "no lag" and "down").
-    global _replica_gauges
-    if _replica_gauges is None:
-        _replica_gauges = (
-            Gauge(f"{PREFIX}_replica_lag_seconds",
-                  "Upper bound of the read replica's lag, measured every second by the lag guard "
-                  "(NaN while it cannot be reached). Above READ_MAX_LAG_S, reads go to the primary.",
-                  multiprocess_mode="livemax"),
-            Gauge(f"{PREFIX}_replica_up", "1 while the read replica answers the lag guard as a standby, else 0.",
-                  multiprocess_mode="livemin"),
-        )
-    return _replica_gauges
-
-
-def observe_replica(state: ReplicaStateLike) -> None:
-    """The lag guard's listener: publish one measurement."""
-    lag, up = _replica_series()
-    up.set(1 if state.reachable else 0)
-    lag.set(state.lag_s if state.reachable and state.lag_s is not None else float("nan"))
-
-
-def mark_worker_ready() -> None:
-    """Count this process among the live workers of its plane (summed over live workers)."""
-    WORKER_PROCESSES.labels(_plane).set(1)
+def mark_worker_ready(plane: str) -> None:
+    """Count this process among the live workers of ``plane`` (summed over live workers)."""
+    WORKER_PROCESSES.labels(plane).set(1)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -428,20 +444,24 @@ def timed_read(query: str) -> Callable[[F], F]:
 
 
 class MeteredQueuePool(QueuePool):
-    """A QueuePool that publishes its size, use, overflow, checkout waits and timeouts.
+    """A QueuePool that publishes its size, use, overflow, checkout waits and timeouts, under the
+    label of its class's ``plane`` (``metered_pool(plane)`` makes the class of a plane).
 
     The figures are written on checkout and checkin (a few mmap writes, no I/O). One metered
     pool per process: the app's engine.
     """
 
+    plane: ClassVar[str] = "all"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        plane = self.plane
         self._capacity = max(1, self.size() + max(0, self._max_overflow))
-        self._gauge_checked_out = POOL_CHECKED_OUT.labels(_plane)
-        self._gauge_overflow = POOL_OVERFLOW.labels(_plane)
-        self._gauge_utilization = POOL_UTILIZATION.labels(_plane)
-        POOL_SIZE.labels(_plane).set(self.size())
-        POOL_MAX_OVERFLOW.labels(_plane).set(max(0, self._max_overflow))
+        self._gauge_checked_out = POOL_CHECKED_OUT.labels(plane)
+        self._gauge_overflow = POOL_OVERFLOW.labels(plane)
+        self._gauge_utilization = POOL_UTILIZATION.labels(plane)
+        POOL_SIZE.labels(plane).set(self.size())
+        POOL_MAX_OVERFLOW.labels(plane).set(max(0, self._max_overflow))
         self._publish()
 
     def _do_get(self) -> Any:
@@ -472,6 +492,12 @@ class MeteredQueuePool(QueuePool):
         self._gauge_checked_out.set(checked_out)
         self._gauge_overflow.set(max(0, self.overflow()))
         self._gauge_utilization.set(checked_out / self._capacity)
+
+
+def metered_pool(plane: str) -> type[MeteredQueuePool]:
+    """The MeteredQueuePool class of ``plane`` (a class, not an argument: SQLAlchemy recreates a
+    disposed pool from its class, and the new one must keep the plane)."""
+    return type("MeteredQueuePool", (MeteredQueuePool,), {"plane": plane, "__module__": __name__})
 
 
 def prepare_multiproc_dir(path: Path) -> Path:
@@ -506,19 +532,20 @@ class _MultiProcessCollector(pc_multiprocess.MultiProcessCollector):
         return self.merge(_sized_files(Path(self._path).glob("*.db")), accumulate=True)
 
 
-def exposition_registry(multiproc_dir: Path | None) -> list[Any]:
-    """The registries one scrape reads: every worker's files in multiprocess mode, else this
-    process's default registry."""
+def exposition_registry(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry] = ()) -> list[Any]:
+    """The registries one scrape reads: every worker's files in multiprocess mode (where every
+    series is), else this process's default registry and the app's own ``extra`` ones."""
     if multiproc_dir is not None:
         registry = CollectorRegistry()
         _MultiProcessCollector(registry, path=str(multiproc_dir))
         return [registry]
-    return [REGISTRY]
+    return [REGISTRY, *extra]
 
 
-def render_metrics(multiproc_dir: Path | None) -> tuple[bytes, str]:
-    """The Prometheus text exposition of the whole server and its content type."""
-    body = b"".join(generate_latest(r) for r in exposition_registry(multiproc_dir))
+def render_metrics(multiproc_dir: Path | None, extra: Iterable[CollectorRegistry] = ()) -> tuple[bytes, str]:
+    """The Prometheus text exposition of the whole server and its content type (``extra``: the
+    app's own registries, see exposition_registry)."""
+    body = b"".join(generate_latest(r) for r in exposition_registry(multiproc_dir, extra))
     return body, CONTENT_TYPE_LATEST
 
 

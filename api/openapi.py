@@ -11,7 +11,7 @@ from flask import Blueprint, Response
 
 from api import schemas as s
 from api.responses import json_response
-from scheduler.service import RECORDED_JOBS
+from db.job_runs import RECORDED_JOBS
 
 bp = Blueprint("openapi", __name__)
 

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from api.auth import TokenCache
 from api.clients import Networks
 from api.group_commit import GroupCommitWriter
-from api.metrics import observe_flush
+from api.metrics import JobMetrics, ReplicaGauges, observe_flush
 from api.throttle import DeviceRateLimit, FailureThrottle
 from config.settings import Settings
 from db.cold import ColdReader
@@ -23,13 +23,15 @@ from db.reads import ReadRouter
 class AppState:
     settings: Settings
     engine: Engine
-    admin_key: str
+    admin_key: str  # the bootstrap admin key (ADMIN_KEY): api.auth.requires_role checks it
     tokens: TokenCache
     reads: ReadRouter  # the operator plane's reads: the replica when fresh enough, else the primary
     trusted_proxies: Networks = ()
     auth_failures: FailureThrottle = field(default_factory=lambda: FailureThrottle(0, 60.0))
     device_limit: DeviceRateLimit = field(default_factory=lambda: DeviceRateLimit(0))
     cold: ColdReader | None = None  # the Parquet days (db/cold.py); None: hot tier only
+    job_metrics: JobMetrics = field(default_factory=JobMetrics)  # every job run this app makes or schedules
+    replica_gauges: ReplicaGauges = field(default_factory=ReplicaGauges)  # its lag guard's measurements
     _writer: GroupCommitWriter | None = None
     summary_cache: tuple[float, Any] | None = None
     summary_refreshing: bool = False

@@ -357,18 +357,18 @@ class Drill:
     def jobs_run_once(self) -> None:
         """Every node fires the partitions job each minute (PARTITIONS_CRON); its period is the
         hour, so each hour must show exactly one succeeded run and the other firings skipped."""
-        import psycopg2
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
 
-        conn = psycopg2.connect(self.cluster.url_of(self.cluster.leader()))
+        from db.engine import sqlalchemy_url
+        from db.job_runs import runs_per_period
+
+        engine = create_engine(sqlalchemy_url(self.cluster.url_of(self.cluster.leader())), poolclass=NullPool)
         try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT detail->>'period', count(*) FILTER (WHERE status = 'succeeded'), "
-                    "count(*) FILTER (WHERE status = 'skipped'), count(DISTINCT date_trunc('minute', started_at)) "
-                    "FROM job_runs WHERE job = 'partitions' AND trigger = 'schedule' GROUP BY 1 ORDER BY 1")
-                periods = cur.fetchall()
+            with engine.connect() as conn:
+                periods = runs_per_period(conn, "partitions", "schedule")
         finally:
-            conn.close()
+            engine.dispose()
         succeeded = [ok for _, ok, _, _ in periods]
         skipped = sum(s for _, _, s, _ in periods)
         minutes = sum(m for _, _, _, m in periods)

@@ -18,14 +18,12 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from db.partitions import list_partitions
+from db.partitions import list_partitions, lock_partition_ddl
 
 EVENT_TYPES = (
     "device_offline", "device_online", "battery_low", "battery_critical", "app_version_changed", "token_revoked",
 )
 EVENT_PARTITION_RE = re.compile(r"^events_p(\d{8})$")
-# The same DDL lock as the heartbeats partitions: one partition maker at a time.
-DDL_LOCK = "nexmdm:partitions:ddl"
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ def maintain_event_partitions(
 ) -> tuple[list[str], list[str]]:
     """Converge on "today and the next days exist, none is past retention" (``None``: drop
     nothing). Idempotent; serialised with every other partition DDL. Returns (created, dropped)."""
-    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%(k)s))", {"k": DDL_LOCK})
+    lock_partition_ddl(conn)  # the heartbeats partitions' lock: one partition maker at a time
     create, drop = plan_event_partitions(list_event_partitions(conn), today, premake_days, retention_days)
     for day in create:
         start = datetime.combine(day, time(0), tzinfo=UTC)

@@ -132,7 +132,14 @@ class JobRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     trigger: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
+    __table_args__ = (
+        Index("ix_job_runs_job_started", "job", "started_at"),
+        # The checks every firing makes (db/job_runs.py; 0006).
+        Index("ix_job_runs_succeeded_period", "job", text("(detail->>'period')"),
+              postgresql_where=text("status = 'succeeded'")),
+        Index("ix_job_runs_running", text("(COALESCE(detail->>'lock', job))"),
+              postgresql_where=text("status = 'running'")),
+    )
 
 
 class DeviceEventState(Base):

@@ -79,13 +79,23 @@ def create_partition(conn: Connection, spec: PartitionSpec) -> None:
     )
 
 
+PARTITION_DDL_LOCK = "nexmdm:partitions:ddl"
+
+
+def lock_partition_ddl(conn: Connection) -> None:
+    """Take the partition-DDL lock for the rest of the transaction: one partition maker or
+    dropper at a time (heartbeats and events days, start-up, the writer on demand, the jobs,
+    archive and restore). Waits for the holder."""
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext(%(key)s))", {"key": PARTITION_DDL_LOCK})
+
+
 def ensure_partitions(conn: Connection, today: date, premake_days: int) -> list[str]:
     """Converge on "today and the next ``premake_days`` days have a partition".
 
     Idempotent; returns the names it created. Serialised by a transaction-scoped advisory
     lock so concurrent callers (workers starting together) do not race. Caller commits.
     """
-    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
+    lock_partition_ddl(conn)
     plan = plan_partitions(list_partitions(conn), today, premake_days)
     for spec in plan:
         create_partition(conn, spec)

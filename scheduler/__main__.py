@@ -16,7 +16,8 @@ from pathlib import Path
 from config.logs import configure_logging
 from config.settings import Settings
 from db.engine import database_url_for_cli, make_engine
-from scheduler.locking import JobReport, list_job_runs, run_locked
+from db.job_runs import list_runs
+from scheduler.locking import JobReport, run_locked
 from scheduler.service import JOBS, add_jobs, run_job
 
 EXIT_SKIPPED = 3
@@ -130,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                                     trigger="cli", lock="nightly")
                 return _summary(report)
             if args.command == "jobs":
-                for r in list_job_runs(engine, args.job, args.limit):
+                with engine.connect() as conn:
+                    runs = list_runs(conn, args.job, args.limit)
+                    conn.rollback()
+                for r in runs:
                     took = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "-"
                     extra = r["error"] or (r["detail"] or {}).get("skipped") or ""
                     print(f"{r['run_id']:>6} {r['started_at']:%Y-%m-%d %H:%M:%S} {r['job']:<10} "

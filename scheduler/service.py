@@ -16,13 +16,12 @@ from typing import Any
 from sqlalchemy import Engine
 
 from config.settings import Settings
-from scheduler.locking import JobOutcome, JobReport, Progress, run_locked
+from db.job_runs import SCHEDULED_JOBS
+from scheduler.locking import JobListener, JobOutcome, JobReport, Progress, run_locked
 
 log = logging.getLogger(__name__)
 
-JOBS = ("partitions", "nightly", "reconcile", "events")
-# Every job name job_runs records: the scheduled jobs and the restore command.
-RECORDED_JOBS = (*JOBS, "restore")
+JOBS = SCHEDULED_JOBS
 JOB_FUNC = "scheduler.service:scheduled_run"  # registered by dotted path
 
 
@@ -69,25 +68,31 @@ def run_job(
     scheduled: bool = False,
     now: datetime | None = None,
     progress: Progress | None = None,
+    on_report: JobListener | None = None,
 ) -> JobReport:
     """Run one job now under its advisory lock and return its report. Scheduled runs are
-    skipped when the job already succeeded this period; manual ones always run."""
+    skipped when the job already succeeded this period; manual ones always run.
+    ``on_report`` sees the report (see scheduler.locking.run_locked)."""
     now = now or datetime.now(UTC)
     job_log = logging.getLogger(f"scheduler.jobs.{job}")
     body = job_body(job, engine, settings, now, progress or job_log.info)
     period = period_of(job, now, settings.events_interval_s) if scheduled else None
-    return run_locked(engine, job, body, trigger=trigger, period=period)
+    return run_locked(engine, job, body, trigger=trigger, period=period, on_report=on_report)
 
 
-def scheduled_run(job: str, engine: Engine, settings: Settings, trigger: str = "schedule") -> None:
+def scheduled_run(
+    job: str, engine: Engine, settings: Settings, trigger: str = "schedule", on_report: JobListener | None = None
+) -> None:
     """What the scheduler calls (by dotted path)."""
     try:
-        run_job(job, engine, settings, trigger=trigger, scheduled=True)
+        run_job(job, engine, settings, trigger=trigger, scheduled=True, on_report=on_report)
     except Exception:  # the database is down, say: log it; the next period tries again
         log.exception("scheduled run of %s could not be recorded", job)
 
 
-def add_jobs(scheduler: Any, settings: Settings, engine: Engine, trigger: str) -> None:
+def add_jobs(
+    scheduler: Any, settings: Settings, engine: Engine, trigger: str, on_report: JobListener | None = None
+) -> None:
     """Register the jobs (max_instances=1, coalesce) on an APScheduler scheduler, and the
     webhook dispatcher pass (no job record: it runs every second and leases its webhooks)."""
     from apscheduler.triggers.cron import CronTrigger
@@ -103,7 +108,8 @@ def add_jobs(scheduler: Any, settings: Settings, engine: Engine, trigger: str) -
                 else CronTrigger.from_crontab(crons[job], timezone=UTC))
         scheduler.add_job(
             JOB_FUNC, when, id=job, name=job,
-            kwargs={"job": job, "engine": engine, "settings": settings, "trigger": trigger},
+            kwargs={"job": job, "engine": engine, "settings": settings, "trigger": trigger,
+                    "on_report": on_report},
             max_instances=1, coalesce=True, misfire_grace_time=3600, replace_existing=True, **extra,
         )
     if not settings.webhooks_enabled:
@@ -116,12 +122,13 @@ def add_jobs(scheduler: Any, settings: Settings, engine: Engine, trigger: str) -
     )
 
 
-def start_scheduler(settings: Settings, engine: Engine) -> Any:
-    """Start the jobs in this gevent worker (a GeventScheduler); returns the scheduler."""
+def start_scheduler(settings: Settings, engine: Engine, on_report: JobListener | None = None) -> Any:
+    """Start the jobs in this gevent worker (a GeventScheduler); returns the scheduler.
+    ``on_report`` sees every run's report (the API counts them in its metrics)."""
     from apscheduler.schedulers.gevent import GeventScheduler
 
     scheduler = GeventScheduler(timezone=UTC)
-    add_jobs(scheduler, settings, engine, trigger="schedule")
+    add_jobs(scheduler, settings, engine, trigger="schedule", on_report=on_report)
     scheduler.start()
     log.info("scheduler started: %s", ", ".join(f"{j.id} next {j.next_run_time:%Y-%m-%d %H:%M}Z"
                                                  for j in scheduler.get_jobs()))

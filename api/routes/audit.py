@@ -6,8 +6,8 @@ from flask import Blueprint, Response, request
 
 from api.auth import admin_required
 from api.openapi import Operation, register
+from api.query_args import int_query, text_query
 from api.responses import json_response
-from api.routes.heartbeats import int_query, text_query
 from api.schemas import AUDIT_ACTION, AUDIT_BEFORE, AUDIT_LIMIT, AuditPage
 from api.state import current_state
 from db.audit import list_audit

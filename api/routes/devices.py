@@ -10,8 +10,8 @@ from api.auth import requires_role
 from api.body import decode_json, read_json_body
 from api.errors import ApiError
 from api.metrics import timed_read
+from api.query_args import int_query, text_query
 from api.responses import NO_STORE, json_response, with_source
-from api.routes.heartbeats import int_query, text_query
 from api.schemas import (
     DEVICES_AFTER,
     DEVICES_APP_VERSION,

@@ -9,9 +9,8 @@ from sqlalchemy import Connection
 
 from api.auth import viewer_required
 from api.errors import ApiError
+from api.query_args import int_query, text_query, time_arg
 from api.responses import json_response, with_source
-from api.routes.heartbeats import int_query, text_query
-from api.routes.history import time_arg
 from api.schemas import EVENTS_AFTER, EVENTS_BEFORE, EVENTS_DEVICE_ID, EVENTS_LIMIT, EVENTS_TYPES
 from api.state import current_state
 from db.events import EventFilter, list_events

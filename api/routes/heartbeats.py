@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +15,6 @@ from api.errors import ApiError
 from api.heartbeat_parsing import parse_heartbeat
 from api.metrics import observe_heartbeat, reject_heartbeat
 from api.responses import json_response
-from api.schemas import IntQuery, TextQuery
 from api.state import AppState, current_state
 from api.throttle import hold_refusal
 
@@ -68,31 +66,3 @@ def count_rejected_heartbeats(response: Response) -> Response:
     if response.status_code >= 400 and request.endpoint == "heartbeats.post_heartbeat":
         reject_heartbeat(getattr(response, "error_code", "") or f"http_{response.status_code}")
     return response
-
-
-def int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    """An integer query parameter within [lo, hi], ``default`` when absent; 400 otherwise
-    (an empty value too: ``?limit=`` is no integer)."""
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", f"{name} must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ApiError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}")
-    return value
-
-
-def text_query(param: TextQuery) -> str | None:
-    """A text query parameter matching its pattern, None when absent or empty; 400 otherwise."""
-    raw = request.args.get(param.name)
-    if raw is not None and not re.fullmatch(param.pattern, raw):
-        raise ApiError(400, "invalid_parameter", f"{param.name} must match {param.pattern}")
-    return raw or None
-
-
-def int_query(param: IntQuery) -> int:
-    """``int_arg`` for a parameter declared once in api/schemas.py."""
-    return int_arg(param.name, param.default, param.lo, param.hi)

@@ -10,8 +10,8 @@ from sqlalchemy import Connection
 from api.auth import viewer_required
 from api.concurrency import run_blocking
 from api.errors import ApiError
+from api.query_args import int_query, time_arg
 from api.responses import json_response, with_source
-from api.routes.heartbeats import int_query
 from api.schemas import HISTORY_LIMIT
 from api.state import current_state
 from db.fleet import get_device_status
@@ -20,24 +20,6 @@ from db.history import HistoryPage, list_history
 bp = Blueprint("history", __name__)
 
 HISTORY_DEFAULT_WINDOW = timedelta(hours=24)
-
-
-def time_arg(name: str, default: datetime | None) -> datetime | None:
-    """An ISO 8601 query parameter with a time zone; 400 otherwise."""
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace(" ", "+"))
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", f"{name} must be an ISO 8601 time, got {raw!r}") from None
-    if value.tzinfo is None:
-        raise ApiError(400, "invalid_parameter", f"{name} must carry a time zone (e.g. Z)")
-    try:
-        # In UTC: PostgreSQL refuses zone offsets beyond 15:59 that Python accepts (+20:00).
-        return value.astimezone(UTC)
-    except OverflowError:
-        raise ApiError(400, "invalid_parameter", f"{name} is out of range") from None
 
 
 @bp.get("/v1/devices/<int:device_id>/heartbeats")

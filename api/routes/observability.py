@@ -21,14 +21,13 @@ from sqlalchemy.pool import NullPool
 from api.auth import requires_role, viewer_required
 from api.concurrency import gevent_active
 from api.metrics import (
+    JobMetrics,
     initialize_series,
     mark_worker_ready,
     observe_database,
-    observe_job_report,
     observe_request,
     render_metrics,
     sample_worker,
-    set_job_last_success,
     start_worker_sampler,
 )
 from api.openapi import Operation, register
@@ -46,7 +45,7 @@ from api.state import current_state
 from db.connections import backend_pid, connection_use
 from db.engine import reading
 from db.errors import DatabaseUnavailable
-from scheduler.locking import add_job_listener
+from db.job_runs import last_successes
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +54,12 @@ bp = Blueprint("observability", __name__)
 HEARTBEAT_ENDPOINT = "heartbeats.post_heartbeat"
 _STARTED = "nexmdm.started"
 _OPS_ENGINE = "nexmdm_ops_engine"
-_JOBS_READ_MONO = "nexmdm_job_runs_read_mono"
-# How often a scrape re-reads each job's last success from job_runs (runs made by another process
-# - python -m scheduler, another replica - are seen that way too).
-JOB_RUNS_REREAD_S = 60.0
 
 
 def configure_metrics(app: Flask, plane: str = "all") -> None:
-    """Request metrics (every endpoint but the heartbeat), zero-valued series, and (not on the
-    device plane, which runs no jobs) job runs and successes."""
+    """Request metrics (every endpoint but the heartbeat), zero-valued series, this worker's
+    sampler. No database I/O: the job series come from the runs this app reports
+    (AppState.job_metrics) and from job_runs, read when /metrics is scraped."""
 
     @app.before_request
     def _start_timer() -> None:
@@ -77,29 +73,22 @@ def configure_metrics(app: Flask, plane: str = "all") -> None:
         return response
 
     initialize_series()
-    if plane != "device":
-        add_job_listener(observe_job_report)  # every run in this process: scheduler and /ops/<job>
-        seed_job_last_success(app.extensions["nexmdm"].engine)
-        app.extensions[_JOBS_READ_MONO] = time.monotonic()
-    mark_worker_ready()
+    mark_worker_ready(plane)
     state = app.extensions["nexmdm"]
     if gevent_active():  # a gunicorn worker: its queue, loop lag and process figures, all along
         start_worker_sampler(lambda: state.started_writer, state.settings.ingest_queue_max)
 
 
-def seed_job_last_success(engine: Engine) -> None:
+def seed_job_last_success(engine: Engine, job_metrics: JobMetrics) -> None:
     """Each job's last success from job_runs: after a restart, and for runs made elsewhere."""
     try:
         with reading(engine) as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT job, extract(epoch FROM max(finished_at)) FROM job_runs "
-                "WHERE status = 'succeeded' AND finished_at IS NOT NULL GROUP BY job"
-            ).all()
+            finished = last_successes(conn)
     except (SQLAlchemyError, DatabaseUnavailable) as exc:  # reading() translates driver faults
-        log.warning("job last-success times not seeded from job_runs: %s", str(exc).splitlines()[0])
+        log.warning("job last-success times not read from job_runs: %s", str(exc).splitlines()[0])
         return
-    for job, finished_at_s in rows:
-        set_job_last_success(job, float(finished_at_s))
+    for job, finished_at_s in finished.items():
+        job_metrics.set_last_success(job, finished_at_s)
 
 
 def _metrics_key() -> str | None:
@@ -115,16 +104,17 @@ def _metrics_key() -> str | None:
 @bp.get("/metrics")
 @requires_role("viewer", key=_metrics_key)
 def metrics() -> Response:
-    """Prometheus text exposition of every worker (viewer: x-admin, or the key as a bearer token)."""
-    now = time.monotonic()
-    if now - current_app.extensions.get(_JOBS_READ_MONO, 0.0) >= JOB_RUNS_REREAD_S:
-        current_app.extensions[_JOBS_READ_MONO] = now
-        seed_job_last_success(_ops_engine(current_app, current_state().engine))
+    """Prometheus text exposition of every worker (viewer: x-admin, or the key as a bearer token).
+
+    Each job's last success is read from job_runs at the first scrape and every JobMetrics.reread_s
+    after (runs made by another process - python -m scheduler, another node - are seen that way)."""
     state = current_state()
+    if state.job_metrics.reread_due(time.monotonic()):
+        seed_job_last_success(_ops_engine(current_app, state.engine), state.job_metrics)
     if not gevent_active():  # no sampler runs (Flask's test client): this process, now
         sample_worker(state.started_writer, state.settings.ingest_queue_max)
     check_database(_ops_engine(current_app, state.engine))
-    body, content_type = render_metrics(state.settings.prometheus_multiproc_dir)
+    body, content_type = render_metrics(state.settings.prometheus_multiproc_dir, [state.replica_gauges.registry])
     return Response(body, status=200, headers={"Content-Type": content_type})
 
 

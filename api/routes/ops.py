@@ -6,19 +6,20 @@ from flask import Blueprint, Response, request
 
 from api.auth import requires_role, viewer_required
 from api.errors import ApiError, error_response
+from api.query_args import int_query
 from api.responses import json_response
-from api.routes.heartbeats import int_query
 from api.schemas import JOBS_LIMIT
 from api.state import current_state
-from scheduler.locking import list_job_runs
-from scheduler.service import RECORDED_JOBS, run_job
+from db.engine import reading
+from db.job_runs import RECORDED_JOBS, list_runs
+from scheduler.service import run_job
 
 bp = Blueprint("ops", __name__)
 
 
 def _run(job: str) -> Response:
     state = current_state()
-    report = run_job(job, state.engine, state.settings, trigger="api")
+    report = run_job(job, state.engine, state.settings, trigger="api", on_report=state.job_metrics.observe_report)
     body = report.to_dict()
     if report.status == "skipped":
         return error_response(409, "already_running", body)
@@ -63,5 +64,7 @@ def jobs() -> Response:
     if job is not None and job not in RECORDED_JOBS:
         raise ApiError(400, "invalid_parameter", f"job must be one of {', '.join(RECORDED_JOBS)}")
     limit = int_query(JOBS_LIMIT)
-    return json_response({"runs": list_job_runs(current_state().engine, job, limit)})
+    with reading(current_state().engine) as conn:
+        runs = list_runs(conn, job, limit)
+    return json_response({"runs": runs})
 

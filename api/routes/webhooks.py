@@ -9,8 +9,8 @@ from flask import Blueprint, Response, request
 from api.auth import admin_required, requires_role
 from api.body import decode_body
 from api.errors import ApiError
+from api.query_args import int_query
 from api.responses import json_response
-from api.routes.heartbeats import int_query
 from api.schemas import DELIVERIES_BEFORE, DELIVERIES_LIMIT, WebhookIn
 from api.state import current_state
 from db.engine import reading

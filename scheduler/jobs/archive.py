@@ -52,7 +52,8 @@ from sqlalchemy.exc import DBAPIError
 
 from config.settings import PROJECT_ROOT, Settings
 from db.heartbeats import COLUMNS
-from db.partitions import PartitionSpec, day_of
+from db.job_runs import prune_runs
+from db.partitions import PartitionSpec, day_of, lock_partition_ddl
 from scheduler.locking import JobOutcome, Progress
 
 ARCHIVE_COLUMNS = (*COLUMNS, "extra")
@@ -567,7 +568,7 @@ def drop_archived_partition(
             with engine.begin() as conn:
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(settings.job_statement_timeout_ms)}")
                 conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(lock_timeout_s * 1000)}")
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
+                lock_partition_ddl(conn)
                 conn.exec_driver_sql(f'LOCK TABLE "{name}" IN SHARE MODE')
                 rows = conn.exec_driver_sql(f'SELECT count(*) FROM "{name}"').scalar_one()
                 if rows != manifest.row_count:
@@ -596,15 +597,6 @@ def drop_archived_partition(
             if not isinstance(exc.orig, pg_errors.LockNotAvailable) or attempt == attempts:
                 raise
             time.sleep(2.0 * attempt)  # busy table: let the queue drain, then try again
-
-
-def prune_job_runs(engine: Engine, keep_days: int, now: datetime) -> int:
-    """Delete job_runs records older than ``keep_days``; returns how many."""
-    with engine.begin() as conn:
-        return conn.exec_driver_sql(
-            "DELETE FROM job_runs WHERE started_at < %(cutoff)s AND status <> 'running'",
-            {"cutoff": now - timedelta(days=keep_days)},
-        ).rowcount
 
 
 def archive_after_days(settings: Settings) -> int:
@@ -689,7 +681,8 @@ def run_nightly(engine: Engine, settings: Settings, *, now: datetime, progress: 
         archived.append({"partition": name, "rows": manifest.row_count, "sha256": manifest.sha256,
                          "file": str(path), "bytes": manifest.size_bytes})
     expired = expire_cold_days(engine, settings, today, progress) if settings.archive_format == PARQUET else []
-    pruned = prune_job_runs(engine, settings.job_runs_keep_days, now)
+    with engine.begin() as conn:
+        pruned = prune_runs(conn, before=now - timedelta(days=settings.job_runs_keep_days))
     detail = {"today": today.isoformat(), "format": settings.archive_format, "archived": archived,
               "failed": failed, "expired": expired, "job_runs_pruned": pruned}
     if failed:
@@ -716,7 +709,7 @@ def restore_archive(engine: Engine, manifest_path: Path, progress: Progress) -> 
     with engine.begin() as conn:
         conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
         conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
+        lock_partition_ddl(conn)
         live_columns = {r[0] for r in conn.exec_driver_sql(
             "SELECT attname FROM pg_attribute WHERE attrelid = 'heartbeats'::regclass "
             "AND attnum > 0 AND NOT attisdropped")}

@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from sqlalchemy import Connection, Engine
 
 from db.events import maintain_event_partitions
-from db.partitions import PartitionSpec, create_partition, list_partitions, plan_partitions
+from db.partitions import PartitionSpec, create_partition, list_partitions, lock_partition_ddl, plan_partitions
 from db.webhooks import prune_deliveries
 from scheduler.locking import JobOutcome, Progress
 
@@ -47,8 +47,7 @@ def run_partitions(engine: Engine, *, today: date, premake_days: int, progress: 
     the events table, whose days past ``events_retention_days`` are dropped (None: none); and
     finished webhook deliveries older than ``deliveries_keep_days`` are deleted."""
     with engine.begin() as conn:
-        # The same DDL lock as db.partitions.ensure_partitions (start-up, ingest on demand).
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('nexmdm:partitions:ddl'))")
+        lock_partition_ddl(conn)  # as db.partitions.ensure_partitions (start-up, ingest on demand)
         existing = list_partitions(conn)
         plan = plan_partitions(existing, today, premake_days)
         progress(f"{len(existing)} partitions attached; {len(plan)} to create "

@@ -182,11 +182,10 @@ def test_event_partition_plan_is_pure():
 def test_recorded_events_are_counted_for_prometheus(engine, settings):
     from prometheus_client import REGISTRY
 
-    from api.metrics import initialize_series, observe_job_report
-    from scheduler.locking import add_job_listener
+    from api.metrics import JobMetrics, initialize_series
 
     initialize_series()
-    add_job_listener(observe_job_report)  # as the app does (idempotent: one listener, one count)
+    job_metrics = JobMetrics()  # as the app's: each run's report handed to it
 
     def counted(kind: str) -> float:
         return REGISTRY.get_sample_value("nexmdm_events_recorded_total", {"type": kind})
@@ -196,7 +195,7 @@ def test_recorded_events_are_counted_for_prometheus(engine, settings):
     t0 = datetime.now(UTC).replace(microsecond=0)
     for dev in devices:
         beat(engine, dev, t0)
-    derive(engine, settings, t0)
-    derive(engine, settings, t0 + timedelta(minutes=5))
+    for now in (t0, t0 + timedelta(minutes=5)):
+        run_job("events", engine, settings, now=now, on_report=job_metrics.observe_report, **QUIET)
     assert (counted("device_online") - before[0], counted("device_offline") - before[1]) == (3, 3)
     assert counted("token_revoked") is not None  # every type exists before its first event

@@ -6,7 +6,7 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from scheduler.locking import JobOutcome, add_job_listener, lock_name, remove_job_listener, run_locked
+from scheduler.locking import JobOutcome, lock_name, run_locked
 from scheduler.service import run_job
 from tests.jobdata import scalar
 
@@ -69,14 +69,11 @@ def test_once_per_period_for_scheduled_runs_but_manual_runs_always_run(engine):
 
 def test_failed_run_is_recorded_with_its_error_and_reported(engine):
     seen = []
-    add_job_listener(seen.append)
-    try:
-        def broken() -> JobOutcome:
-            raise RuntimeError("disk on fire")
 
-        report = run_locked(engine, "demo", broken)
-    finally:
-        remove_job_listener(seen.append)
+    def broken() -> JobOutcome:
+        raise RuntimeError("disk on fire")
+
+    report = run_locked(engine, "demo", broken, on_report=seen.append)
     assert report.status == "failed" and "disk on fire" in report.error
     assert seen == [report]
     with engine.connect() as conn:

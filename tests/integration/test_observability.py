@@ -125,7 +125,7 @@ def test_metered_pool_publishes_use_waits_and_timeouts(settings, database_url):
         engine.dispose()
 
 
-def test_job_last_success_is_seeded_from_job_runs(settings, engine):
+def test_job_last_success_is_read_from_job_runs_at_the_first_scrape(settings, engine, admin):
     from api.app import create_app
 
     with engine.begin() as conn:
@@ -135,9 +135,67 @@ def test_job_last_success_is_seeded_from_job_runs(settings, engine):
             "('reconcile', now() - interval '1 h', now() - interval '1 h', 'succeeded'), "
             "('reconcile', now() - interval '1 m', now() - interval '1 m', 'failed')"
         )
-    create_app(settings, engine=engine)
-    seeded = sample("nexmdm_job_last_success_timestamp_seconds", job_name="reconcile")
+    app = create_app(settings, engine=engine)
+    try:
+        scraped = parse(app.test_client().get("/metrics", headers=admin).get_data(as_text=True))
+    finally:
+        app.extensions["nexmdm"].close()
+    seeded = scraped.value("nexmdm_job_last_success_timestamp_seconds", job_name="reconcile")
     assert abs(seeded - (time.time() - 3600)) < 60
+
+
+def test_create_app_makes_no_database_connection(settings, engine):
+    """create_app reads nothing: it used to read job_runs (a connection from the pool at start-up)."""
+    from sqlalchemy import event
+
+    from api.app import create_app
+
+    connects: list[object] = []
+
+    def count(*_: object) -> None:
+        connects.append(1)
+
+    engine.dispose()  # no pooled connection left from other tests: any checkout would connect
+    event.listen(engine, "connect", count)
+    event.listen(engine, "checkout", count)
+    try:
+        app = create_app(settings, engine=engine)
+        app.extensions["nexmdm"].close()
+    finally:
+        event.remove(engine, "connect", count)
+        event.remove(engine, "checkout", count)
+    assert connects == []
+
+
+def test_create_app_with_the_database_down_returns_an_app_at_once(settings, tmp_path):
+    """No database at start-up: the app is built (and says 503 until the database is back)."""
+    import socket
+
+    from api.app import create_app
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = settings.with_overrides(database_url=f"postgresql://nexmdm:x@127.0.0.1:{port}/nexmdm")
+    started = time.perf_counter()
+    app = create_app(down)
+    try:
+        assert time.perf_counter() - started < 2.0
+        assert app.test_client().get("/readyz").status_code == 503
+    finally:
+        app.extensions["nexmdm"].close()
+        app.extensions["nexmdm"].engine.dispose()
+
+
+def test_a_job_run_outside_the_app_is_not_counted_by_it(app, engine):
+    """Only the runs an app reports to its JobMetrics count in it: before, creating an app added
+    a listener to a module-level list, and every run in the process counted from then on."""
+    from scheduler.locking import JobOutcome, run_locked
+
+    before = sample("nexmdm_job_runs_total", job_name="unit-outside", outcome="succeeded")
+    report = run_locked(engine, "unit-outside", lambda: JobOutcome(1))
+    assert report.status == "succeeded"
+    assert sample("nexmdm_job_runs_total", job_name="unit-outside", outcome="succeeded") == before
 
 
 def test_job_runs_through_the_ops_endpoint_are_counted(client, admin):
@@ -149,9 +207,7 @@ def test_job_runs_through_the_ops_endpoint_are_counted(client, admin):
     assert abs(sample("nexmdm_job_last_success_timestamp_seconds", job_name="partitions") - time.time()) < 30
 
 
-def test_a_scrape_rereads_job_successes_made_elsewhere(client, admin, engine, monkeypatch):
-    from api.routes import observability
-
+def test_a_scrape_rereads_job_successes_made_elsewhere(app, client, admin, engine):
     client.get("/metrics", headers=admin)
     with engine.begin() as conn:  # a run by another process (python -m scheduler, another replica)
         conn.exec_driver_sql(
@@ -160,6 +216,6 @@ def test_a_scrape_rereads_job_successes_made_elsewhere(client, admin, engine, mo
         )
     client.get("/metrics", headers=admin)
     assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="elsewhere") == 0  # within the minute
-    monkeypatch.setattr(observability, "JOB_RUNS_REREAD_S", 0.0)
+    app.extensions["nexmdm"].job_metrics.reread_s = 0.0
     scraped = parse(client.get("/metrics", headers=admin).get_data(as_text=True))
     assert abs(scraped.value("nexmdm_job_last_success_timestamp_seconds", job_name="elsewhere") - time.time()) < 30

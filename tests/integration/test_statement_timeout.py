@@ -89,12 +89,11 @@ def test_pool_gauges_come_from_the_live_pool_only(database_url):
     (the old code published the old pool's figures: checked_out -3 here)."""
     from prometheus_client import REGISTRY
 
-    from api import metrics
     from api.metrics import MeteredQueuePool
     from config.settings import Settings
     from db.engine import make_engine
 
-    plane = {"plane": metrics._plane}
+    plane = {"plane": MeteredQueuePool.plane}
     engine = make_engine(Settings(database_url=database_url, db_pool_size=3, db_max_overflow=2), database_url,
                          pool_class=MeteredQueuePool)
     try:

@@ -19,14 +19,15 @@ def sample(name: str, **labels: str) -> float:
 
 
 def test_observe_job_counts_runs_by_outcome_duration_and_last_success():
+    jobs = metrics.JobMetrics()
     before_ok = sample("nexmdm_job_runs_total", job_name="unit-job", outcome="succeeded")
     before_failed = sample("nexmdm_job_runs_total", job_name="unit-job", outcome="failed")
     before_count = sample("nexmdm_job_duration_seconds_count", job_name="unit-job")
     before_slow = sample("nexmdm_job_duration_seconds_bucket", job_name="unit-job", le="5.0")
 
-    metrics.observe_job("unit-job", "failed", 42.0)
+    jobs.observe("unit-job", "failed", 42.0)
     assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == 0
-    metrics.observe_job("unit-job", "succeeded", 2.5, finished_at_s=1_790_000_000.0)
+    jobs.observe("unit-job", "succeeded", 2.5, finished_at_s=1_790_000_000.0)
 
     assert sample("nexmdm_job_runs_total", job_name="unit-job", outcome="succeeded") == before_ok + 1
     assert sample("nexmdm_job_runs_total", job_name="unit-job", outcome="failed") == before_failed + 1
@@ -34,14 +35,14 @@ def test_observe_job_counts_runs_by_outcome_duration_and_last_success():
     assert sample("nexmdm_job_duration_seconds_bucket", job_name="unit-job", le="5.0") == before_slow + 1  # 2.5 s only
     assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == 1_790_000_000.0
 
-    metrics.set_job_last_success("unit-job", 1_780_000_000.0)  # an older seed never moves it back
+    jobs.set_last_success("unit-job", 1_780_000_000.0)  # an older reading never moves it back
     assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == 1_790_000_000.0
-    metrics.observe_job("unit-job", "succeeded", 0.1)  # now by default
+    jobs.observe("unit-job", "succeeded", 0.1)  # now by default
     assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-job") == pytest.approx(time.time(), abs=5)
 
 
 def test_observe_job_report_reads_a_scheduler_report():
-    from dataclasses import dataclass
+    from dataclasses import dataclass, field
 
     @dataclass
     class Report:  # the fields of scheduler.locking.JobReport that metrics read
@@ -49,17 +50,51 @@ def test_observe_job_report_reads_a_scheduler_report():
         status: str
         duration_s: float
         finished_at: datetime
+        detail: dict = field(default_factory=dict)
 
+    jobs = metrics.JobMetrics()
     skipped = sample("nexmdm_job_runs_total", job_name="report-job", outcome="skipped")
-    metrics.observe_job_report(Report("report-job", "skipped", 0.01, datetime.now(UTC)))
-    metrics.observe_job_report(Report("report-job", "succeeded", 3.0, datetime.fromtimestamp(1_785_000_000, UTC)))
+    jobs.observe_report(Report("report-job", "skipped", 0.01, datetime.now(UTC)))
+    jobs.observe_report(Report("report-job", "succeeded", 3.0, datetime.fromtimestamp(1_785_000_000, UTC)))
     assert sample("nexmdm_job_runs_total", job_name="report-job", outcome="skipped") == skipped + 1
     assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="report-job") == 1_785_000_000
 
 
 def test_observe_job_refuses_an_unknown_outcome():
     with pytest.raises(ValueError, match="outcome"):
-        metrics.observe_job("unit-job", "exploded", 1.0)
+        metrics.JobMetrics().observe("unit-job", "exploded", 1.0)
+
+
+def test_job_metrics_of_two_apps_keep_their_own_memory():
+    """What one app remembers (last successes, when it read job_runs) is not another's: the old
+    module-level dict let one app's newer success stop another app from publishing its own."""
+    first, second = metrics.JobMetrics(), metrics.JobMetrics()
+    first.set_last_success("unit-two-apps", 1_790_000_000.0)
+    second.set_last_success("unit-two-apps", 1_780_000_000.0)  # second's own first reading: published
+    assert sample("nexmdm_job_last_success_timestamp_seconds", job_name="unit-two-apps") == 1_780_000_000.0
+    assert first.reread_due(1000.0) and not first.reread_due(1000.0 + first.reread_s - 1)
+    assert second.reread_due(1000.0 + 1)  # first's reading is not second's
+    assert first.reread_due(1000.0 + first.reread_s)
+
+
+def test_replica_gauges_of_two_apps_do_not_collide_and_appear_only_when_measured():
+    from types import SimpleNamespace
+
+    first, second = metrics.ReplicaGauges(), metrics.ReplicaGauges()
+    assert first.registry.get_sample_value("nexmdm_replica_up") is None  # nothing before a measurement
+    first.observe(SimpleNamespace(reachable=True, lag_s=0.25))
+    second.observe(SimpleNamespace(reachable=False, lag_s=None))  # the old module-level pair was shared
+    assert first.registry.get_sample_value("nexmdm_replica_up") == 1
+    assert first.registry.get_sample_value("nexmdm_replica_lag_seconds") == 0.25
+    assert second.registry.get_sample_value("nexmdm_replica_up") == 0
+    body, _ = metrics.render_metrics(None, [first.registry])
+    assert b"nexmdm_replica_lag_seconds 0.25" in body and b"nexmdm_job_runs_total" in body
+
+
+def test_a_pool_class_keeps_its_plane_and_two_planes_coexist():
+    device, operator = metrics.metered_pool("device"), metrics.metered_pool("operator")
+    assert (device.plane, operator.plane, metrics.MeteredQueuePool.plane) == ("device", "operator", "all")
+    assert issubclass(device, metrics.MeteredQueuePool)
 
 
 def test_known_jobs_have_zero_series_before_their_first_run():
