@@ -1,5 +1,7 @@
 """GET /openapi.json: the OpenAPI 3.1 document, its schemas generated from api/schemas.py
-(the same msgspec types that validate requests), its paths from the table below."""
+(the same msgspec types that validate requests), its paths from the table below and the tables
+of the route modules that describe their own operations (``operations()`` names them; nothing
+adds to a table at import time)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class Operation:
     errors: tuple[int, ...] = field(default_factory=tuple)
 
 
-OPERATIONS: list[Operation] = [
+OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/healthz", "Liveness", None, response=s.Health),
     Operation("get", "/openapi.json", "This document", None),
     Operation("get", "/readyz", "Readiness: the database answers", None, response=s.Health, errors=(503,)),
@@ -98,7 +100,7 @@ OPERATIONS: list[Operation] = [
     Operation("get", "/ops/jobs", "Recent job runs, newest first", "admin", response=s.JobRunList,
               params=(("job", "query", "string", {"enum": list(RECORDED_JOBS)}), s.JOBS_LIMIT),
               errors=(400, 401, 403)),
-]
+)
 
 
 def parameter(param: Any) -> dict[str, Any]:
@@ -123,9 +125,12 @@ def error_statuses(op: Operation) -> list[int]:
     return sorted(codes)
 
 
-def register(op: Operation) -> None:
-    """Add an operation to the document (other blueprints describe theirs this way)."""
-    OPERATIONS.append(op)
+def operations() -> tuple[Operation, ...]:
+    """Every operation of the document: the table above and those of the route modules that
+    keep their own (imported here, not at the top: they import Operation from this module)."""
+    from api.routes import audit, keys, observability
+
+    return OPERATIONS + audit.OPERATIONS + keys.OPERATIONS + observability.OPERATIONS
 
 
 def _plane(op: Operation) -> str:
@@ -137,11 +142,9 @@ def _plane(op: Operation) -> str:
 
 def build_document() -> dict[str, Any]:
     """The whole OpenAPI document."""
-    from api.planes import blueprints
-
-    blueprints()  # every route module imported, so every operation registered
+    ops = operations()
     types: list[Any] = [s.Error]
-    for op in OPERATIONS:
+    for op in ops:
         if isinstance(op.request, tuple):
             types.extend(op.request)
         elif op.request is not None:
@@ -151,7 +154,7 @@ def build_document() -> dict[str, Any]:
     refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     lookup = dict(zip(map(id, types), refs, strict=True))  # same type twice → same ref
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in ops:
         entry: dict[str, Any] = {"summary": op.summary, "responses": {}, "x-nexmdm-plane": _plane(op)}
         if op.auth == "admin":
             entry["security"] = [{"adminKey": []}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from api.auth import admin_required
-from api.openapi import Operation, register
+from api.openapi import Operation
 from api.query_args import int_query, text_query
 from api.responses import json_response
 from api.schemas import AUDIT_ACTION, AUDIT_BEFORE, AUDIT_LIMIT, AuditPage
@@ -28,7 +28,8 @@ def audit_log() -> Response:
     return json_response({"entries": entries, "next_before": next_before})
 
 
-register(Operation("get", "/v1/audit", "The audit trail of operator changes, newest first", "admin",
-                   response=AuditPage,
-                   params=(AUDIT_ACTION, AUDIT_BEFORE, AUDIT_LIMIT),
-                   errors=(400, 401, 403)))
+# This module's operations in /openapi.json (api.openapi.operations() gathers them).
+OPERATIONS = (
+    Operation("get", "/v1/audit", "The audit trail of operator changes, newest first", "admin",
+              response=AuditPage, params=(AUDIT_ACTION, AUDIT_BEFORE, AUDIT_LIMIT), errors=(400, 401, 403)),
+)

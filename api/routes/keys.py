@@ -8,7 +8,7 @@ from api.audit import audit_change
 from api.auth import admin_required, current_principal, requires_role
 from api.body import decode_body
 from api.errors import ApiError
-from api.openapi import Operation, register
+from api.openapi import Operation
 from api.responses import NO_STORE, json_response
 from api.schemas import KeyCreatedOut, KeyIn, KeyList, OperatorKeyOut
 from api.state import current_state
@@ -54,9 +54,12 @@ def revoke(key_id: int) -> Response:
     return json_response(key_to_dict(record))
 
 
-register(Operation("post", "/v1/keys", "Create a named operator key with a role (shown once)", "admin",
-                   request=KeyIn, response=KeyCreatedOut, status=201, errors=(400, 401, 403, 409, 413, 415, 422)))
-register(Operation("get", "/v1/keys", "Operator keys (never the keys themselves)", "admin",
-                   response=KeyList, errors=(401, 403)))
-register(Operation("post", "/v1/keys/{key_id}/revoke", "Revoke an operator key", "admin",
-                   response=OperatorKeyOut, params=(("key_id", "path", "integer"),), errors=(401, 403, 404)))
+# This module's operations in /openapi.json (api.openapi.operations() gathers them).
+OPERATIONS = (
+    Operation("post", "/v1/keys", "Create a named operator key with a role (shown once)", "admin",
+              request=KeyIn, response=KeyCreatedOut, status=201, errors=(400, 401, 403, 409, 413, 415, 422)),
+    Operation("get", "/v1/keys", "Operator keys (never the keys themselves)", "admin",
+              response=KeyList, errors=(401, 403)),
+    Operation("post", "/v1/keys/{key_id}/revoke", "Revoke an operator key", "admin",
+              response=OperatorKeyOut, params=(("key_id", "path", "integer"),), errors=(401, 403, 404)),
+)

@@ -30,7 +30,7 @@ from api.metrics import (
     sample_worker,
     start_worker_sampler,
 )
-from api.openapi import Operation, register
+from api.openapi import Operation
 from api.pool_health import (
     PoolHealth,
     PostgresCpu,
@@ -163,7 +163,9 @@ def pool_health() -> Response:
     return json_response(assess(pool, postgres, error, datetime.now(UTC), planes, cpu))
 
 
-register(Operation("get", "/metrics", "Prometheus metrics of every worker (text format)", "admin",
-                   errors=(401, 403)))
-register(Operation("get", "/ops/pool_health", "Pool and PostgreSQL connection health, OK/WARN/CRITICAL",
-                   "admin", response=PoolHealth, errors=(401, 403)))
+# This module's operations in /openapi.json (api.openapi.operations() gathers them).
+OPERATIONS = (
+    Operation("get", "/metrics", "Prometheus metrics of every worker (text format)", "admin", errors=(401, 403)),
+    Operation("get", "/ops/pool_health", "Pool and PostgreSQL connection health, OK/WARN/CRITICAL", "admin",
+              response=PoolHealth, errors=(401, 403)),
+)
