@@ -65,12 +65,13 @@ def session_engine(database_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def engine(session_engine: Engine) -> Engine:
-    """The test database, emptied, with today's and the next 7 days' partitions."""
+    """The test database, emptied, with today's and the next 7 days' partitions (of heartbeats
+    and events: days another test made, e.g. a job run with a clock in the past, are dropped)."""
     with session_engine.begin() as conn:
         conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY")
         for name in [r[0] for r in conn.exec_driver_sql(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'heartbeats'"
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('heartbeats', 'events')"
         )]:
             conn.exec_driver_sql(f"DROP TABLE {name}")
         ensure_partitions(conn, datetime.now(UTC).date(), 7)
