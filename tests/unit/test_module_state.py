@@ -20,16 +20,18 @@ def test_importing_the_route_modules_changes_no_openapi_table():
         "before = len(o.OPERATIONS)\n"
         "import api.planes\n"
         "api.planes.blueprints()\n"  # imports every route module
-        "print(before, len(o.OPERATIONS), len(o.operations()))\n"
+        "print(before, len(o.OPERATIONS), flush=True)\n"
+        "print(len(o.operations()))\n"
         "paths = o.build_document()['paths']\n"
         "print(sorted(p for p in paths if p.startswith(('/v1/keys', '/v1/audit', '/metrics', '/ops/pool'))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         check=True).stdout.splitlines()
-    before, after, every = map(int, out[0].split())
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = run.stdout.splitlines()
+    before, after = map(int, out[0].split())
     assert before == after, "importing a route module changed api.openapi.OPERATIONS"
-    assert every == before + 6  # audit 1, keys 3, observability 2: gathered by operations()
-    assert out[1] == str(["/metrics", "/ops/pool_health", "/v1/audit", "/v1/keys", "/v1/keys/{key_id}/revoke"])
+    assert run.returncode == 0, run.stderr
+    assert int(out[1]) == before + 6  # audit 1, keys 3, observability 2: gathered by operations()
+    assert out[2] == str(["/metrics", "/ops/pool_health", "/v1/audit", "/v1/keys", "/v1/keys/{key_id}/revoke"])
 
 
 MUTATORS = {"append", "extend", "insert", "add", "update", "setdefault", "pop", "popitem", "clear", "remove",
