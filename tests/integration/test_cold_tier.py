@@ -4,6 +4,7 @@ file is refused on read and by verify; restore brings a Parquet day back."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
@@ -184,7 +185,31 @@ def test_changed_or_truncated_parquet_is_refused_on_read_and_by_verify_then_rest
                                 cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
         assert verify.returncode == 1 and "NOT OK" in verify.stdout, verify.stdout + verify.stderr
 
-    # Changed: one byte in the middle, same size (the file was already trusted by this process).
+    # Changed in place after this process trusted it: same inode, same size, and its mtime put
+    # back. The ctime moved (no user can set it back), so the file is hashed again and refused.
+    def overwrite_in_place(offset: int, data_bytes: bytes) -> None:
+        before = data.stat()
+        with open(data, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(data_bytes)
+        os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = data.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+    middle = len(original) // 2
+    overwrite_in_place(middle, bytes([original[middle] ^ 0xFF]))
+    refused("SHA-256")
+    overwrite_in_place(middle, original[middle:middle + 1])
+    # A byte no reader decodes (the footer's created_by): DuckDB would answer, only the hash sees it.
+    writer_name = original.rindex(b"parquet-cpp-arrow")
+    overwrite_in_place(writer_name, b"P")
+    refused("SHA-256")
+    overwrite_in_place(writer_name, original[writer_name:writer_name + 1])
+    assert len(history(client, admin, devices[0], since, until)["heartbeats"]) == 9  # the same bytes again: served
+    # The last bytes overwritten (same size): no Parquet footer, refused before any hashing.
+    overwrite_in_place(len(original) - 4, b"XXXX")
+    refused("no Parquet footer")
+    # Changed: one byte in the middle, same size, rewritten as a new file's content.
     changed = bytearray(original)
     changed[len(changed) // 2] ^= 0xFF
     data.write_bytes(bytes(changed))
@@ -304,5 +329,52 @@ def test_cold_reads_open_only_the_days_in_range_and_push_the_device_filter_into_
         everything = list_cold_days(conn, since - timedelta(days=30), since + timedelta(days=30))
         conn.rollback()
     assert [d.day for d in in_range] == [days[1]] and [d.day for d in everything] == days
-    plan = ColdReader(settings.archive_dir).explain(devices[3], since, since + timedelta(hours=2), in_range)
+    # Over the whole day (DuckDB answers a range its cached statistics rule out without a scan).
+    day_start = _midnight(days[1])
+    plan = ColdReader(settings.archive_dir).explain(devices[3], day_start, day_start + timedelta(days=1), in_range)
     assert "READ_PARQUET" in plan and f"device_id = {devices[3]}" in plan, plan
+
+
+def test_a_trusted_file_is_hashed_once_per_process_until_its_stamp_changes(engine, client, admin, tiers, monkeypatch):
+    import db.cold
+
+    devices, days, counts, settings = tiers
+    assert nightly(engine, settings).status == "succeeded"
+    hashed: list[str] = []
+    real = db.cold.file_sha256
+    monkeypatch.setattr(db.cold, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    since = _midnight(days[1])
+    for device in devices[:3]:  # three reads of one day: its file hashed the first time only
+        assert len(history(client, admin, device, since, since + timedelta(days=1))["heartbeats"]) == 9
+    name = f"{partition_name(days[1])}.parquet"
+    assert hashed == [name]
+    os.utime(settings.archive_dir / name)  # a touch: the contents may have changed, hashed again
+    assert len(history(client, admin, devices[0], since, since + timedelta(days=1))["heartbeats"]) == 9
+    assert hashed == [name, name]
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_days_archived_while_a_read_is_under_way_are_read_once(engine, client, admin, tiers, monkeypatch, order):
+    """Nightly moves three days to Parquet in the middle of a history read: newest first, just
+    after PostgreSQL was read (the rows are then in both tiers); oldest first, just before
+    (the days were not cold when listed, and are gone from PostgreSQL). Every row once."""
+    import db.history
+
+    devices, days, counts, settings = tiers
+    since, until = _midnight(TODAY - timedelta(days=30)), _midnight(TODAY + timedelta(days=1))
+    before = history(client, admin, devices[1], since, until, order=order)
+    assert len(before["heartbeats"]) == 36
+    real = db.history.list_heartbeats
+    moved: list[str] = []
+
+    def hot_read_with_nightly(*args, **kwargs):
+        if moved:
+            return real(*args, **kwargs)
+        rows = real(*args, **kwargs) if order == "desc" else None
+        report = nightly(engine, settings)
+        moved.extend(a["partition"] for a in report.detail["archived"])
+        return rows if rows is not None else real(*args, **kwargs)
+
+    monkeypatch.setattr(db.history, "list_heartbeats", hot_read_with_nightly)
+    assert history(client, admin, devices[1], since, until, order=order) == before
+    assert moved == [partition_name(d) for d in days]
