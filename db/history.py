@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
-from db.cold import ColdReader, list_cold_days
+from db.cold import ColdDay, ColdReader, list_cold_days
 from db.heartbeats import list_heartbeats
 
 T = TypeVar("T")
@@ -36,23 +36,32 @@ def list_history(
     """Up to ``limit`` heartbeats of a device with since <= bucket_ts < until from both tiers,
     newest (or oldest) first, each once.
 
-    PostgreSQL is read first, then hb_partitions for the cold days in range: a day the nightly
-    job moves in between is then seen in both (and de-duplicated by its key), never in neither.
-    When the hot rows fill the page, only cold days that could still beat them are read.
-    ``offload`` runs the DuckDB read (the API passes a thread pool under gevent)."""
-    hot = list_heartbeats(conn, device_id, since, until, limit, newest_first=newest_first)
-    cold_since, cold_until = since, until
-    if len(hot) == limit:
-        edge = hot[-1]["bucket_ts"]
-        if newest_first:
-            cold_since = max(since, edge)
-        else:
-            cold_until = min(until, edge + _MICROSECOND)
-    cold_rows: list[dict[str, Any]] = []
-    if cold is not None and cold_since < cold_until:
-        days = list_cold_days(conn, cold_since, cold_until)
-        if days:
-            cold_rows = offload(lambda: cold.read(device_id, cold_since, cold_until, days, limit, newest_first))
+    The tier at the start of the order is read first, and the other only over what could
+    still make the page: newest first, PostgreSQL (the recent days) then the cold days;
+    oldest first, the cold days then PostgreSQL. Either way hb_partitions is read (again)
+    after PostgreSQL, so a day the nightly job moves meanwhile is seen in both tiers (and
+    de-duplicated by its key) or in the cold one, never in neither. ``offload`` runs the
+    DuckDB read (the API passes a thread pool under gevent)."""
+    def read_cold(days: list[ColdDay], lo: datetime, hi: datetime) -> list[dict[str, Any]]:
+        if cold is None or not days or lo >= hi:
+            return []
+        return offload(lambda: cold.read(device_id, lo, hi, days, limit, newest_first))
+
+    def cold_days(lo: datetime, hi: datetime) -> list[ColdDay]:
+        return list_cold_days(conn, lo, hi) if cold is not None and lo < hi else []
+
+    if newest_first:
+        hot = list_heartbeats(conn, device_id, since, until, limit, newest_first=True)
+        cold_since = max(since, hot[-1]["bucket_ts"]) if len(hot) == limit else since
+        cold_rows = read_cold(cold_days(cold_since, until), cold_since, until)
+    else:
+        seen = cold_days(since, until)
+        cold_rows = read_cold(seen, since, until)
+        hot_until = min(until, cold_rows[-1]["bucket_ts"] + _MICROSECOND) if len(cold_rows) == limit else until
+        hot = list_heartbeats(conn, device_id, since, hot_until, limit, newest_first=False)
+        known = {d.day for d in seen}
+        moved = [d for d in cold_days(since, hot_until) if d.day not in known]  # archived since `seen`
+        cold_rows += read_cold(moved, since, hot_until)
     if cold_rows:
         merged = {r["bucket_ts"]: r for r in cold_rows}
         merged.update((r["bucket_ts"], r) for r in hot)  # a day in both tiers: one row per key
