@@ -13,11 +13,16 @@ Prints bytes per heartbeat in each tier, nightly seconds per million rows, growt
 2,000 devices, and latency p50/p95/p99 by range. Every cold day repeats the same generated day
 shifted in time (the bytes and the read paths are those of a distinct day; generating 75
 distinct days would take longer than writing them).
+
+``--keep`` leaves the whole dataset in ``--dir`` (the cluster stopped, the cold files, and
+dataset.json saying what they hold); ``--reads-only`` then measures only the reads on it, in a
+fresh process, without writing anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -149,6 +154,141 @@ def percentiles(samples: list[float]) -> str:
     return f"{at(0.50):7.1f} {at(0.95):7.1f} {at(0.99):7.1f}"
 
 
+DATASET = "dataset.json"
+Reads = tuple[str, list[float], float, list[float]]  # label, ms, rows per answer, ms in ColdReader.read
+
+
+def _midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def read_ranges(meta: dict[str, Any], cold_days: int) -> list[tuple[str, datetime, datetime, int, str, int]]:
+    """(label, since, until, limit, order, devices to pick from) of each measured range."""
+    today = date.fromisoformat(meta["today"])
+    days, hot_devices, devices = meta["days"], meta["hot_devices"], meta["devices"]
+    nightly_day = today - timedelta(days=meta["hot_days"] + 1)
+    tomorrow = _midnight(today + timedelta(days=1))
+    oldest = _midnight(today - timedelta(days=days - 1))
+    cold_one = today - timedelta(days=days // 3)
+    cold_end = _midnight(nightly_day + timedelta(1))
+    return [
+        ("hot, one day (yesterday), limit 1440", _midnight(today - timedelta(days=1)), _midnight(today), 1440,
+         "desc", hot_devices),
+        (f"cold, one day ({(today - cold_one).days} days ago), limit 1440", _midnight(cold_one),
+         _midnight(cold_one + timedelta(days=1)), 1440, "desc", devices),
+        (f"{days} days, newest first, limit 1000", oldest, tomorrow, 1000, "desc", hot_devices),
+        (f"{days} days, oldest first, limit 1000", oldest, tomorrow, 1000, "asc", hot_devices),
+        (f"{cold_days} cold days, newest first, limit 10000", oldest, cold_end, 10_000, "desc", devices),
+        (f"{cold_days} cold days, oldest first, limit 10000", oldest, cold_end, 10_000, "asc", devices),
+    ]
+
+
+def measure_reads(
+    settings: Settings, engine: Any, meta: dict[str, Any], reads: int,
+) -> tuple[list[Reads], list[tuple[str, float]]] | None:
+    """Latencies (ms) of GET /v1/devices/<id>/heartbeats through the app in this process, by
+    range: ``reads`` requests each (a tenth of that for the 10,000-row pages), random devices.
+    Before them, one request per range whose time includes the process's first look at the
+    files it opens (their full SHA-256), reported apart. None when a read fails."""
+    from api.app import create_app
+    from db.cold import list_cold_days
+
+    app = create_app(settings, engine=engine)
+    client = app.test_client()
+    headers = {"x-admin": settings.admin_key}
+    reader = app.extensions["nexmdm"].cold
+    cold_ms: list[float] = []  # time inside ColdReader.read (DuckDB and the rows as Python), per request
+    read_cold = reader.read
+
+    def timed_read(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        t = time.perf_counter()
+        try:
+            return read_cold(*args, **kwargs)
+        finally:
+            cold_ms.append((time.perf_counter() - t) * 1000)
+
+    reader.read = timed_read
+    with engine.connect() as conn:
+        cold_days = len(list_cold_days(conn, datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=2)))
+        conn.rollback()
+    rng = random.Random(11)
+    results: list[Reads] = []
+    first_reads: list[tuple[str, float]] = []
+    for label, since, until, limit, order, pick in read_ranges(meta, cold_days):
+        samples: list[float] = []
+        cold_parts: list[float] = []
+        rows = 0
+        count = reads if limit <= 1440 else max(10, reads // 10)
+        for i in range(count + 1):
+            device = 1 if i == 0 else rng.randint(1, pick)
+            cold_before = len(cold_ms)
+            t = time.perf_counter()
+            answer = client.get(f"/v1/devices/{device}/heartbeats", headers=headers, query_string={
+                "since": since.isoformat(), "until": until.isoformat(), "limit": limit, "order": order})
+            elapsed = (time.perf_counter() - t) * 1000
+            in_cold = sum(cold_ms[cold_before:])
+            if answer.status_code != 200:
+                print(f"  read FAILED: {answer.status_code} {answer.get_data(as_text=True)[:300]}")
+                return None
+            if i == 0:
+                first_reads.append((label, elapsed))
+                continue
+            samples.append(elapsed)
+            cold_parts.append(in_cold)
+            rows += len(answer.get_json()["heartbeats"])
+        results.append((label, samples, rows / count, cold_parts))
+    return results, first_reads
+
+
+def print_reads(results: list[Reads], first_reads: list[tuple[str, float]], reads: int,
+                days: int) -> None:
+    """The latency table and the verdict on the two read targets."""
+    print(f"  first request of each range in this process (includes the SHA-256 of each file it opens "
+          f"for the first time): {', '.join(f'{ms:.0f}' for _, ms in first_reads)} ms")
+    print(f"  history reads (GET /v1/devices/<id>/heartbeats in-process, random device; {reads} each, "
+          f"{max(10, reads // 10)} for the 10000-row pages): ms")
+    print(f"    {'range':<48} {'p50':>7} {'p95':>7} {'p99':>7}  rows/answer  ColdReader.read p50")
+    for label, samples, rows, cold_parts in results:
+        print(f"    {label:<48} {percentiles(samples)}  {rows:>11,.0f}  {statistics.median(cold_parts):18.1f}")
+    cold_day_p95 = sorted(results[1][1])[int(0.95 * len(results[1][1]))]
+    wide_p95 = max(sorted(r[1])[int(0.95 * len(r[1]))] for r in results[2:4])
+    print(f"  targets: one cold day p95 < 50 ms: {'MET' if cold_day_p95 < 50 else 'NOT MET'} ({cold_day_p95:.1f}); "
+          f"{days} days p95 < 200 ms: {'MET' if wide_p95 < 200 else 'NOT MET'} ({wide_p95:.1f})")
+
+
+def reads_only(var_dir: Path, reads: int) -> int:
+    """``--reads-only``: start the kept cluster, measure the reads, stop it; nothing is written."""
+    from db.embedded import EmbeddedCluster
+    from db.engine import make_engine
+    from db.migrate import upgrade
+
+    meta = json.loads((var_dir / DATASET).read_text())
+    started = time.perf_counter()
+    cluster = EmbeddedCluster(var_dir / "pg")
+    print(f"bench-storage --reads-only: the dataset in {var_dir} ({meta['devices']:,} devices x {meta['days']} days, "
+          f"made {meta['made_at']}: {meta['cold_files']} cold day files, {meta['cold_rows']:,} heartbeats)", flush=True)
+    url = cluster.start()
+    try:
+        upgrade(url)
+        settings = Settings(database_url=url, admin_key="bench-storage-key", var_dir=var_dir,
+                            archive_dir=var_dir / "archive", hot_days=meta["hot_days"], retention_days=meta["days"],
+                            scheduler_enabled=False, db_pool_size=4, db_max_overflow=2)
+        engine = make_engine(settings, url)
+        try:
+            outcome = measure_reads(settings, engine, meta, reads)
+        finally:
+            engine.dispose()
+    finally:
+        cluster.stop()
+    if outcome is None:
+        return 1
+    print(f"  machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the end "
+          "(shared with other work when above the cores)")
+    print_reads(*outcome, reads, meta["days"])
+    print(f"  ({time.perf_counter() - started:.0f} s in all)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear script
     parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=10_000)
@@ -158,18 +298,28 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
     parser.add_argument("--nightly-devices", type=int, default=2_000, help="devices in the day nightly archives")
     parser.add_argument("--reads", type=int, default=200, help="requests per range")
     parser.add_argument("--writers", type=int, default=2, help="processes writing cold days")
-    parser.add_argument("--keep", action="store_true", help="keep the cold files afterwards (for --reuse)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the dataset afterwards (cold files, stopped cluster, dataset.json)")
     parser.add_argument("--reuse", action="store_true", help="take the cold files a --keep run left")
+    parser.add_argument("--reads-only", action="store_true",
+                        help="only measure the reads, on the dataset a --keep run left in --dir (changes nothing)")
+    parser.add_argument("--dir", type=Path, default=PROJECT_ROOT / "var" / "bench-storage",
+                        help="where the cluster, the cold files and dataset.json live (default var/bench-storage)")
     args = parser.parse_args(argv)
     if not 0 < args.hot_devices <= args.nightly_devices <= args.devices or args.days <= args.hot_days + 2:
         parser.error("need 0 < hot-devices <= nightly-devices <= devices and days > hot-days + 2")
+    var_dir = args.dir.resolve()
+    if args.reads_only:
+        if not (var_dir / DATASET).exists():
+            parser.error(f"--reads-only needs the dataset a --keep run leaves: no {var_dir / DATASET}")
+        return reads_only(var_dir, args.reads)
 
     from db.embedded import EmbeddedCluster
     from db.engine import make_engine
     from db.migrate import upgrade
 
-    var_dir = PROJECT_ROOT / "var" / "bench-storage"
     archive_dir = var_dir / "archive"
+    (var_dir / DATASET).unlink(missing_ok=True)  # describes a finished --keep run only
     if not args.reuse:
         shutil.rmtree(archive_dir, ignore_errors=True)
     archive_dir.mkdir(parents=True, exist_ok=True)
@@ -269,61 +419,21 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
         nightly_bytes = archived["bytes"]
 
         # ---- reads through the app ----
-        from api.app import create_app
-        from db.cold import ColdReader, list_cold_days
-
-        app = create_app(settings, engine=engine)
-        client = app.test_client()
-        headers = {"x-admin": settings.admin_key}
-        reader: ColdReader = app.extensions["nexmdm"].cold
-        with engine.connect() as conn:
-            every_day = list_cold_days(conn, datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=2))
-            conn.rollback()
-        first_touch = []
-        for cold_day in every_day:  # each worker checks a file's SHA-256 in full the first time it reads it
-            t = time.perf_counter()
-            reader.check(cold_day)
-            first_touch.append((time.perf_counter() - t) * 1000)
-
-        def midnight(day: date) -> datetime:
-            return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-        tomorrow = midnight(today + timedelta(days=1))
-        oldest = midnight(today - timedelta(days=args.days - 1))
-        cold_one = today - timedelta(days=args.days // 3)
-        ranges = [
-            ("hot, one day (yesterday), limit 1440", midnight(today - timedelta(days=1)), midnight(today), 1440,
-             "desc"),
-            (f"cold, one day ({(today - cold_one).days} days ago), limit 1440", midnight(cold_one),
-             midnight(cold_one + timedelta(days=1)), 1440, "desc"),
-            (f"{args.days} days, newest first, limit 1000", oldest, tomorrow, 1000, "desc"),
-            (f"{args.days} days, oldest first, limit 1000", oldest, tomorrow, 1000, "asc"),
-            (f"{len(every_day)} cold days, newest first, limit 10000", oldest, midnight(nightly_day + timedelta(1)),
-             10_000, "desc"),
-            (f"{len(every_day)} cold days, oldest first, limit 10000", oldest, midnight(nightly_day + timedelta(1)),
-             10_000, "asc"),
-        ]
-        rng = random.Random(11)
-        results = []
-        for label, since, until, limit, order in ranges:
-            samples = []
-            rows = 0
-            for _ in range(args.reads):
-                device = rng.randint(1, args.hot_devices)
-                t = time.perf_counter()
-                answer = client.get(f"/v1/devices/{device}/heartbeats", headers=headers, query_string={
-                    "since": since.isoformat(), "until": until.isoformat(), "limit": limit, "order": order})
-                samples.append((time.perf_counter() - t) * 1000)
-                if answer.status_code != 200:
-                    print(f"  read FAILED: {answer.status_code} {answer.get_data(as_text=True)[:300]}")
-                    return 1
-                rows += len(answer.get_json()["heartbeats"])
-            results.append((label, samples, rows / args.reads))
+        meta = {"devices": args.devices, "days": args.days, "hot_days": args.hot_days,
+                "hot_devices": args.hot_devices, "nightly_devices": args.nightly_devices,
+                "today": today.isoformat(), "cold_files": len(written), "cold_rows": cold_rows,
+                "cold_bytes": cold_bytes, "made_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        outcome = measure_reads(settings, engine, meta, args.reads)
+        if outcome is None:
+            return 1
+        results, first_reads = outcome
     finally:
         engine.dispose()
         cluster.stop()
         if not args.keep:
             shutil.rmtree(archive_dir, ignore_errors=True)
+    if args.keep:
+        (var_dir / DATASET).write_text(json.dumps(meta, indent=1))
 
     hot_per = hot_bytes / hot_rows
     cold_per = cold_bytes / cold_rows
@@ -343,16 +453,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 — one linear 
     print(f"  at 2,000 devices: storage grows {growth:.2f} GB a month (cold tier; target <= 1 GB: "
           f"{'MET' if growth <= 1 else 'NOT MET'}; all in PostgreSQL it would be {month * hot_per / 1e9:.1f} GB); "
           f"the hot {args.hot_days} days hold a steady {steady_hot:.1f} GB")
-    print(f"  first read of a cold day file in a process (full SHA-256 of ~{cold_bytes / len(written) / 1e6:.0f} MB): "
-          f"median {statistics.median(first_touch):.0f} ms (once per file per worker, then a stat)")
-    print(f"  history reads (GET /v1/devices/<id>/heartbeats in-process, {args.reads} each, random device): ms")
-    print(f"    {'range':<48} {'p50':>7} {'p95':>7} {'p99':>7}  rows/answer")
-    for label, samples, rows in results:
-        print(f"    {label:<48} {percentiles(samples)}  {rows:,.0f}")
-    cold_day_p95 = sorted(results[1][1])[int(0.95 * len(results[1][1]))]
-    wide_p95 = max(sorted(r[1])[int(0.95 * len(r[1]))] for r in results[2:4])
-    print(f"  targets: one cold day p95 < 50 ms: {'MET' if cold_day_p95 < 50 else 'NOT MET'} ({cold_day_p95:.1f}); "
-          f"{args.days} days p95 < 200 ms: {'MET' if wide_p95 < 200 else 'NOT MET'} ({wide_p95:.1f})")
+    print_reads(results, first_reads, args.reads, args.days)
     return 0
 
 

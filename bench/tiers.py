@@ -158,14 +158,15 @@ def run_phase(label: str, procs: Processes, nodes: list[ApiNode], cluster: Embed
 
 def archive_per_row(cluster: EmbeddedCluster, url: str, archive_dir: Path) -> dict[str, float]:
     """Export every heartbeats partition with rows through the nightly job's own exporter
-    (``python -m scheduler export``: COPY, gzip, SHA-256, read back); bytes per archived row."""
+    (``python -m scheduler export`` with ``ARCHIVE_FORMAT=parquet``, the default: the cold tier's
+    Parquet file, zstd, read back against the partition, SHA-256); bytes per archived row."""
     names = [n for n in cluster.psql(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p "
         "ON p.oid = i.inhparent WHERE p.relname = 'heartbeats' AND c.reltuples <> 0 ORDER BY 1",
         database="nexmdm").split() if n]
     rows = int(cluster.psql("SELECT count(*) FROM heartbeats", database="nexmdm"))
     shutil.rmtree(archive_dir, ignore_errors=True)
-    env = dict(os.environ, DATABASE_URL=url, ARCHIVE_DIR=str(archive_dir))
+    env = dict(os.environ, DATABASE_URL=url, ARCHIVE_DIR=str(archive_dir), ARCHIVE_FORMAT="parquet")
     subprocess.run([sys.executable, "-m", "scheduler", "export", *names], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=600)
     size = sum(f.stat().st_size for f in archive_dir.iterdir() if not f.name.endswith(".json"))
@@ -191,7 +192,8 @@ def render(phases: list[dict[str, Any]], storage: dict[str, float]) -> str:
     lines.append(f"storage: {storage['heartbeat_row_bytes']:.0f} bytes per heartbeats row (heap + indexes, "
                  f"{storage['heartbeat_rows']:.0f} rows); {storage['last_status_row_bytes']:.0f} bytes per "
                  f"device_last_status row ({storage['last_status_rows']:.0f} devices); "
-                 f"{storage['archive_bytes_per_row']:.1f} bytes per heartbeat in the nightly job's archive file")
+                 f"{storage['archive_bytes_per_row']:.1f} bytes per heartbeat in the nightly job's archive file "
+                 "(Parquet)")
     lines.append("A: one node; B: two nodes, the same total rate; C: as B without prepared statements "
                  "(DB_PREPARED_STATEMENTS=false, as behind PgBouncer in transaction mode)")
     return "\n".join(lines)
