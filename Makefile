@@ -91,7 +91,7 @@ bench: $(STAMP)
 
 # History tiers at 10,000 devices x 90 days: bytes per heartbeat hot and cold, nightly s per
 # million rows, read latency by range (~13 GB under var/bench-storage while it runs).
-# Keep the dataset, then re-measure only the reads on it (a minute or two):
+# Keep the dataset, then re-measure only the reads on it (~20 s on a quiet machine):
 #   make bench-storage BENCH_STORAGE_ARGS="--keep --dir /some/where"
 #   make bench-storage BENCH_STORAGE_ARGS="--reads-only --dir /some/where"
 .PHONY: bench-storage
