@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 
 from config.settings import PROJECT_ROOT
+from db.embedded import EmbeddedCluster
 from db.partitions import partition_name
 from tests.conftest import ADMIN_KEY
 from tests.jobdata import fill_day, make_devices, scalar
@@ -77,6 +78,10 @@ def test_runbook_commands_work_as_written(engine, database_url, tmp_path):
 
     steps = runbook_steps()
     ran = {"sh": 0, "sql": 0}
+    # `python -m db start` starts the checkout's own cluster (var/pg): stopped again after,
+    # unless it was running before (a developer's `make run`).
+    own_cluster = EmbeddedCluster(PROJECT_ROOT / "var" / "pg")
+    was_running = own_cluster.initialized() and own_cluster.running()
     try:
         for kind, body in steps:
             body = localise(body)
@@ -96,6 +101,8 @@ def test_runbook_commands_work_as_written(engine, database_url, tmp_path):
             ran["sh"] += 1
     finally:
         server.stop()
+        if not was_running and own_cluster.initialized() and own_cluster.running():
+            own_cluster.stop()
     assert ran["sh"] >= 14 and ran["sql"] >= 5, ran
     state = scalar(engine, "SELECT state FROM hb_partitions WHERE name = %(n)s", {"n": partition_name(old)})
     assert state == "restored"
