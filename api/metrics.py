@@ -29,10 +29,11 @@ from prometheus_client.exposition import generate_latest
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
+from api import contract
+from api.contract import PREFIX
 from db.events import EVENT_TYPES
 from db.job_runs import SCHEDULED_JOBS
 
-PREFIX = "nexmdm"
 _SELF = psutil.Process()
 
 # Bucket edges at the SLO boundaries: 0.02 s (fast read p95), 0.15 s and 0.3 s (heartbeat
@@ -62,18 +63,19 @@ REJECT_REASONS = (
     "too_many_failures", "rate_limited",
 )
 
+# The metrics clients decode are named in api/contract.py.
 HEARTBEAT_WRITE_SECONDS = Histogram(
-    f"{PREFIX}_heartbeat_write_duration_seconds",
+    contract.HEARTBEAT_WRITE_SECONDS,
     "Time to handle an acknowledged heartbeat: authenticate, validate, write, COMMIT.",
     buckets=LATENCY_BUCKETS_S,
 )
-HEARTBEATS_ACCEPTED = Counter(f"{PREFIX}_heartbeats_accepted_total", "Heartbeats stored (new rows).")
+HEARTBEATS_ACCEPTED = Counter(contract.HEARTBEATS_ACCEPTED, "Heartbeats stored (new rows).")
 HEARTBEATS_DUPLICATE = Counter(
-    f"{PREFIX}_heartbeats_duplicate_total",
+    contract.HEARTBEATS_DUPLICATE,
     "Heartbeats acknowledged as duplicates of one already stored (retries).",
 )
 HEARTBEATS_REJECTED = Counter(
-    f"{PREFIX}_heartbeats_rejected_total",
+    contract.HEARTBEATS_REJECTED,
     "Heartbeats answered with an error, by the error code of the answer.",
     ["reason"],
 )
@@ -99,7 +101,7 @@ HTTP_REQUEST_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 HTTP_REQUESTS = Counter(
-    f"{PREFIX}_http_request_total",
+    contract.HTTP_REQUESTS,
     "Requests answered, by method (one of HTTP_METHODS, else 'other') and status; "
     "POST /v1/heartbeat is left out.",
     ["method", "status"],

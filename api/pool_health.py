@@ -1,5 +1,6 @@
 """Pool health of the whole server: every worker's pool (from the multiprocess gauges) and
-PostgreSQL's connection limit, judged OK / WARN (> 80 %) / CRITICAL (> 95 %).
+PostgreSQL's connection limit, judged OK / WARN (> 80 %) / CRITICAL (> 95 %). The answer's
+schema is in api/schemas.py and the thresholds in api/contract.py (clients decode with them).
 
 The figures are plain data here; api/routes/observability.py serves them and
 ``python -m api.pool_monitor`` prints them.
@@ -9,51 +10,17 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 import psutil
-from msgspec import Struct
 from sqlalchemy.pool import Pool, QueuePool
 
+from api.contract import POOL_CRITICAL_PCT, POOL_WARN_PCT, PoolStatus, pool_status
 from api.metrics import PREFIX, live_gauge_values, live_gauge_values_by_plane
+from api.schemas import PoolFigures, PoolHealth, PostgresCpu, PostgresFigures
 from db.connections import ConnectionUse
 
-WARN_PCT = 80.0
-CRITICAL_PCT = 95.0
-Status = Literal["OK", "WARN", "CRITICAL"]
 _RANK = {"OK": 0, "WARN": 1, "CRITICAL": 2}
-
-
-class PoolFigures(Struct):
-    """Every live worker's pool, summed; utilisation = in use / (size + max overflow)."""
-
-    workers: int
-    pool_size: int
-    max_overflow: int
-    capacity: int
-    in_use: int
-    overflow: int
-    utilization_pct: float
-    busiest_worker_utilization_pct: float
-
-
-class PostgresFigures(Struct):
-    max_connections: int
-    reserved_connections: int
-    in_use: int
-    in_use_by_nexmdm: int
-    headroom: int
-    utilization_pct: float
-
-
-class PostgresCpu(Struct):
-    """CPU time PostgreSQL has used so far (postmaster, its live backends and the ones it has
-    reaped), read from its processes on this host; a rate of it is PostgreSQL's CPU use."""
-
-    seconds: float
-    host_cpus: int
-    source: str
 
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -83,34 +50,6 @@ def local_postgres_cpu(host: str | None, backend_pid: int | None) -> tuple[Postg
         return None, f"PostgreSQL's processes could not be read here: {exc}"
     source = f"local processes (postmaster pid {postmaster.pid} and its children)"
     return PostgresCpu(round(total, 2), psutil.cpu_count() or 1, source), None
-
-
-class PoolHealth(PoolFigures):
-    """GET /ops/pool_health: the pool figures of every live worker of both planes (PoolFigures'
-    fields), each plane's (``planes``), then PostgreSQL's, then the judgement. ``pool`` repeats
-    the whole server's pool figures as one object, so the seed's monitoring command
-    (``jq .pool.utilization_pct``) works as written."""
-
-    planes: dict[str, PoolFigures]
-    pool: PoolFigures
-    status: Status
-    reasons: list[str]
-    postgres: PostgresFigures | None
-    postgres_error: str | None
-    postgres_cpu: PostgresCpu | None
-    postgres_cpu_note: str | None
-    warn_pct: float
-    critical_pct: float
-    as_of: datetime
-
-
-def judge(utilization_pct: float) -> Status:
-    """OK up to 80 %, WARN above, CRITICAL above 95 %."""
-    if utilization_pct > CRITICAL_PCT:
-        return "CRITICAL"
-    if utilization_pct > WARN_PCT:
-        return "WARN"
-    return "OK"
 
 
 def _pct(part: float, whole: float) -> float:
@@ -179,10 +118,10 @@ def assess(
     """Judge the figures. The status is the worst of: the busiest worker's pool (a worker whose
     pool runs out fails its requests even when the others idle), PostgreSQL's connection use,
     and PostgreSQL being unreachable (CRITICAL)."""
-    status: Status = "OK"
+    status: PoolStatus = "OK"
     reasons: list[str] = []
 
-    def worse(candidate: Status, reason: str) -> None:
+    def worse(candidate: PoolStatus, reason: str) -> None:
         nonlocal status
         if candidate != "OK":
             reasons.append(f"{candidate}: {reason}")
@@ -192,13 +131,13 @@ def assess(
     by_plane = planes or {}
     busiest = max(by_plane, key=lambda p: by_plane[p].busiest_worker_utilization_pct, default=None)
     where = f" of the {busiest} plane" if busiest and len(by_plane) > 1 else ""
-    worse(judge(pool.busiest_worker_utilization_pct),
+    worse(pool_status(pool.busiest_worker_utilization_pct),
           f"pool utilisation {pool.busiest_worker_utilization_pct} % in the busiest worker{where} "
           f"({pool.utilization_pct} % over {pool.workers} workers)")
     if postgres is None:
         worse("CRITICAL", f"PostgreSQL connection figures unavailable: {postgres_error}")
     else:
-        worse(judge(postgres.utilization_pct),
+        worse(pool_status(postgres.utilization_pct),
               f"PostgreSQL connections {postgres.in_use} of {postgres.max_connections - postgres.reserved_connections}"
               f" ({postgres.utilization_pct} %)")
         available = postgres.max_connections - postgres.reserved_connections
@@ -208,5 +147,5 @@ def assess(
     return PoolHealth(
         **msgspec.structs.asdict(pool), planes=by_plane, pool=pool, status=status, reasons=reasons,
         postgres=postgres, postgres_error=postgres_error, postgres_cpu=cpu[0], postgres_cpu_note=cpu[1],
-        warn_pct=WARN_PCT, critical_pct=CRITICAL_PCT, as_of=now,
+        warn_pct=POOL_WARN_PCT, critical_pct=POOL_CRITICAL_PCT, as_of=now,
     )

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from api.contract import PoolStatus
 from db.events import EVENT_TYPES
 
 ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -381,3 +382,55 @@ class AuditEntryOut(Struct):
 class AuditPage(Struct):
     entries: list[AuditEntryOut]
     next_before: int | None
+
+
+# GET /ops/pool_health. The thresholds it judges by are api.contract's POOL_WARN_PCT and
+# POOL_CRITICAL_PCT; api/pool_health.py fills these in.
+class PoolFigures(Struct):
+    """Every live worker's pool, summed; utilisation = in use / (size + max overflow)."""
+
+    workers: int
+    pool_size: int
+    max_overflow: int
+    capacity: int
+    in_use: int
+    overflow: int
+    utilization_pct: float
+    busiest_worker_utilization_pct: float
+
+
+class PostgresFigures(Struct):
+    max_connections: int
+    reserved_connections: int
+    in_use: int
+    in_use_by_nexmdm: int
+    headroom: int
+    utilization_pct: float
+
+
+class PostgresCpu(Struct):
+    """CPU time PostgreSQL has used so far (postmaster, its live backends and the ones it has
+    reaped), read from its processes on this host; a rate of it is PostgreSQL's CPU use."""
+
+    seconds: float
+    host_cpus: int
+    source: str
+
+
+class PoolHealth(PoolFigures):
+    """GET /ops/pool_health: the pool figures of every live worker of both planes (PoolFigures'
+    fields), each plane's (``planes``), then PostgreSQL's, then the judgement. ``pool`` repeats
+    the whole server's pool figures as one object, so the seed's monitoring command
+    (``jq .pool.utilization_pct``) works as written."""
+
+    planes: dict[str, PoolFigures]
+    pool: PoolFigures
+    status: PoolStatus
+    reasons: list[str]
+    postgres: PostgresFigures | None
+    postgres_error: str | None
+    postgres_cpu: PostgresCpu | None
+    postgres_cpu_note: str | None
+    warn_pct: float
+    critical_pct: float
+    as_of: datetime

@@ -475,7 +475,7 @@ class ConsoleApp(App[None]):
             self._show_sim(_replace(view, progress=event, message=""))
             self._show_latency()
         elif isinstance(event, SimReport):
-            path = event.path or (str(self.sim.report_path) if self.sim.report_path else None)
+            path = str(self.sim.report_path) if self.sim.report_path else None
             self._show_sim(_replace(view, verdict=event.verdict, passed=event.passed, report_path=path))
             self.log_event(f"simulator verdict: {event.verdict}; report {path}", "green" if event.passed else "red")
         elif isinstance(event, SimExited):

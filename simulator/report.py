@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from api import contract
 from simulator.stats import KindStats, Stats, percentiles_ms
 
 if TYPE_CHECKING:
@@ -21,13 +22,13 @@ POOL_SUSTAINED_S = 10  # utilisation counts as sustained when it holds for this 
 
 @dataclass(frozen=True)
 class Targets:
-    """SLI targets; the defaults are the seed's from DESIGN.md (the floor, not the goal)."""
+    """SLI targets; the defaults are the seed's (api/contract.py, from DESIGN.md: the floor, not the goal)."""
 
-    heartbeat_p95_ms: float = 150.0
-    heartbeat_p99_ms: float = 300.0
-    read_p95_ms: float = 20.0
-    error_rate_pct: float = 0.5
-    pool_utilisation_pct: float = 80.0
+    heartbeat_p95_ms: float = contract.HEARTBEAT_P95_MS
+    heartbeat_p99_ms: float = contract.HEARTBEAT_P99_MS
+    read_p95_ms: float = contract.READ_P95_MS
+    error_rate_pct: float = contract.ERROR_PCT
+    pool_utilisation_pct: float = contract.POOL_WARN_PCT
     db_cpu_pct: float = 70.0
 
 

@@ -34,6 +34,7 @@ import gevent
 import msgspec
 from gevent.queue import Queue
 
+from api.schemas import PoolHealth
 from simulator import report as rep
 from simulator.devices import (
     CONNECTION_MODES,
@@ -60,7 +61,6 @@ from simulator.server import (
     default_token_cache,
     enroll_fleet,
     split_or_usage,
-    utilisation_pct,
     verify_no_loss,
 )
 from simulator.stats import Stats, merge, new_histogram, percentiles_ms, record_us
@@ -620,16 +620,17 @@ class LoadRun:
                     continue
                 if status == 404:
                     return  # this server has no pool figures: the SLI shows N/A
-                pct = utilisation_pct(body) if status == 200 else None
-                cpu = body.get("postgres_cpu") if status == 200 and isinstance(body, dict) else None
-                if isinstance(cpu, dict):
-                    self.db_cpu_samples.append((time.monotonic(), float(cpu["seconds"]), int(cpu["host_cpus"])))
-                    self.db_cpu_source = cpu.get("source")
-                elif status == 200 and isinstance(body, dict) and body.get("postgres_cpu_note"):
-                    self.db_cpu_source = "not measured: " + str(body["postgres_cpu_note"])
-                if pct is not None:
-                    self.pool_latest = pct
-                    self.pool_samples.append(pct)
+                if status != 200:
+                    continue
+                health = msgspec.convert(body, PoolHealth)  # the server's schema: a renamed field fails here
+                cpu = health.postgres_cpu
+                if cpu is not None:
+                    self.db_cpu_samples.append((time.monotonic(), cpu.seconds, cpu.host_cpus))
+                    self.db_cpu_source = cpu.source
+                elif health.postgres_cpu_note:
+                    self.db_cpu_source = "not measured: " + health.postgres_cpu_note
+                self.pool_latest = health.utilization_pct
+                self.pool_samples.append(health.utilization_pct)
         finally:
             api.close()
 

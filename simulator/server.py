@@ -191,21 +191,6 @@ def enroll_fleet(api: AdminApi, n: int, cache_path: Path, batch: int, stream: Te
     return [EnrolledDevice(i, u, t) for i, u, t in cache["devices"][:n]]
 
 
-def utilisation_pct(body: Any) -> float | None:
-    """The pool utilisation in % from a /ops/pool_health answer (first key naming it)."""
-    if not isinstance(body, dict):
-        return None
-    for key, value in body.items():
-        if "utili" in key and isinstance(value, int | float):
-            return float(value) * (100.0 if value <= 1.0 and "pct" not in key and "percent" not in key else 1.0)
-    for value in body.values():
-        if isinstance(value, dict):
-            found = utilisation_pct(value)
-            if found is not None:
-                return found
-    return None
-
-
 def verify_no_loss(api: AdminApi, acked: dict[int, array], sample: int, stream: TextIO,
                    show_progress: bool = True, concurrency: int = 16) -> dict[str, Any]:
     """Ask the server what it stored for the run's devices and compare with every acknowledged

@@ -32,8 +32,6 @@ from api.metrics import (
 )
 from api.openapi import Operation
 from api.pool_health import (
-    PoolHealth,
-    PostgresCpu,
     assess,
     local_postgres_cpu,
     plane_pool_figures,
@@ -41,6 +39,7 @@ from api.pool_health import (
     server_pool_figures,
 )
 from api.responses import json_response
+from api.schemas import PoolHealth, PostgresCpu
 from api.state import current_state
 from db.connections import backend_pid, connection_use
 from db.engine import reading

@@ -33,7 +33,7 @@ class History:
     def add_server(self, snap: ServerSnapshot) -> None:
         """Append what one poll measured (nothing for what it could not read)."""
         if snap.pool.ok and snap.pool.value is not None:
-            self.pool_pct.append(snap.pool.value.utilisation_pct)
+            self.pool_pct.append(snap.pool.value.utilization_pct)
         traffic = snap.traffic.value if snap.traffic.ok else None
         if traffic is not None:
             self.server_latency.append(LatencyPoint(traffic.p50_ms, traffic.p95_ms, traffic.p99_ms, traffic.p999_ms))

@@ -1,39 +1,36 @@
 """Prometheus text → what the console shows: heartbeat latency percentiles from the histogram's
 bucket deltas between two scrapes, heartbeat and error rates from counter deltas.
 
-Parsed generically (prometheus_client's text parser) and tolerant: a metric the server does not
-export yields None, never an error.
+The metric names are the server's own (api/contract.py), one spelling each: a /metrics page
+without the heartbeat histogram or the accepted counter is an error, not something to guess around.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# The heartbeat write latency histogram, by the names it may have; else any nexmdm_ histogram in
-# seconds with "heartbeat" in its name (the one with "write" first).
-LATENCY_METRICS = ("nexmdm_heartbeat_write_duration_seconds", "nexmdm_heartbeat_write_seconds")
-_LATENCY_FALLBACK = re.compile(r"^nexmdm_.*heartbeat.*_seconds$")
-_ACKED = re.compile(r"accepted|stored|acked|duplicate")
-_REJECTED = re.compile(r"rejected|error|failed")
+from api import contract
+
 QUANTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("p999", 0.999))
+_BUCKET = f"{contract.HEARTBEAT_WRITE_SECONDS}_bucket"
+_ACKED = (contract.HEARTBEATS_ACCEPTED, contract.HEARTBEATS_DUPLICATE)
 
 Buckets = tuple[tuple[float, float], ...]  # (upper edge in seconds, cumulative count), ascending
 
 
 @dataclass(frozen=True)
 class MetricsSample:
-    """One scrape reduced to cumulative figures; None where the server exports no such metric."""
+    """One scrape reduced to cumulative figures; http_5xx_total is None until the server has
+    counted a request of the kind that metric covers."""
 
     taken_s: float  # monotonic clock of the scrape
-    latency_metric: str | None
-    latency_buckets: Buckets | None
-    acked_total: float | None
-    rejected_total: float | None
+    latency_buckets: Buckets
+    acked_total: float
+    rejected_total: float
     http_5xx_total: float | None
 
 
@@ -53,45 +50,31 @@ class Traffic:
 
 
 def parse_metrics(text: str, taken_s: float) -> MetricsSample:
-    """Reduce a Prometheus text exposition to a MetricsSample. Raises ValueError on bad text."""
-    histograms: dict[str, dict[float, float]] = {}
-    acked: float | None = None
-    rejected: float | None = None
+    """Reduce a Prometheus text exposition to a MetricsSample. Raises ValueError on bad text, or
+    when the server's heartbeat metrics are missing from it."""
+    buckets: dict[float, float] = defaultdict(float)
+    found: set[str] = set()
+    acked = rejected = 0.0
     http_5xx: float | None = None
     for family in text_string_to_metric_families(text):
-        if family.type == "histogram":
-            buckets: dict[float, float] = defaultdict(float)
-            for sample in family.samples:
-                if sample.name.endswith("_bucket") and "le" in sample.labels:
-                    buckets[float(sample.labels["le"])] += sample.value  # summed over label sets
-            histograms[family.name] = buckets
-        elif family.type == "counter":
-            name = family.name
-            if name.startswith("nexmdm_") and "heartbeat" in name:
-                for sample in family.samples:
-                    if not sample.name.endswith("_total"):
-                        continue  # _created
-                    what = " ".join([name, *sample.labels.values()])
-                    if _REJECTED.search(what):
-                        rejected = (rejected or 0.0) + sample.value
-                    elif _ACKED.search(what):
-                        acked = (acked or 0.0) + sample.value
-            elif "http_request" in name:
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        status = sample.labels.get("status", sample.labels.get("code", ""))
-                        http_5xx = (http_5xx or 0.0) + (sample.value if status.startswith("5") else 0.0)
-    metric = _pick_latency_metric(histograms)
-    buckets = tuple(sorted(histograms[metric].items())) if metric else None
-    return MetricsSample(taken_s, metric, buckets, acked, rejected, http_5xx)
-
-
-def _pick_latency_metric(histograms: dict[str, dict[float, float]]) -> str | None:
-    for name in LATENCY_METRICS:
-        if name in histograms:
-            return name
-    candidates = sorted(("write" not in name, name) for name in histograms if _LATENCY_FALLBACK.match(name))
-    return candidates[0][1] if candidates else None
+        for sample in family.samples:
+            name = sample.name
+            if name == _BUCKET:
+                buckets[float(sample.labels["le"])] += sample.value  # summed over label sets
+            elif name in _ACKED:
+                acked += sample.value
+            elif name == contract.HEARTBEATS_REJECTED:
+                rejected += sample.value
+            elif name == contract.HTTP_REQUESTS:
+                is_5xx = sample.labels["status"].startswith("5")
+                http_5xx = (http_5xx or 0.0) + (sample.value if is_5xx else 0.0)
+            else:
+                continue
+            found.add(name)
+    missing = {_BUCKET, contract.HEARTBEATS_ACCEPTED} - found
+    if missing:
+        raise ValueError(f"/metrics lacks {', '.join(sorted(missing))}")
+    return MetricsSample(taken_s, tuple(sorted(buckets.items())), acked, rejected, http_5xx)
 
 
 def quantile(q: float, buckets: Buckets) -> float | None:
@@ -137,19 +120,13 @@ def diff_metrics(prev: MetricsSample | None, cur: MetricsSample) -> Traffic | No
     interval_s = cur.taken_s - prev.taken_s
     if interval_s <= 0:
         return None
-    percentiles: dict[str, float | None] = {name: None for name, _ in QUANTILES}
-    observations = 0
-    delta: Buckets | None = None
-    if cur.latency_buckets is not None:
-        same = prev.latency_metric == cur.latency_metric
-        delta = bucket_delta(prev.latency_buckets if same else None, cur.latency_buckets)
-        observations = int(delta[-1][1]) if delta else 0
-        for name, q in QUANTILES:
-            value = quantile(q, delta)
-            percentiles[name] = None if value is None else value * 1000.0
+    delta = bucket_delta(prev.latency_buckets, cur.latency_buckets)
+    observations = int(delta[-1][1]) if delta else 0
+    percentiles: dict[str, float | None] = {}
+    for name, q in QUANTILES:
+        value = quantile(q, delta)
+        percentiles[name] = None if value is None else value * 1000.0
     acked_per_s = _rate(prev.acked_total, cur.acked_total, interval_s)
-    if acked_per_s is None and delta is not None and prev.latency_buckets is not None:
-        acked_per_s = observations / interval_s
     rejected_per_s = _rate(prev.rejected_total, cur.rejected_total, interval_s)
     http_5xx_per_s = _rate(prev.http_5xx_total, cur.http_5xx_total, interval_s)
     errors_per_s = None

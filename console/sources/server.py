@@ -1,5 +1,9 @@
 """One poll of the server: /metrics, /ops/pool_health, /ops/jobs and /v1/fleet/summary, each read
-independently so one missing or failing endpoint never hides the others."""
+independently so one missing or failing endpoint never hides the others.
+
+Each answer is decoded with the server's own schema (api/schemas.py), one spelling per field: a
+field renamed or missing on the server is an error here ("unreadable answer"), not a guess that
+hides it."""
 
 from __future__ import annotations
 
@@ -9,14 +13,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+import msgspec
+
+from api import schemas
+from api.schemas import PoolHealth
 from console.sources.feed import AuditSource, FeedLine, FeedSource, FleetEventsSource
 from console.sources.http import AUTH, DOWN, ERROR, UNAVAILABLE, ApiClient, EndpointError
 from console.sources.metrics import MetricsSample, Traffic, diff_metrics, parse_metrics
 
 T = TypeVar("T")
 JOBS = ("partitions", "nightly", "reconcile")
-WARN_PCT = 80.0
-CRITICAL_PCT = 95.0
 
 
 @dataclass(frozen=True)
@@ -34,26 +40,12 @@ class Reading(Generic[T]):
 
 
 @dataclass(frozen=True)
-class PoolHealth:
-    """The server's connection pool, summed over its workers."""
-
-    size: int
-    max_overflow: int
-    in_use: int
-    overflow: int
-    utilisation_pct: float
-    status: str  # OK / WARN / CRITICAL
-    capacity: int = 0  # connections the pools may open (size + overflow, over all workers)
-    reasons: tuple[str, ...] = ()  # why the status is not OK, when the server says
-
-
-@dataclass(frozen=True)
 class JobRun:
     """One recorded run of a scheduled job."""
 
     job: str
     status: str
-    started_at: datetime | None
+    started_at: datetime
     finished_at: datetime | None
     detail: str
 
@@ -84,83 +76,38 @@ class ServerSnapshot:
     feed: tuple[FeedLine, ...] = ()  # new lines for the Events panel, from every feed source
 
 
-def pool_status(pct: float) -> str:
-    """OK / WARN (> 80 %) / CRITICAL (> 95 %), as the server grades it."""
-    return "CRITICAL" if pct > CRITICAL_PCT else "WARN" if pct > WARN_PCT else "OK"
-
-
 def parse_pool_health(body: Any) -> PoolHealth:
-    """Read /ops/pool_health; utilisation and status are computed when the server omits them."""
-    size = int(body.get("size", body.get("pool_size", 0)))
-    max_overflow = int(body.get("max_overflow", 0))
-    in_use = int(body.get("in_use", body.get("checked_out", 0)))
-    overflow = int(body.get("overflow", 0))
-    pct = body.get("utilisation_pct", body.get("utilization_pct"))
-    capacity = size + max_overflow
-    pct = float(pct) if pct is not None else (100.0 * in_use / capacity if capacity else 0.0)
-    status = str(body.get("status") or pool_status(pct)).upper()
-    reasons = body.get("reasons") or ()
-    return PoolHealth(
-        size=size, max_overflow=max_overflow, in_use=in_use, overflow=max(overflow, 0),
-        utilisation_pct=pct, status=status, capacity=int(body.get("capacity") or capacity),
-        reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list | tuple) else (str(reasons),),
-    )
-
-
-def _parse_time(raw: Any) -> datetime | None:
-    if not raw:
-        return None
-    try:
-        value = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    """Decode GET /ops/pool_health (api.schemas.PoolHealth)."""
+    return msgspec.convert(body, PoolHealth)
 
 
 def parse_jobs(body: Any) -> dict[str, JobRun]:
-    """Read /ops/jobs (a list of runs, or an object holding one) into the latest run per job."""
-    runs = body
-    if isinstance(body, dict):
-        runs = next((v for k in ("runs", "jobs", "items") if isinstance(v := body.get(k), list)), [])
+    """Decode GET /ops/jobs (api.schemas.JobRunList) into the latest run of each job."""
     latest: dict[str, JobRun] = {}
-    for raw in runs if isinstance(runs, list) else []:
-        if not isinstance(raw, dict) or not raw.get("job"):
-            continue
-        run = JobRun(
-            job=str(raw["job"]),
-            status=str(raw.get("status", "?")),
-            started_at=_parse_time(raw.get("started_at")),
-            finished_at=_parse_time(raw.get("finished_at")),
-            detail=_job_detail(raw),
-        )
+    for run in msgspec.convert(body, schemas.JobRunList).runs:
         seen = latest.get(run.job)
-        if seen is None or (run.started_at or datetime.min.replace(tzinfo=UTC)) > (
-            seen.started_at or datetime.min.replace(tzinfo=UTC)
-        ):
-            latest[run.job] = run
+        if seen is None or run.started_at > seen.started_at:
+            latest[run.job] = JobRun(run.job, run.status, run.started_at, run.finished_at, _job_detail(run))
     return latest
 
 
-def _job_detail(raw: dict[str, Any]) -> str:
-    """One line about a run: its error when it failed, else its detail (text, or key=value pairs)."""
-    detail = raw.get("error") if raw.get("status") == "failed" and raw.get("error") else raw.get("detail")
-    if isinstance(detail, dict):
-        return ", ".join(f"{k}={v}" for k, v in detail.items() if not isinstance(v, dict | list))
-    lines = str(detail or "").strip().splitlines()
-    return lines[0] if lines else ""
+def _job_detail(run: schemas.JobRun) -> str:
+    """One line about a run: its error when it failed, else its detail as key=value pairs."""
+    if run.status == "failed" and run.error:
+        lines = run.error.strip().splitlines()
+        return lines[0] if lines else ""
+    return ", ".join(f"{k}={v}" for k, v in (run.detail or {}).items() if not isinstance(v, dict | list))
 
 
 def parse_fleet(body: Any) -> FleetSummary:
-    """Read /v1/fleet/summary."""
-    battery = body.get("battery") or {}
-    total = int(body.get("total", 0))
-    online = int(body.get("online", 0))
+    """Decode GET /v1/fleet/summary (api.schemas.FleetSummary)."""
+    summary = msgspec.convert(body, schemas.FleetSummary)
     return FleetSummary(
-        total=total,
-        online=online,
-        offline=int(body.get("offline", total - online)),
-        low_battery=int(battery.get("critical", 0)) + int(battery.get("low", 0)),
-        app_versions={str(k): int(v) for k, v in (body.get("app_versions") or {}).items()},
+        total=summary.total,
+        online=summary.online,
+        offline=summary.offline,
+        low_battery=summary.battery.get("critical", 0) + summary.battery.get("low", 0),
+        app_versions=dict(summary.app_versions),
     )
 
 

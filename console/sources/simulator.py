@@ -16,12 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from api import contract
 from config.settings import PROJECT_ROOT
 
 DEFAULT_COMMAND = (sys.executable, "-m", "simulator")
-P95_TARGET_MS = 150.0
-P99_TARGET_MS = 300.0
-ERROR_TARGET_PCT = 0.5
+P95_TARGET_MS = contract.HEARTBEAT_P95_MS
+P99_TARGET_MS = contract.HEARTBEAT_P99_MS
+ERROR_TARGET_PCT = contract.ERROR_PCT
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,10 @@ class SimProgress:
 
 @dataclass(frozen=True)
 class SimReport:
-    """The simulator's last line: where its report is and what it concluded."""
+    """The simulator's last line: what it concluded (the report itself is in SimulatorProcess.report_path)."""
 
-    path: str | None
     verdict: str
-    passed: bool | None
+    passed: bool
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,17 +141,10 @@ def parse_line(line: str) -> SimEvent | None:
     if not isinstance(obj, dict):
         return SimOutput(text)
     if obj.get("type") == "report":
-        passed = obj.get("passed", obj.get("ok"))
-        verdict = obj.get("verdict")
-        if passed is None and isinstance(verdict, str):
-            passed = verdict.upper() in {"PASS", "PASSED", "OK", "ALL SLI TARGETS MET"}
-        if passed is None and isinstance(verdict, bool):
-            passed = verdict
-        if not isinstance(verdict, str):
-            verdict = "PASS" if passed else "FAIL" if passed is not None else "?"
-        path = obj.get("report_path") or obj.get("path") or obj.get("output") or obj.get("report")
-        return SimReport(str(path) if isinstance(path, str | Path) else None, verdict,
-                         None if passed is None else bool(passed), obj)
+        verdict = obj.get("verdict")  # PASS or FAIL, as simulator/report.py and its capacity search write it
+        if verdict not in ("PASS", "FAIL"):
+            return SimOutput(text)  # not the simulator's report: shown as it came
+        return SimReport(verdict, verdict == "PASS", obj)
     return SimProgress(
         t_s=_num(obj.get("t_s")) or 0.0,
         sent=int(_num(obj.get("sent")) or 0),

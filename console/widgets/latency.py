@@ -10,14 +10,15 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from api.contract import HEARTBEAT_P95_MS, HEARTBEAT_P99_MS
 from console.sources.history import LatencyPoint
 from console.widgets.format import ms, unavailable
 
-SLO_LINES = ((300.0, "red", "p99"), (150.0, "yellow", "p95"))
+SLO_LINES = ((HEARTBEAT_P99_MS, "red", "p99"), (HEARTBEAT_P95_MS, "yellow", "p95"))
 SERIES = (  # drawn in this order: a later series wins a shared cell's colour
     ("p999", "magenta"), ("p99", "red"), ("p95", "yellow"), ("p50", "green"),
 )
-TARGETS = {"p95": 150.0, "p99": 300.0}
+TARGETS = {"p95": HEARTBEAT_P95_MS, "p99": HEARTBEAT_P99_MS}
 _DOTS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # braille bit per (sub-row, sub-col)
 _SCALES = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000,
            20000, 60000)

@@ -7,7 +7,9 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from console.sources.server import PoolHealth, Reading, pool_status
+from api.contract import pool_status
+from api.schemas import PoolHealth
+from console.sources.server import Reading
 from console.widgets.format import STATUS_STYLE, sparkline, unavailable
 
 
@@ -26,15 +28,15 @@ class PoolPanel(Widget):
             return unavailable(reading.message or "no pool figures yet")
         pool = reading.value
         style = STATUS_STYLE.get(pool.status, "bold")
-        label = f" {pool.utilisation_pct:5.1f}% {pool.status}"
+        label = f" {pool.utilization_pct:5.1f}% {pool.status}"
         bar_width = max(4, width - len(label))
-        filled = round(bar_width * min(pool.utilisation_pct, 100.0) / 100.0)
+        filled = round(bar_width * min(pool.utilization_pct, 100.0) / 100.0)
         gauge = Text("█" * filled, style=style.replace("bold ", "")) + Text("░" * (bar_width - filled), style="dim")
         gauge.append(label, style=style)
         figures = Text.assemble(
-            ("in use ", "dim"), (f"{pool.in_use}", "bold"), (f"/{pool.capacity or pool.size + pool.max_overflow}", ""),
+            ("in use ", "dim"), (f"{pool.in_use}", "bold"), (f"/{pool.capacity}", ""),
             ("  overflow ", "dim"), (f"{pool.overflow}/{pool.max_overflow}", ""),
-            ("  size ", "dim"), (f"{pool.size}", ""),
+            ("  size ", "dim"), (f"{pool.pool_size}", ""),
             no_wrap=True, overflow="ellipsis",
         )
         figures.truncate(width, overflow="ellipsis")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
+from api import contract
+from api.schemas import PoolFigures, PoolHealth
 from console.sources.metrics import diff_metrics, parse_metrics
-from console.sources.server import FleetSummary, JobRun, PoolHealth, Reading, ServerSnapshot
+from console.sources.server import FleetSummary, JobRun, Reading, ServerSnapshot
 from console.sources.simulator import SimProgress
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+HIST = contract.HEARTBEAT_WRITE_SECONDS  # the server's own names: the scenes decode what it exports
 EDGES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
@@ -19,23 +24,23 @@ def metrics_text(step: int) -> str:
     shares = [w / sum(weights) for w in weights]
     total = 200.0 * step
     lines = [
-        "# HELP nexmdm_heartbeat_write_seconds Heartbeat write latency.",
-        "# TYPE nexmdm_heartbeat_write_seconds histogram",
+        f"# HELP {HIST} Heartbeat write latency.",
+        f"# TYPE {HIST} histogram",
     ]
     cumulative = 0.0
     for edge, share in zip(EDGES, shares, strict=True):
         cumulative += total * share
-        lines.append(f'nexmdm_heartbeat_write_seconds_bucket{{le="{edge}"}} {cumulative:.3f}')
+        lines.append(f'{HIST}_bucket{{le="{edge}"}} {cumulative:.3f}')
     lines += [
-        f'nexmdm_heartbeat_write_seconds_bucket{{le="+Inf"}} {total:.0f}',
-        f"nexmdm_heartbeat_write_seconds_count {total:.0f}",
-        f"nexmdm_heartbeat_write_seconds_sum {total * 0.03:.3f}",
-        "# TYPE nexmdm_heartbeats_accepted_total counter",
-        f"nexmdm_heartbeats_accepted_total {total * 0.99:.0f}",
-        "# TYPE nexmdm_heartbeats_duplicate_total counter",
-        f"nexmdm_heartbeats_duplicate_total {total * 0.01:.0f}",
-        "# TYPE nexmdm_heartbeats_rejected_total counter",
-        f'nexmdm_heartbeats_rejected_total{{reason="bad_token"}} {step * 0.4:.0f}',
+        f'{HIST}_bucket{{le="+Inf"}} {total:.0f}',
+        f"{HIST}_count {total:.0f}",
+        f"{HIST}_sum {total * 0.03:.3f}",
+        f"# TYPE {contract.HEARTBEATS_ACCEPTED} counter",
+        f"{contract.HEARTBEATS_ACCEPTED} {total * 0.99:.0f}",
+        f"# TYPE {contract.HEARTBEATS_DUPLICATE} counter",
+        f"{contract.HEARTBEATS_DUPLICATE} {total * 0.01:.0f}",
+        f"# TYPE {contract.HEARTBEATS_REJECTED} counter",
+        f'{contract.HEARTBEATS_REJECTED}{{reason="token_invalid"}} {step * 0.4:.0f}',
     ]
     return "\n".join(lines) + "\n"
 
@@ -50,14 +55,20 @@ def polls(n: int = 60) -> list[ServerSnapshot]:
         previous = sample
         in_use = min(100, 20 + step * 3 // 4)
         pct = 100.0 * in_use / 100
-        status = "CRITICAL" if pct > 95 else "WARN" if pct > 80 else "OK"
         at = T0 + timedelta(seconds=step)
+        figures = PoolFigures(workers=2, pool_size=50, max_overflow=50, capacity=100, in_use=in_use,
+                              overflow=max(0, in_use - 50), utilization_pct=pct, busiest_worker_utilization_pct=pct)
         snapshots.append(ServerSnapshot(
             polled_at=at,
             duration_s=0.01,
             status="ok",
             message="",
-            pool=Reading(PoolHealth(50, 50, in_use, max(0, in_use - 50), pct, status)),
+            pool=Reading(PoolHealth(
+                **msgspec.structs.asdict(figures), planes={"all": figures}, pool=figures,
+                status=contract.pool_status(pct), reasons=[], postgres=None, postgres_error=None, postgres_cpu=None,
+                postgres_cpu_note=None, warn_pct=contract.POOL_WARN_PCT, critical_pct=contract.POOL_CRITICAL_PCT,
+                as_of=at,
+            )),
             traffic=Reading(traffic) if traffic else Reading(message="waiting for a second scrape"),
             jobs=Reading({
                 "partitions": JobRun("partitions", "succeeded", at - timedelta(minutes=5),

@@ -32,7 +32,8 @@ async def load_test_in_progress(pilot) -> None:
 async def load_test_finished(pilot) -> None:
     await load_test_in_progress(pilot)
     app = pilot.app
-    app.post_message(SimulatorEvent(SimReport("var/console/sim-20261127-120000.json", "PASS", True)))
+    app.sim.report_path = Path("var/console/sim-20261127-120000.json")  # as SimulatorProcess.start sets it
+    app.post_message(SimulatorEvent(SimReport("PASS", True)))
     app.post_message(SimulatorEvent(SimExited(0, "", "var/console/sim-20261127-120000.log", False)))
     await pilot.pause()
     await pilot.pause()

@@ -9,8 +9,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from api import metrics
-from api.pool_health import PoolFigures, PostgresFigures, assess, figures_from_gauges, judge
+from api.contract import pool_status
+from api.pool_health import assess, figures_from_gauges
 from api.pool_monitor import exit_code_for, format_report
+from api.schemas import PoolFigures, PostgresFigures
 from tests.metrics_scrape import bucket_around, histogram_quantile
 
 
@@ -138,8 +140,8 @@ def test_prepare_multiproc_dir_empties_only_value_files(tmp_path):
 
 
 @pytest.mark.parametrize(("pct", "status"), [(0, "OK"), (80, "OK"), (80.1, "WARN"), (95, "WARN"), (95.1, "CRITICAL")])
-def test_judge_thresholds(pct, status):
-    assert judge(pct) == status
+def test_pool_status_thresholds(pct, status):
+    assert pool_status(pct) == status
 
 
 def _pool(busiest: float, overall: float = 10.0, capacity: int = 200) -> PoolFigures:
