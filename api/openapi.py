@@ -74,7 +74,7 @@ OPERATIONS: tuple[Operation, ...] = (
               response=s.JobRun, errors=(401, 403, 409, 500)),
     Operation("post", "/ops/events", "Run the events job now", "admin",
               response=s.JobRun, errors=(401, 403, 409, 500)),
-    # Events (issue 17): oldest first after ?after=, newest first with ?order=desc / ?before=.
+    # Events: oldest first after ?after=, newest first with ?order=desc / ?before=.
     Operation("get", "/v1/events", "Fleet events, keyset-paginated", "admin", response=s.EventList,
               params=(s.EVENTS_TYPES, s.EVENTS_DEVICE_ID, ("since", "query", "string", {"format": "date-time"}),
                       ("until", "query", "string", {"format": "date-time"}), s.EVENTS_AFTER, s.EVENTS_BEFORE,

@@ -63,7 +63,9 @@ def resend_delay_s(interval_s: float, rng: random.Random) -> float:
 
 def clock_offsets_s(n_devices: int, skewed_share: float, rng: random.Random) -> list[float]:
     """Per device, how far its clock is off: 0 for most, 10-60 minutes either way for
-    ``skewed_share`` of them (the server then picks the dedup bucket by its own clock)."""
+    ``skewed_share`` of them (beyond MAX_CLOCK_SKEW_SECONDS the server shifts the device's
+    ``sent_at`` by the skew rounded to whole hours before it picks the dedup bucket:
+    api.heartbeat_parsing.choose_bucket)."""
     offsets = []
     for _ in range(n_devices):
         offset = 0.0

@@ -1,4 +1,4 @@
-"""Slow and idle clients without a proxy in front (issue 12, point 2): while 10,000 sockets send
+"""Slow and idle clients without a proxy in front: while 10,000 sockets send
 request headers a byte every few seconds (slowloris, reconnecting whenever the server ends one),
 heartbeats on fresh connections keep p99 < 150 ms. Before, the worker's 4,000 connections each
 filled up with them and every new client waited (healthz timed out; heartbeats waited 25 s)."""

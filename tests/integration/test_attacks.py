@@ -1,4 +1,4 @@
-"""Attacks on the internet-facing server (issue 12), each reproduced against a live gunicorn
+"""Attacks on the internet-facing server, each reproduced against a live gunicorn
 server: every test here failed on the code before its fix."""
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _random_requests(server: LiveServer, count: int, seed: int, clients: int = 8
 
 
 def test_made_up_methods_and_paths_do_not_grow_metrics_or_memory(live_server):
-    """Point 1: before, 3,000 random methods grew /metrics 169 KB -> 8.75 MB and a worker by 94 MB."""
+    """Before, 3,000 random methods grew /metrics 169 KB -> 8.75 MB and a worker by 94 MB."""
     _random_requests(live_server, 1_000, seed=1)  # warm up: every closed-set series exists now
     size_before = len(_metrics_text(live_server))
     rss_before = _workers_rss_bytes(live_server)
@@ -110,7 +110,7 @@ def test_made_up_methods_and_paths_do_not_grow_metrics_or_memory(live_server):
 
 
 def test_answers_that_carry_a_token_are_not_cached(client, admin):
-    """Point 9: enrollment and rotation answers carried tokens without Cache-Control."""
+    """Enrollment and rotation answers carried tokens without Cache-Control."""
     resp = client.post("/v1/devices/enroll", json={"device_uid": "cache-1"}, headers=admin)
     assert resp.status_code == 201 and resp.headers["Cache-Control"] == "no-store"
     device_id = resp.get_json()["devices"][0]["id"]
@@ -120,7 +120,7 @@ def test_answers_that_carry_a_token_are_not_cached(client, admin):
 
 
 def test_readyz_tells_an_outsider_nothing_about_the_database(settings, caplog):
-    """Point 9: /readyz (no auth) answered with the driver's message: host, port, user."""
+    """/readyz (no auth) answered with the driver's message: host, port, user."""
     port = free_port()  # nothing listens there
     url = f"postgresql://secret_user@127.0.0.1:{port}/secret_db"
     engine = make_engine(settings, url)
@@ -138,7 +138,7 @@ def test_readyz_tells_an_outsider_nothing_about_the_database(settings, caplog):
 
 
 def test_revocation_refuses_every_token_the_device_ever_had_on_every_worker(settings, engine, admin):
-    """Point 3: rotate, use the old token on another worker, rotate again, revoke: the token
+    """Rotate, use the old token on another worker, rotate again, revoke: the token
     from two rotations back stayed cached there for up to the overlap (1 h) and was accepted."""
     worker_a = create_app(settings, engine=engine)
     worker_b = create_app(settings, engine=engine)  # a second worker: its own token cache
@@ -167,7 +167,7 @@ def test_revocation_refuses_every_token_the_device_ever_had_on_every_worker(sett
 
 
 def test_a_clock_far_ahead_does_not_freeze_the_status(client, admin, engine):
-    """Point 4: one heartbeat 29 min fast was stored 29 min ahead, and the forward-only upsert
+    """One heartbeat 29 min fast was stored 29 min ahead, and the forward-only upsert
     ignored the device's correct heartbeats for 29 minutes (battery stale, then offline)."""
     from scheduler.jobs.reconcile import heal_last_status
 
@@ -194,7 +194,7 @@ def test_a_clock_far_ahead_does_not_freeze_the_status(client, admin, engine):
 
 
 def test_bad_input_in_queries_and_names_is_a_4xx(client, admin):
-    """Point 8: ?app_version=%00, ?label=%00 and since/until offsets like +20:00 were 500s (with a
+    """?app_version=%00, ?label=%00 and since/until offsets like +20:00 were 500s (with a
     stack trace); a device_uid with a trailing newline was enrolled beside the one without."""
     (device,) = enroll(client, admin, 1, prefix="dev")
     for url in ["/v1/devices?app_version=%00", "/v1/devices?label=%00", "/v1/devices?label=a%00b",
@@ -221,7 +221,7 @@ def test_bad_input_in_queries_and_names_is_a_4xx(client, admin):
 
 
 def test_a_bad_chunk_size_is_a_400(live_server):
-    """Point 8: a chunked body with a chunk size that is not hex was a 500."""
+    """A chunked body with a chunk size that is not hex was a 500."""
     port = int(live_server.url.rsplit(":", 1)[1])
     req = urllib.request.Request(live_server.admin_url + "/v1/devices/enroll", method="POST",
                                  data=b'{"device_uid": "chunk-ok"}',
@@ -250,7 +250,7 @@ def _verify(manifest: Path) -> subprocess.CompletedProcess:
 
 
 def test_scheduler_verify_reads_only_regular_files_beside_the_manifest(tmp_path):
-    """Point 8: verify followed a symlink beside a manifest (printing the size and SHA-256 of
+    """Verify followed a symlink beside a manifest (printing the size and SHA-256 of
     /etc/shadow) and crashed on "file": ".." or a partition name with non-ASCII digits."""
     target = Path("/etc/passwd")
     good = {"partition": "heartbeats_p20260101", "range_start": "2026-01-01", "range_end": "2026-01-02",
@@ -283,7 +283,7 @@ def _app(settings, engine, **overrides):
 
 
 def test_unknown_tokens_never_enter_the_token_cache(settings, engine, admin, monkeypatch):
-    """Point 5: each bogus token stayed cached (~47,000 -> 5-8 MB a worker), evicted only at
+    """Each bogus token stayed cached (~47,000 -> 5-8 MB a worker), evicted only at
     1,000,000 entries, valid tokens included."""
     from api.auth import TokenCache
 
@@ -303,7 +303,7 @@ def test_unknown_tokens_never_enter_the_token_cache(settings, engine, admin, mon
 
 
 def test_repeated_auth_failures_from_one_source_get_429(settings, engine, admin):
-    """Point 5: 2,000 bad tokens in 2 s got no 429; wrong operator keys neither."""
+    """2,000 bad tokens in 2 s got no 429; wrong operator keys neither."""
     app = _app(settings, engine, auth_failure_limit=5, auth_failure_window_s=60.0)
     client = app.test_client()
     (device,) = enroll(client, admin, 1)
@@ -331,7 +331,7 @@ def test_repeated_auth_failures_from_one_source_get_429(settings, engine, admin)
 
 
 def test_forwarded_for_counts_only_from_a_trusted_proxy(settings, engine):
-    """Point 5: behind a proxy the client is X-Forwarded-For, but only when the peer is trusted."""
+    """Behind a proxy the client is X-Forwarded-For, but only when the peer is trusted."""
     app = _app(settings, engine, auth_failure_limit=3, trusted_proxies="127.0.0.1, 10.8.0.0/16")
     client = app.test_client()
 
@@ -347,7 +347,7 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy(settings, engine):
 
 
 def test_one_device_over_its_limit_gets_429_before_any_database_work(settings, engine, admin):
-    """Point 6: one token at 1,730 heartbeats/s was answered in full."""
+    """One token at 1,730 heartbeats/s was answered in full."""
     from sqlalchemy import event
 
     from api.throttle import DeviceRateLimit
@@ -386,7 +386,7 @@ def test_one_device_over_its_limit_gets_429_before_any_database_work(settings, e
 
 
 def test_a_flooding_device_is_slowed_to_a_request_a_second_per_connection(database_url, engine, tmp_path):
-    """Point 6: the refusals are held a second (LIMIT_REFUSAL_DELAY_S), so a device flooding over
+    """The refusals are held a second (LIMIT_REFUSAL_DELAY_S), so a device flooding over
     a keep-alive connection costs the worker a request a second, not 1,730."""
     import http.client
 

@@ -222,7 +222,7 @@ def test_changed_or_truncated_parquet_is_refused_on_read_and_by_verify_then_rest
     elsewhere.write_bytes(original)
     data.unlink()
     data.symlink_to(elsewhere)
-    refused("not a regular file", by_verify=False)  # verify's own refusal of links: issue 12
+    refused("not a regular file", by_verify=False)  # verify's own refusal of links
     # The days around it still read (the range does not touch the bad file).
     other = _midnight(days[0])
     assert len(history(client, admin, devices[0], other, other + timedelta(days=1))["heartbeats"]) == 9

@@ -1,5 +1,5 @@
 """The embedded PostgreSQL lets in only who holds its password, and starts from any checkout,
-however private, without loosening a directory's permissions (issues 12.7 and 19.6)."""
+however private, without loosening a directory's permissions."""
 
 from __future__ import annotations
 

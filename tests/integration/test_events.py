@@ -131,7 +131,7 @@ def test_event_log_reads_filter_and_paginate(engine, settings, client, admin):
                 "limit=", "order=up", "order="):
         resp = client.get(f"/v1/events?{bad}", headers=admin)
         assert resp.status_code == 400 and resp.get_json()["error"] == "invalid_parameter", bad
-    # Both bounds are a range of ids, newest first (issue 19.8: the document cannot forbid the pair).
+    # Both bounds are a range of ids, newest first (the OpenAPI document cannot forbid the pair).
     everything = client.get("/v1/events?order=desc&limit=1000", headers=admin).get_json()["events"]
     ids = sorted(e["id"] for e in everything)
     ranged = client.get(f"/v1/events?after={ids[0]}&before={ids[-1]}", headers=admin).get_json()["events"]

@@ -50,8 +50,8 @@ def test_retry_in_same_bucket_is_stored_once(client, admin, engine):
 
 
 def test_last_status_follows_what_arrived_last(client, admin, engine):
-    # By the server's receive time, not the device's clock (issue 12: a clock far ahead froze
-    # the status; tests/integration/test_attacks.py). A retry of an older heartbeat is a
+    # By the server's receive time, not the device's clock (a clock far ahead froze the
+    # status: tests/integration/test_attacks.py). A retry of an older heartbeat is a
     # duplicate and moves nothing; a distinct heartbeat that arrives last is the device's news.
     dev = enroll(client, admin)[0]
     now = datetime.now(UTC)

@@ -1,5 +1,5 @@
 """Named operator keys with roles (viewer < operator < admin), the CLI that manages them, and the
-audit trail every change leaves (issue 12, point 10)."""
+audit trail every change leaves."""
 
 from __future__ import annotations
 

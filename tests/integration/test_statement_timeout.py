@@ -1,4 +1,4 @@
-"""A statement timeout is not an outage (issue 19.2): heartbeats and reads that wait past
+"""A statement timeout is not an outage: heartbeats and reads that wait past
 DB_STATEMENT_TIMEOUT_MS answer 503 ``statement_timeout`` (not ``database_unavailable``), the pool
 is kept (the old code disposed it on any OperationalError, after which its gauges went below
 zero), and the very next request is served on the same connections."""

@@ -88,7 +88,7 @@ def test_webhook_api(client, admin):
     log = client.get(f"/v1/webhooks/{own['id']}/deliveries", headers=admin)
     assert log.status_code == 200 and log.get_json() == {"deliveries": [], "next_before": None}
     # A deleted webhook is gone from the API, its delivery log too (schemathesis' use-after-free
-    # check, issue 19.8); the rows stay in webhook_deliveries until the nightly prune.
+    # check); the rows stay in webhook_deliveries until the nightly prune.
     assert client.get(f"/v1/webhooks/{created['id']}/deliveries", headers=admin).status_code == 404
     assert client.get("/v1/webhooks/424242/deliveries", headers=admin).status_code == 404
     assert client.get(f"/v1/webhooks/{own['id']}/deliveries?status=lost", headers=admin).status_code == 400

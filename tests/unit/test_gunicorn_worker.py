@@ -96,7 +96,7 @@ def test_the_configured_worker_is_gunicorns_gevent_worker():
     assert issubclass(CoalescingGeventWorker, GeventWorker)
 
 
-# ---- ConnectionGuard: slow and idle clients (issue 12, point 2) -------------------------------
+# ---- ConnectionGuard: slow and idle clients -------------------------------------------------
 
 
 def _guard(**overrides: float) -> ConnectionGuard:
