@@ -27,8 +27,10 @@ _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
 _EXPORTED = """
 import json, types, prometheus_client
 from api import metrics
-metrics.observe_replica(types.SimpleNamespace(reachable=False, lag_s=None))
-print(json.dumps(sorted((m.name, m.type) for m in prometheus_client.REGISTRY.collect())))
+replica = metrics.ReplicaGauges()
+replica.observe(types.SimpleNamespace(reachable=False, lag_s=None))
+families = [*prometheus_client.REGISTRY.collect(), *replica.registry.collect()]
+print(json.dumps(sorted((m.name, m.type) for m in families)))
 """
 
 

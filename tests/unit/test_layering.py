@@ -1,4 +1,4 @@
-"""One home for each concern (issue 18 point 3), checked on the source: job_runs statements in
+"""One home for each concern, checked on the source: job_runs statements in
 db/job_runs.py only, one partition-DDL lock helper, routes that borrow nothing from a sibling
 route and nothing from the scheduler but its public entry point (run_job)."""
 

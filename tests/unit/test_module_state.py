@@ -1,6 +1,6 @@
-"""Nothing changes a module's tables at import time, and no module keeps app state of its own
-(issue 18 point 6): what an app needs lives in its AppState, what a document lists is written
-down, and importing a module twice or in another order changes neither."""
+"""Nothing changes a module's tables at import time, and no module keeps app state of its own:
+what an app needs lives in its AppState, what a document lists is written down, and importing a
+module twice or in another order changes neither."""
 
 from __future__ import annotations
 
