@@ -321,6 +321,7 @@ class EmbeddedCluster:
         """Start the cluster (initialising it first if needed) on the port it had before, and
         return the database URL."""
         self.init()
+        self._ensure_password_file()
         if self.running():
             self.port = int(self.port_file.read_text().strip())
             if _port_open(self.port):
@@ -345,19 +346,31 @@ class EmbeddedCluster:
         self._ensure_database()
         return self.url
 
+    def _trusting(self) -> bool:
+        """Whether pg_hba.conf lets anyone in without a password (a cluster made before passwords)."""
+        hba = self.data_dir / "pg_hba.conf"
+        rules = [line.split() for line in hba.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return any("trust" in rule for rule in rules)
+
+    def _ensure_password_file(self) -> None:
+        """Before starting: a cluster made before passwords gets its password file now (psql
+        needs it; ``_secure`` then sets the password and requires it). A cluster that requires a
+        password whose file is gone is of no use to anyone: EmbeddedError, saying what to do."""
+        if self.password_file.exists():
+            return
+        if not self._trusting():
+            raise EmbeddedError(
+                f"{self.password_file} is missing and the cluster in {self.link} requires a password: nothing "
+                "can log in to it. Remove it (python -m db remove: its data too) and start again for a new one")
+        write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
+
     def _secure(self) -> None:
         """A cluster made before passwords (``trust`` in pg_hba.conf): give the superuser the
         password and require it from then on. Idempotent; a standby follows its primary."""
-        if self.psql("SELECT pg_is_in_recovery()") == "t":
+        if self.psql("SELECT pg_is_in_recovery()") == "t" or not self._trusting():
             return
-        hba = self.data_dir / "pg_hba.conf"
-        rules = [line.split() for line in hba.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        if not any("trust" in rule for rule in rules):
-            return
-        if not self.password_file.exists():
-            write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
         self.psql(f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password}'")
-        hba.write_text(
+        (self.data_dir / "pg_hba.conf").write_text(
             "# NexMDM: TCP on loopback only, every user with a password (SCRAM)\n"
             "host all all 127.0.0.1/32 scram-sha-256\n"
             "host all all ::1/128 scram-sha-256\n"

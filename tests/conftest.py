@@ -4,6 +4,7 @@ session and emptied between tests; the Flask app and a live gunicorn server on t
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,11 +24,25 @@ TABLES = ("devices, heartbeats, device_last_status, hb_partitions, job_runs, dev
           "webhooks, webhook_deliveries, audit_log, operator_keys")
 
 
+def start_test_cluster(data_dir: Path) -> EmbeddedCluster:
+    """The tests' cluster in ``data_dir``, started. One without its password file (made before
+    password authentication, or the file deleted) is removed and made afresh, with a message:
+    nobody could log in to it, and its data is the tests' own."""
+    cluster = EmbeddedCluster(data_dir)
+    if cluster.initialized() and not cluster.password_file.exists():
+        print(f"\nnexmdm tests: {cluster.link} has no password file ({cluster.password_file}): made before "
+              "password authentication or the file was deleted; removing the test cluster and creating it afresh",
+              file=sys.stderr, flush=True)
+        cluster.remove()
+        cluster = EmbeddedCluster(data_dir)
+    cluster.start()
+    return cluster
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[EmbeddedCluster]:
     """A PostgreSQL cluster of the tests' own; DATABASE_URL from outside is never touched."""
-    cluster = EmbeddedCluster(PROJECT_ROOT / "var" / "test-pg")
-    cluster.start()
+    cluster = start_test_cluster(PROJECT_ROOT / "var" / "test-pg")
     cluster.recreate_database()
     yield cluster
     cluster.stop()

@@ -1,5 +1,6 @@
 """The embedded PostgreSQL lets in only who holds its password, and starts from any checkout,
-however private, without loosening a directory's permissions."""
+however private, without loosening a directory's permissions; a cluster without its password
+file is secured, named, or (the tests' own) made afresh."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import psycopg2
 import pytest
 
 from config.settings import PROJECT_ROOT
-from db.embedded import DB_NAME, DB_USER, SUPERUSER, EmbeddedCluster
+from db.embedded import DB_NAME, DB_USER, SUPERUSER, EmbeddedCluster, EmbeddedError
+from tests.conftest import start_test_cluster
 
 
 def connect_error(dsn: str) -> str | None:
@@ -126,3 +128,42 @@ def test_starts_from_a_private_checkout_and_loosens_nothing(tmp_path):
         assert connect_error(url) is None
     finally:
         EmbeddedCluster(clone / "var" / "test-pg").remove()
+
+
+def test_a_test_cluster_without_its_password_file_is_made_afresh(tmp_path, capfd):
+    """An old var/test-pg (made before password authentication, or its password file deleted)
+    failed every test with FileNotFoundError on var/test-pg.password: the tests' cluster is
+    removed and made afresh, saying so."""
+    data_dir = tmp_path / "var" / "test-pg"
+    old = EmbeddedCluster(data_dir)
+    try:
+        old.start()
+        old.psql("CREATE DATABASE made_before")
+        old.password_file.unlink()  # still running, as a cluster left by an earlier run
+        cluster = start_test_cluster(data_dir)
+        assert "no password file" in capfd.readouterr().err
+        assert cluster.password_file.exists() and connect_error(cluster.url) is None
+        assert cluster.psql("SELECT count(*) FROM pg_database WHERE datname = 'made_before'") == "0"
+    finally:
+        EmbeddedCluster(data_dir).remove()
+
+
+def test_a_cluster_made_before_passwords_gets_one_and_a_lost_password_is_named(tmp_path):
+    """The checkout's own cluster keeps its data: made before passwords (trust in pg_hba.conf,
+    no password file), it is given a password on start and requires it from then on (this
+    failed with FileNotFoundError); one that requires a password whose file is gone is not
+    started, and the error says which file and what to do."""
+    cluster = EmbeddedCluster(tmp_path / "var" / "pg")
+    try:
+        cluster.init()
+        cluster.password_file.unlink()
+        with pytest.raises(EmbeddedError, match=r"pg\.password is missing .* requires a password.*db remove"):
+            cluster.start()
+        assert not cluster.running()
+        (cluster.data_dir / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")  # as before passwords
+        url = cluster.start()
+        assert cluster.password_file.exists() and connect_error(url) is None
+        error = connect_error(f"postgresql://{SUPERUSER}@127.0.0.1:{cluster.port}/postgres")
+        assert error is not None and "password" in error
+    finally:
+        cluster.remove()
