@@ -1,14 +1,21 @@
 """Fixtures: a real PostgreSQL (the embedded cluster, under var/test-pg), migrated once per
-session and emptied between tests; the Flask app and a live gunicorn server on top of it."""
+session and emptied between tests; the Flask app and a live gunicorn server on top of it.
+
+At the session's end it fails the run when a process the tests started outlives it (every such
+process carries the session's mark in its environment) or when the tests created the checkout's
+own embedded cluster (var/pg), and stops and removes what they left."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import Engine
 
@@ -24,6 +31,12 @@ TABLES = ("devices, heartbeats, device_last_status, hb_partitions, job_runs, dev
           "webhooks, webhook_deliveries, audit_log, operator_keys")
 
 
+# Set in every test process's environment, hence in that of every process a test starts.
+SESSION_MARK = "NEXMDM_TEST_SESSION"
+CHECKOUT_PG = PROJECT_ROOT / "var" / "pg"  # the checkout's own cluster (make run): never the tests'
+_checkout_pg_before: list[bool] = []
+
+
 def start_test_cluster(data_dir: Path) -> EmbeddedCluster:
     """The tests' cluster in ``data_dir``, started. One without its password file (made before
     password authentication, or the file deleted) is removed and made afresh, with a message:
@@ -37,6 +50,17 @@ def start_test_cluster(data_dir: Path) -> EmbeddedCluster:
         cluster = EmbeddedCluster(data_dir)
     cluster.start()
     return cluster
+
+
+def link_test_cluster(pg_cluster: EmbeddedCluster, var_dir: Path) -> Path:
+    """``var_dir`` made a VAR_DIR whose embedded cluster (``pg``) is the tests' own: its data
+    directory and its port and password files linked, so a command-line tool run with it
+    (``python -m db start``, ``db replica start``) finds that cluster running and starts none."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    (var_dir / "pg").symlink_to(pg_cluster.data_dir)
+    (var_dir / "pg.port").symlink_to(pg_cluster.port_file)
+    (var_dir / "pg.password").symlink_to(pg_cluster.password_file)
+    return var_dir
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +149,74 @@ def live_server(database_url: str, engine: Engine, tmp_path: Path):
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A new mark even when inherited: a pytest run by a test checks its own processes only.
+    os.environ[SESSION_MARK] = uuid.uuid4().hex
+    _checkout_pg_before[:] = [CHECKOUT_PG.exists() or CHECKOUT_PG.is_symlink()]
+
+
+def started_by_this_session() -> list[psutil.Process]:
+    """Every live process that a test of this session started, however it was started or
+    re-parented (pg_ctl's postmaster, gunicorn masters and workers, drills' daemons): those
+    whose environment carries this session's mark. pytest itself started without it."""
+    mark = os.environ.get(SESSION_MARK)
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and mark and proc.environ().get(SESSION_MARK) == mark:
+                found.append(proc)
+        except psutil.Error:  # gone, a zombie, or a kernel thread
+            continue
+    return found
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} {' '.join(proc.cmdline())[:160]}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+def stop_leftovers(procs: list[psutil.Process]) -> None:
+    """Stop processes by PID: a postmaster with a fast shutdown (SIGINT; its backends end with
+    it), anything else with SIGTERM, and SIGKILL for what is left after 10 s."""
+    for proc in procs:
+        try:
+            parent = proc.parent()
+            if proc.name() != "postgres":
+                proc.send_signal(signal.SIGTERM)
+            elif parent is None or parent.name() != "postgres":
+                proc.send_signal(signal.SIGINT)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    problems = []
+    # A server just stopped may still be reaping its workers: a few seconds' grace.
+    _, alive = psutil.wait_procs(started_by_this_session(), timeout=5)
+    if alive:
+        problems.append("processes started by the tests outlived them (stopped now):\n  "
+                        + "\n  ".join(_describe(p) for p in alive))
+        stop_leftovers(alive)
+    if _checkout_pg_before == [False] and (CHECKOUT_PG.exists() or CHECKOUT_PG.is_symlink()):
+        problems.append(f"the tests created the checkout's own embedded cluster {CHECKOUT_PG} (removed now); "
+                        "a test must use the tests' cluster (pg_cluster, link_test_cluster)")
+        EmbeddedCluster(CHECKOUT_PG).remove()
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for problem in problems:
+            if reporter is not None:
+                reporter.write_sep("=", "left behind by the tests", red=True)
+                reporter.write_line(problem)
+            else:
+                print(problem, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

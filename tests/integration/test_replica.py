@@ -21,7 +21,7 @@ from config.settings import PROJECT_ROOT
 from db.embedded import EmbeddedCluster
 from db.reads import ReadRouter
 from db.replica import ReplicaCluster
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, link_test_cluster
 from tests.helpers import heartbeat_body
 from tests.integration.test_live_server import call
 from tests.live import LiveServer, start_server
@@ -50,11 +50,7 @@ def replica_started(pg_cluster: EmbeddedCluster, database_url: str) -> Iterator[
     cluster = ReplicaCluster(CLI_VAR_DIR / "pg-replica", primary=pg_cluster)
     cluster.remove()
     shutil.rmtree(CLI_VAR_DIR, ignore_errors=True)
-    CLI_VAR_DIR.mkdir(parents=True)
-    (CLI_VAR_DIR / "pg").symlink_to(pg_cluster.data_dir)
-    # The port and password files live beside the link (var/pg.port, var/pg.password).
-    (CLI_VAR_DIR / "pg.port").symlink_to(pg_cluster.port_file)
-    (CLI_VAR_DIR / "pg.password").symlink_to(pg_cluster.password_file)
+    link_test_cluster(pg_cluster, CLI_VAR_DIR)
     started = db_cli("replica", "start")
     assert started.returncode == 0, started.stdout + started.stderr
     cluster.port = int(cluster.port_file.read_text())

@@ -18,9 +18,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 
 from config.settings import PROJECT_ROOT
-from db.embedded import EmbeddedCluster
 from db.partitions import partition_name
-from tests.conftest import ADMIN_KEY
+from tests.conftest import ADMIN_KEY, link_test_cluster
 from tests.jobdata import fill_day, make_devices, scalar
 from tests.live import start_server
 
@@ -59,13 +58,18 @@ def runbook_steps() -> list[tuple[str, str]]:
     return steps
 
 
-def test_runbook_commands_work_as_written(engine, database_url, tmp_path):
+def test_runbook_commands_work_as_written(engine, database_url, pg_cluster, tmp_path):
     devices = make_devices(engine, 2)
     old = datetime.now(UTC).date() - timedelta(days=30)  # past HOT_DAYS (14), inside RETENTION_DAYS (90)
     fill_day(engine, old, devices)
     archive_dir = tmp_path / "archive"
     server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1)
-    env = dict(os.environ, DATABASE_URL=database_url, ARCHIVE_DIR=str(archive_dir), KEY=ADMIN_KEY)
+    # VAR_DIR's embedded cluster is the tests' own: `python -m db start` finds it running and
+    # starts nothing (with the checkout's var/ it started var/pg, which outlived the tests; the
+    # session-end check in tests/conftest.py now fails a run that leaves one).
+    var_dir = link_test_cluster(pg_cluster, tmp_path / "var")
+    env = dict(os.environ, DATABASE_URL=database_url, ARCHIVE_DIR=str(archive_dir), KEY=ADMIN_KEY,
+               VAR_DIR=str(var_dir))
     host = server.url.removeprefix("http://")
     admin_host = server.admin_url.removeprefix("http://")
 
@@ -78,10 +82,6 @@ def test_runbook_commands_work_as_written(engine, database_url, tmp_path):
 
     steps = runbook_steps()
     ran = {"sh": 0, "sql": 0}
-    # `python -m db start` starts the checkout's own cluster (var/pg): stopped again after,
-    # unless it was running before (a developer's `make run`).
-    own_cluster = EmbeddedCluster(PROJECT_ROOT / "var" / "pg")
-    was_running = own_cluster.initialized() and own_cluster.running()
     try:
         for kind, body in steps:
             body = localise(body)
@@ -101,8 +101,6 @@ def test_runbook_commands_work_as_written(engine, database_url, tmp_path):
             ran["sh"] += 1
     finally:
         server.stop()
-        if not was_running and own_cluster.initialized() and own_cluster.running():
-            own_cluster.stop()
     assert ran["sh"] >= 14 and ran["sql"] >= 5, ran
     state = scalar(engine, "SELECT state FROM hb_partitions WHERE name = %(n)s", {"n": partition_name(old)})
     assert state == "restored"
