@@ -62,7 +62,11 @@ OPERATIONS: tuple[Operation, ...] = (
               response=s.HeartbeatHistory,
               params=(("device_id", "path", "integer"), ("since", "query", "string", {"format": "date-time"}),
                       ("until", "query", "string", {"format": "date-time"}), s.HISTORY_LIMIT,
-                      ("order", "query", "string", {"enum": ["asc", "desc"]})),
+                      ("order", "query", "string", {"enum": ["asc", "desc"]}),
+                      ("source", "query", "string", {
+                          "enum": list(s.READ_SOURCES), "default": "any",
+                          "description": "any: the read replica while fresh enough (READ_MAX_LAG_S), else the "
+                                         "primary; primary: always the primary, every committed heartbeat"})),
               errors=(400, 401, 403, 404, 500)),
     # Operations: run a job now (409 while another runner holds its lock; 500 with the report as
     # detail when it fails), and the recent runs.

@@ -46,6 +46,9 @@ DEVICES_AFTER = IntQuery("after", 0, 2**63 - 1, 0)
 DEVICES_LIMIT = IntQuery("limit", 1, 1000, 100)
 DEVICES_BATTERY_BELOW = IntQuery("battery_below", 0, 101, -1)  # absent: no battery filter
 HISTORY_LIMIT = IntQuery("limit", 1, 10_000, 1000)
+# ?source= of a history read: "any" (the replica while fresh enough, else the primary) or
+# "primary" (every committed heartbeat: the simulator's no-loss check).
+READ_SOURCES = ("any", "primary")
 _MAX_ID = 2**63 - 1
 EVENTS_DEVICE_ID = IntQuery("device_id", 1, _MAX_ID, 0)
 EVENTS_AFTER = IntQuery("after", 0, _MAX_ID, 0)

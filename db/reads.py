@@ -189,14 +189,16 @@ class ReadRouter:
             sleep(max(0.0, interval_s - (self.clock() - started)))
 
     # -- reads ------------------------------------------------------------------------------
-    def read(self, query: Callable[..., T], *, missing_on_replica_ok: bool = False) -> tuple[T, ReadSource]:
-        """Run ``query(conn)`` (autocommit) on the replica when fresh enough, else on the primary.
+    def read(self, query: Callable[..., T], *, missing_on_replica_ok: bool = False,
+             primary_only: bool = False) -> tuple[T, ReadSource]:
+        """Run ``query(conn)`` (autocommit) on the replica when fresh enough, else on the primary;
+        always on the primary with ``primary_only`` (a reader that must see every commit).
 
         A replica fault answers from the primary at once. A DeviceNotFound on the replica is
         asked again of the primary (a device enrolled a moment ago may not have arrived yet),
         unless ``missing_on_replica_ok``."""
         lag_s = self.lag_bound_s()
-        if lag_s is not None and lag_s <= self.max_lag_s:
+        if not primary_only and lag_s is not None and lag_s <= self.max_lag_s:
             try:
                 with reading(self.replica) as conn:
                     return query(conn), ReadSource(REPLICA, lag_s)

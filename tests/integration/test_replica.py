@@ -1,10 +1,12 @@
 """Operator reads from a real streaming replica (pg_basebackup of the tests' cluster, started
 here and stopped after): served by the replica, the primary within 2 s when it stops, the
 primary while replay is paused past READ_MAX_LAG_S and the replica again after, and a device
-enrolled a moment ago is authenticated at once (token look-ups never wait for the replica)."""
+enrolled a moment ago is authenticated at once (token look-ups never wait for the replica), and
+the simulator's no-loss check reads the primary."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from array import array
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +24,7 @@ from config.settings import PROJECT_ROOT
 from db.embedded import EmbeddedCluster
 from db.reads import ReadRouter
 from db.replica import ReplicaCluster
+from simulator.server import AdminApi, verify_no_loss
 from tests.conftest import ADMIN_KEY, link_test_cluster
 from tests.helpers import heartbeat_body
 from tests.integration.test_live_server import call
@@ -213,6 +217,40 @@ def test_a_device_enrolled_a_moment_ago_is_authenticated_at_once(server, running
         assert body["id"] == device["id"] and body["source"] == "primary"
     finally:
         running_replica.psql("SELECT pg_wal_replay_resume()")
+
+
+def test_the_simulators_no_loss_check_reads_the_primary(running_replica, database_url, engine, tmp_path):
+    """A replica seconds behind (replay paused; READ_MAX_LAG_S 60 keeps it in use) lacks the
+    newest heartbeats: the simulator's no-loss check asks history for source=primary and finds
+    every acknowledged one (it read whatever the operator plane chose, the replica here, and
+    counted all three lost)."""
+    live = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, READ_DATABASE_URL=running_replica.url,
+                        READ_MAX_LAG_S="60", SCHEDULER_ENABLED="false")
+    try:
+        device = enroll(live)[0]
+        until(lambda: status_of(live, device)["source"] == "replica", 10, "reads from the replica")
+        running_replica.psql("SELECT pg_wal_replay_pause()")
+        try:
+            acked = {device["id"]: array("q")}
+            for ago_s in (20, 10, 0):
+                code, ack = heartbeat(live, device, sent_at=datetime.now(UTC) - timedelta(seconds=ago_s))
+                assert code == 200 and ack["status"] == "stored", ack
+                acked[device["id"]].append(int(datetime.fromisoformat(ack["bucket_ts"]).timestamp()))
+            history = f"{live.admin_url}/v1/devices/{device['id']}/heartbeats"
+            code, body = call(history, headers=ADMIN)  # what the replica holds: none of them
+            assert code == 200 and body["source"] == "replica" and body["heartbeats"] == [], body
+            code, body = call(history + "?source=primary", headers=ADMIN)
+            assert code == 200 and body["source"] == "primary" and len(body["heartbeats"]) == 3, body
+            api = AdminApi(live.admin_url, ADMIN_KEY)
+            try:
+                result = verify_no_loss(api, acked, 0, io.StringIO(), show_progress=False)
+            finally:
+                api.close()
+            assert (result["lost"], result["stored_rows"], result["errors"]) == (0, 3, 0), result
+        finally:
+            running_replica.psql("SELECT pg_wal_replay_resume()")
+    finally:
+        live.stop()
 
 
 def test_lag_bound_from_samples_and_timestamps(engine, running_replica):
