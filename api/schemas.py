@@ -355,14 +355,10 @@ class OperatorKeyOut(Struct):
     revoked_at: datetime | None
 
 
-class KeyCreatedOut(Struct):
+class KeyCreatedOut(OperatorKeyOut):
+    """A key just created: its record and, this once, the key itself."""
+
     key: Annotated[str, Meta(description="the operator key (send as x-admin), shown once; only its hash is stored")]
-    id: int
-    name: str
-    role: Role
-    created_at: datetime
-    created_by: str
-    revoked_at: datetime | None
 
 
 class KeyList(Struct):
