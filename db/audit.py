@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 from sqlalchemy import Connection
 
+from db.paging import keyset_page
+
 OUTCOMES = ("ok", "denied", "failed")
 
 
@@ -59,5 +61,4 @@ def list_audit(
         """,
         {"before": before_id, "action": action, "limit": limit + 1},
     ).mappings().all()
-    page = [dict(r) for r in rows[:limit]]
-    return page, (page[-1]["id"] if len(rows) > limit else None)
+    return keyset_page(rows, limit)

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from db.paging import Conditions, keyset_page
 from db.partitions import list_partitions, lock_partition_ddl
 
 EVENT_TYPES = (
@@ -213,38 +214,28 @@ def list_events(
 ) -> tuple[list[dict[str, Any]], int | None]:
     """One page of events by id (keyset): oldest first after ``after``, or newest first before
     ``before`` when given. Returns the rows and the cursor of the next page (None on the last)."""
-    where: list[str] = []
-    params: dict[str, Any] = {"limit": limit + 1}
+    where = Conditions(limit=limit + 1)
     if flt.types:
-        where.append("type = ANY(%(types)s)")
-        params["types"] = list(flt.types)
+        where.add("type = ANY(%(types)s)", types=list(flt.types))
     if flt.device_id is not None:
-        where.append("device_id = %(device_id)s")
-        params["device_id"] = flt.device_id
+        where.add("device_id = %(device_id)s", device_id=flt.device_id)
     if flt.since is not None:
-        where.append("occurred_at >= %(since)s")
-        params["since"] = flt.since
+        where.add("occurred_at >= %(since)s", since=flt.since)
     if flt.until is not None:
-        where.append("occurred_at < %(until)s")
-        params["until"] = flt.until
+        where.add("occurred_at < %(until)s", until=flt.until)
     if before is not None:
-        where.append("id < %(before)s")
-        params["before"] = before
+        where.add("id < %(before)s", before=before)
         if after:  # both: the ids between them, newest first
-            where.append("id > %(after)s")
-            params["after"] = after
+            where.add("id > %(after)s", after=after)
         order = "DESC"
     else:
-        where.append("id > %(after)s")
-        params["after"] = after or 0
+        where.add("id > %(after)s", after=after or 0)
         order = "ASC"
     rows = conn.exec_driver_sql(
-        f"SELECT {_EVENT_FIELDS} FROM events WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT %(limit)s",
-        params,
+        f"SELECT {_EVENT_FIELDS} FROM events WHERE {where.sql()} ORDER BY id {order} LIMIT %(limit)s",
+        where.params,
     ).fetchall()
-    page = [dict(r._mapping) for r in rows[:limit]]
-    cursor = page[-1]["id"] if len(rows) > limit and page else None
-    return page, cursor
+    return keyset_page(rows, limit)
 
 
 def latest_event_id(conn: Connection) -> int:

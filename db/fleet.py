@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 
 from db.errors import DeviceNotFound
 from db.heartbeats import STATUS_COLUMNS
+from db.paging import Conditions, keyset_page
 
 # A device's status: the heartbeat columns (received_at named last_seen_at), and whether it is online.
 _STATUS_FIELDS = ", ".join(
@@ -69,35 +70,30 @@ def list_devices(
 
     Returns the rows and the cursor of the next page (None on the last page).
     """
-    where = ["d.id > %(after)s"]
-    params: dict[str, Any] = {"after": after_id, "limit": limit + 1, "offline_after": offline_after_s}
+    where = Conditions(after=after_id, limit=limit + 1, offline_after=offline_after_s)
+    where.add("d.id > %(after)s")
     cutoff = "now() - make_interval(secs => %(offline_after)s)"
     if flt.status == "online":
-        where.append(f"s.received_at >= {cutoff}")
+        where.add(f"s.received_at >= {cutoff}")
     elif flt.status == "offline":
-        where.append(f"(s.received_at IS NULL OR s.received_at < {cutoff})")
+        where.add(f"(s.received_at IS NULL OR s.received_at < {cutoff})")
     if flt.battery_below is not None:
-        where.append("s.battery_pct < %(battery_below)s")
-        params["battery_below"] = flt.battery_below
+        where.add("s.battery_pct < %(battery_below)s", battery_below=flt.battery_below)
     if flt.app_version is not None:
-        where.append("s.app_version = %(app_version)s")
-        params["app_version"] = flt.app_version
+        where.add("s.app_version = %(app_version)s", app_version=flt.app_version)
     if flt.label is not None:
-        where.append("d.labels @> ARRAY[%(label)s]::text[]")
-        params["label"] = flt.label
+        where.add("d.labels @> ARRAY[%(label)s]::text[]", label=flt.label)
     rows = conn.exec_driver_sql(
         f"""
         SELECT {_DEVICE_FIELDS}, {_STATUS_FIELDS}
         FROM {_source(from_heartbeats)}
-        WHERE {" AND ".join(where)}
+        WHERE {where.sql()}
         ORDER BY d.id
         LIMIT %(limit)s
         """,
-        params,
+        where.params,
     ).fetchall()
-    page = [dict(r._mapping) for r in rows[:limit]]
-    next_after = page[-1]["id"] if len(rows) > limit and page else None
-    return page, next_after
+    return keyset_page(rows, limit)
 
 
 def fleet_summary(conn: Connection, *, offline_after_s: int, from_heartbeats: bool = False) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import msgspec
 from sqlalchemy import Connection
 
 from db.errors import WebhookNotFound
+from db.paging import keyset_page
 
 _PUBLIC_FIELDS = "id, url, event_types, created_at, cursor_event_id"
 
@@ -255,8 +256,7 @@ def list_deliveries(
         {"id": webhook_id, "before": before if before is not None else 2**63 - 1, "status": status,
          "limit": limit + 1},
     ).fetchall()
-    page = [dict(r._mapping) for r in rows[:limit]]
-    return page, (page[-1]["id"] if len(rows) > limit and page else None)
+    return keyset_page(rows, limit)
 
 
 def prune_deliveries(conn: Connection, older_than: datetime) -> int:
