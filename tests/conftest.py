@@ -22,9 +22,9 @@ from sqlalchemy import Engine
 from config.settings import PROJECT_ROOT, Settings
 from db.embedded import EmbeddedCluster
 from db.engine import make_engine
-from db.events import maintain_event_partitions
+from db.events import event_partition_name, list_event_partitions, maintain_event_partitions
 from db.migrate import upgrade
-from db.partitions import ensure_partitions
+from db.partitions import create_partition, list_partitions, lock_partition_ddl, plan_partitions
 
 ADMIN_KEY = "test-admin-key-0123456789"
 TABLES = ("devices, heartbeats, device_last_status, hb_partitions, job_runs, device_event_state, events, "
@@ -102,19 +102,52 @@ def session_engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+def empty_database(engine: Engine) -> None:
+    """Empty every table of TABLES as ``TRUNCATE ... RESTART IDENTITY`` would, and leave
+    heartbeats and events with exactly today's and the next 7 days' partitions (days another test
+    made, e.g. a job run with a clock in the past, are dropped), the heartbeats' recorded in
+    hb_partitions as the partitions job records them.
+
+    As cheap as that can be (it runs before most tests): only the tables holding rows are
+    truncated, the other tables' sequences restart, and the week's partitions are kept (emptied
+    with their table) rather than dropped and made again; any other partition is dropped.
+    Truncating everything and remaking the partitions took 0.4-0.8 s a test on the shared
+    machine, this 0.06-0.09 s."""
+    today = datetime.now(UTC).date()
+    week = plan_partitions(set(), today, 7)
+    tables = [name.strip() for name in TABLES.split(",")]
+    with engine.begin() as conn:
+        lock_partition_ddl(conn)
+        for name in sorted(list_partitions(conn) - {spec.name for spec in week}):
+            conn.exec_driver_sql(f"DROP TABLE {name}")
+        event_week = {event_partition_name(spec.day) for spec in week}
+        for name in sorted(list_event_partitions(conn) - event_week):
+            conn.exec_driver_sql(f"DROP TABLE {name}")
+        holding = conn.exec_driver_sql("SELECT " + ", ".join(f"EXISTS (SELECT FROM {t})" for t in tables)).one()
+        filled = {t for t, rows in zip(tables, holding, strict=True) if rows}
+        # A table is truncated with those that reference it (PostgreSQL refuses it alone).
+        references = conn.exec_driver_sql(
+            "SELECT conrelid::regclass::text, confrelid::regclass::text FROM pg_constraint WHERE contype = 'f'"
+        ).fetchall()
+        while extra := {child for child, parent in references if parent in filled and child not in filled}:
+            filled |= extra
+        if filled:
+            conn.exec_driver_sql(f"TRUNCATE {', '.join(sorted(filled))} RESTART IDENTITY")
+        conn.exec_driver_sql(
+            "SELECT setval(s.seqrelid, s.seqstart, false) FROM pg_sequence s "
+            "JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = s.seqrelid AND d.deptype IN ('a', 'i') "
+            "JOIN pg_class t ON t.oid = d.refobjid WHERE t.relname = ANY(%(empty)s)",
+            {"empty": [t for t in tables if t not in filled]},
+        )
+        for spec in week:
+            create_partition(conn, spec)  # idempotent: creates a missing one, records each as active
+        maintain_event_partitions(conn, today, 7, None)
+
+
 @pytest.fixture
 def engine(session_engine: Engine) -> Engine:
-    """The test database, emptied, with today's and the next 7 days' partitions (of heartbeats
-    and events: days another test made, e.g. a job run with a clock in the past, are dropped)."""
-    with session_engine.begin() as conn:
-        conn.exec_driver_sql(f"TRUNCATE {TABLES} RESTART IDENTITY")
-        for name in [r[0] for r in conn.exec_driver_sql(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('heartbeats', 'events')"
-        )]:
-            conn.exec_driver_sql(f"DROP TABLE {name}")
-        ensure_partitions(conn, datetime.now(UTC).date(), 7)
-        maintain_event_partitions(conn, datetime.now(UTC).date(), 7, None)
+    """The test database, emptied (empty_database)."""
+    empty_database(session_engine)
     return session_engine
 
 
