@@ -26,7 +26,7 @@ from tests.faults.conftest import enroll_fleet, stop_server
 from tests.integration.test_live_server import call
 from tests.live import start_server
 
-EXAMPLES_PER_OPERATION = 30
+EXAMPLES_PER_OPERATION = 15
 CLI_EXAMPLES_PER_OPERATION = 25
 
 
