@@ -9,12 +9,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import text
 
-from tests.faults.conftest import enroll_fleet
+from api.pool_health import local_postgres_cpu
+from tests.faults.conftest import enroll_fleet, stop_server
 from tests.faults.loadgen import LoadDriver, LoadResult
 from tests.faults.report import ScenarioRow, record
 from tests.faults.test_faults import assert_nothing_lost, http_status
+from tests.metrics_scrape import bucket_delta, histogram_quantile, scrape
 
+ACK_SECONDS = "nexmdm_heartbeat_write_duration_seconds"
 CALIBRATION_S = 4.0
 WARMUP_S = 3.0  # connections being opened; left out of the latency bound
 
@@ -24,88 +28,150 @@ def window_pct(result: LoadResult, since: float, until: float, pct: float) -> fl
     return values[min(len(values) - 1, int(len(values) * pct / 100))] if values else 0.0
 
 
-def access_lines(access_log: Path) -> list[str]:
-    """The access log's lines so far (gunicorn writes each request's line as it ends)."""
-    return access_log.read_text().splitlines() if access_log.exists() else []
+def timeline(result: LoadResult, duration_s: float, step_s: float = 10.0) -> str:
+    """Per ``step_s`` of the run: acknowledged and refused per second, and the refusals' median
+    Retry-After."""
+    parts = []
+    t = 0.0
+    while t < duration_s:
+        window = [(status, ra) for start, _, status, ra in result.attempts if t <= start < t + step_s]
+        refused = sorted(ra for status, ra in window if status == 503)
+        acked = sum(1 for status, _ in window if status == 200)
+        retry = f" RA {refused[len(refused) // 2]:.0f} s" if refused else ""
+        parts.append(f"{t:.0f}-{t + step_s:.0f} s: {acked / step_s:.0f} acked/s "
+                     f"{len(refused) / step_s:.0f} refused/s{retry}")
+        t += step_s
+    return "; ".join(parts)
 
 
-def server_side_latencies(lines: list[str]) -> dict[int, list[float]]:
-    """Request times (s) per status from gunicorn's access log lines (format ``status,seconds``)."""
-    out: dict[int, list[float]] = {}
-    for line in lines:
-        status, _, seconds = line.partition(",")
-        if status.isdigit() and seconds:
-            out.setdefault(int(status), []).append(float(seconds))
-    for values in out.values():
-        values.sort()
-    return out
+def ack_buckets(server) -> list[tuple[float, float]]:
+    """The server's own histogram of acknowledged heartbeats' times, from each request's arrival
+    at the server to its COMMIT (read on the operator plane: no cost to the device worker)."""
+    return scrape(server.admin_url, server.admin_key).buckets(ACK_SECONDS)
 
 
-def pct(values: list[float], p: float) -> float:
-    return values[min(len(values) - 1, int(len(values) * p / 100))] if values else 0.0
+def schedstat_s(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a process's main thread, from
+    Linux's /proc/PID/schedstat: the second says how much the machine held the process back."""
+    on_cpu_ns, waiting_ns, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(on_cpu_ns) / 1e9, int(waiting_ns) / 1e9
 
 
-def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: str, drain_s: float = 10) -> None:
-    # The access log gives the server's own view of latency; the client's view also carries
-    # the load driver's CPU starvation on a shared 2-core machine.
-    access_log = tmp_path / "access.log"
+class CpuMeter:
+    """CPU seconds used by the load driver (this process), the server's worker and PostgreSQL,
+    and the worker's wait for a CPU, read before and after a phase: on a 2-core machine they
+    share the cores (with whatever else runs there), so each phase says what each took."""
+
+    def __init__(self, server, engine) -> None:
+        self.worker = psutil.Process(server.proc.pid).children()[0]
+        with engine.connect() as conn:
+            self.backend_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        self.host = engine.url.host
+
+    def read(self) -> dict[str, float]:
+        """CPU seconds so far by role, the worker's wait for a CPU, and the wall clock."""
+        own, worker = psutil.Process().cpu_times(), self.worker.cpu_times()
+        postgres, _ = local_postgres_cpu(self.host, self.backend_pid)
+        return {"driver": own.user + own.system, "worker": worker.user + worker.system,
+                "postgres": postgres.seconds if postgres else 0.0,
+                "worker_waiting": schedstat_s(self.worker.pid)[1], "wall": time.monotonic()}
+
+    @staticmethod
+    def cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """Cores used by each role between two readings (and the worker's wait for a CPU)."""
+        wall = after["wall"] - before["wall"]
+        return {role: (after[role] - before[role]) / wall for role in before if role != "wall"}
+
+    @staticmethod
+    def text(cores: dict[str, float]) -> str:
+        return (f"CPU cores: driver {cores['driver']:.2f}, worker {cores['worker']:.2f} (and "
+                f"{cores['worker_waiting']:.2f} waiting for a CPU), postgres {cores['postgres']:.2f}")
+
+
+def overload(fault_servers, engine, duration_s: float, label: str, drain_s: float = 10) -> None:
+    # The server's own latency histogram gives its view of the admitted heartbeats; the
+    # client's view also carries the load driver's CPU starvation on a shared 2-core machine.
     # One worker: on a 2-core machine the load driver needs the other core to offer twice what
     # the server sustains (with two workers it could not, and "overload" would not be one).
-    server = fault_servers(
-        workers=1, GUNICORN_CMD_ARGS=f"--access-logfile {access_log} --access-logformat %(s)s,%(L)s",
-    )
-    devices = enroll_fleet(server, 3000)
-    # The sustainable rate: what the server stores when saturated by many concurrent clients
-    # (group commit batches grow with load, so a few hundred clients would understate it and
-    # "twice" would not be an overload). This also warms the token cache and connections.
-    calibration = LoadDriver(server.url, devices, duration_s=CALIBRATION_S, concurrency=1000, drain_s=2).run()
+    # The sustainable rate: what a server that never sheds stores when saturated by many
+    # concurrent clients (group commit batches grow with load, so a few hundred clients would
+    # understate it and "twice" would not be an overload); measured on a server of its own, so
+    # that shedding (and the Retry-After it makes clients wait) cannot lower it.
+    calibration_server = fault_servers(workers=1, INGEST_SHED_TARGET_MS="3600000")
+    devices = enroll_fleet(calibration_server, 3000)
+    cpu = CpuMeter(calibration_server, engine)
+    cpu0 = cpu.read()
+    calibration = LoadDriver(calibration_server.url, devices, duration_s=CALIBRATION_S, concurrency=1000,
+                             drain_s=2).run()
+    calibration_cores = CpuMeter.cores(cpu0, cpu.read())
+    stop_server(calibration_server)
     # Counted over the second half only: the first one is connections and token look-ups.
     rate = sum(1 for t in calibration.ack_times if CALIBRATION_S / 2 <= t < CALIBRATION_S) / (CALIBRATION_S / 2)
-    rounds = calibration.sent // len(devices) + 1
+    assert not calibration.statuses().get(503), calibration.statuses()
+    # The server under test, its token cache warmed (one heartbeat per device, at a concurrency
+    # it serves without a queue) as a fleet's steady state has it.
+    server = fault_servers(workers=1)
+    warm = LoadDriver(server.url, devices, duration_s=3, concurrency=100, drain_s=2,
+                      skip_rounds=calibration.sent // len(devices) + 1).run()
+    rounds = (calibration.sent + warm.sent) // len(devices) + 2
+    cpu = CpuMeter(server, engine)
+    # New heartbeats at twice that rate, whatever the answers; each device sends its own one at
+    # a time and, told to retry after N s, sends nothing for N s (see LoadDriver._device).
     driver = LoadDriver(
-        server.url, devices, duration_s=duration_s, rate_per_s=2 * rate, max_in_flight=2000,
-        drain_s=drain_s, timeout_s=15, skip_rounds=rounds,
+        server.url, devices, duration_s=duration_s, rate_per_s=2 * rate, drain_s=drain_s, timeout_s=15,
+        skip_rounds=rounds, device_backoff=True,
     )
     # The server's own view of the overload phase only: the calibration's requests (1,000 at once
     # against a cold token cache) and the recovery probes are left out.
-    before = len(access_lines(access_log))
+    before = ack_buckets(server)
+    cpu1 = cpu.read()
     result = driver.run()
-    overload_lines = access_lines(access_log)[before:]
+    overload_cores = CpuMeter.cores(cpu1, cpu.read())
+    server_side = bucket_delta(ack_buckets(server), before)
     # Recovery: once the load has stopped, heartbeats are acknowledged promptly again.
     t_end = driver.now()
     recovered = None
     while driver.now() < t_end + 10:
         probe = LoadDriver(server.url, devices[:50], duration_s=0.3, concurrency=4, drain_s=0,
-                           skip_rounds=rounds + 200).run()
+                           skip_rounds=rounds + 400).run()
         if probe.statuses().keys() == {200} and probe.latency_pct(99) < 0.5:
             recovered = driver.now() - t_end
             break
         time.sleep(0.2)
     statuses = result.statuses()
     shed = statuses.get(503, 0)
-    achieved = len(result.attempts) / max(duration_s, max(s for s, _, _, _ in result.attempts))
+    during = result.statuses(until=duration_s)
+    attempts_per_s = sum(during.values()) / duration_s
+    refused_per_s = during.get(503, 0) / duration_s
     steady_p99 = window_pct(result, WARMUP_S, duration_s, 99)
     third = (duration_s - WARMUP_S) / 3
     mid_p50 = window_pct(result, WARMUP_S + third, WARMUP_S + 2 * third, 50)
     last_p50 = window_pct(result, WARMUP_S + 2 * third, duration_s, 50)
-    server_side = server_side_latencies(overload_lines)
-    server_p99_ack = pct(server_side.get(200, []), 99)
-    server_p50_ack = pct(server_side.get(200, []), 50)
-    server_p50_shed = pct(server_side.get(503, []), 50)
+    server_p99_ack = histogram_quantile(0.99, server_side)
+    server_p50_ack = histogram_quantile(0.50, server_side)
+    within_300_ms = dict(server_side)[0.3] / server_side[-1][1] if server_side[-1][1] else 0.0
     # Goodput: heartbeats acknowledged per second while the overload lasted, against what the
     # server sustains when nothing is refused.
     acked_per_s = sum(1 for t in result.ack_times if t < duration_s) / duration_s
     goodput_pct = 100 * acked_per_s / rate if rate else 0.0
-    note = (f"1 worker: sustainable {rate:.0f}/s, offered {2 * rate:.0f}/s for {duration_s:.0f} s "
-            f"(achieved {achieved:.0f}/s incl. retries); acknowledged {acked_per_s:.0f}/s = {goodput_pct:.0f} % "
-            f"of sustainable (target >= 95 %: {'met' if goodput_pct >= 95 else 'NOT met'}); {shed} x 503; "
-            f"server-side ack p99 {server_p99_ack * 1000:.0f} ms (target <= 300: "
-            f"{'met' if server_p99_ack <= 0.3 else 'NOT met'}), p50 "
-            f"{server_p50_ack * 1000:.0f} ms; p50 shed "
-            f"{server_p50_shed * 1000:.1f} ms; client-side p99 "
+    # The same per CPU-second of the worker: on a shared machine the worker's share of a CPU
+    # moves between the two phases; this says how much of what it did was acknowledging.
+    calibration_per_cpu_s = rate / calibration_cores["worker"] if calibration_cores["worker"] else 0.0
+    per_cpu_s = acked_per_s / overload_cores["worker"] if overload_cores["worker"] else 0.0
+    efficiency_pct = 100 * per_cpu_s / calibration_per_cpu_s if calibration_per_cpu_s else 0.0
+    note = (f"1 worker: sustainable {rate:.0f}/s ({CpuMeter.text(calibration_cores)}); "
+            f"offered {result.created / duration_s:.0f} new heartbeats/s for {duration_s:.0f} s "
+            f"({attempts_per_s:.0f} requests/s incl. retries, {refused_per_s:.0f}/s refused; "
+            f"{CpuMeter.text(overload_cores)}); acknowledged {acked_per_s:.0f}/s = {goodput_pct:.0f} % "
+            f"of sustainable (target >= 95 %: {'met' if goodput_pct >= 95 else 'NOT met'}); per CPU-second "
+            f"of the worker {per_cpu_s:.0f} acknowledged against {calibration_per_cpu_s:.0f} when "
+            f"sustaining = {efficiency_pct:.0f} %; "
+            f"admitted heartbeats' server-side p99 {server_p99_ack * 1000:.0f} ms (target <= 300: "
+            f"{'met' if within_300_ms >= 0.99 else 'NOT met'}: {100 * within_300_ms:.1f} % within 300 ms), "
+            f"p50 {server_p50_ack * 1000:.0f} ms; client-side p99 "
             f"{steady_p99 * 1000:.0f} ms, p50 {mid_p50 * 1000:.0f} -> {last_p50 * 1000:.0f} ms; "
-            f"unacked at end {result.unacked}")
-    print(f"\n{label}: {note}; statuses {statuses}")
+            f"still on the devices at the end {result.unacked}")
+    print(f"\n{label}: {note}; statuses {statuses}\n  {timeline(result, duration_s, max(1.0, duration_s / 6))}")
     # It stayed up: the master and its worker live, and every answer was a 200 or a 503;
     # a client-side timeout or connection error (status 0: never acknowledged, so never lost;
     # a device retries it) is tolerated for under 2 % of requests. The load driver shares the 2
@@ -116,24 +182,22 @@ def overload(fault_servers, engine, tmp_path: Path, duration_s: float, label: st
     assert shed > 0, f"nothing shed at {2 * rate:.0f}/s offered: {statuses}"
     assert result.missing_retry_after() == 0
     # The server's own latency stays bounded (by the shedding thresholds plus the flush and CPU
-    # waits of a shared 2-core machine: hence the generous p99), and a refusal costs next to
-    # nothing.
+    # waits of a shared 2-core machine: hence the generous p99).
     assert server_p50_ack < 1.0, note
     assert server_p99_ack < 8.0, note
-    assert server_p50_shed < 0.05, note
     assert recovered is not None, "no prompt acknowledgement within 10 s of the load dropping"
     assert http_status(server.url + "/readyz")[0] == 200
     check = assert_nothing_lost(engine, result)
     record(ScenarioRow(label, result.sent, result.ack_count, check["lost"], check["duplicates"], recovered, note))
 
 
-def test_overload_short_sheds_and_recovers(fault_servers, engine, tmp_path):
-    overload(fault_servers, engine, tmp_path, 5.0, "overload 2x, 5 s", drain_s=4)
+def test_overload_short_sheds_and_recovers(fault_servers, engine):
+    overload(fault_servers, engine, 5.0, "overload 2x, 5 s", drain_s=4)
 
 
 @pytest.mark.slow
-def test_overload_60s_sheds_and_recovers(fault_servers, engine, tmp_path):
+def test_overload_60s_sheds_and_recovers(fault_servers, engine):
     # The targets (>= 95 % of the sustainable rate acknowledged, admitted heartbeats' server-side
     # p99 <= 300 ms) are printed with the figures, met or not: on a machine shared with other work
     # the sustainable rate itself moves during the run, so they are read, not asserted.
-    overload(fault_servers, engine, tmp_path, 60.0, "overload 2x, 60 s")
+    overload(fault_servers, engine, 60.0, "overload 2x, 60 s")
