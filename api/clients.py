@@ -1,8 +1,10 @@
-"""Where a request comes from: the TCP peer, or behind a trusted proxy the address it forwards."""
+"""Where a request comes from: the TCP peer, or behind a trusted proxy the address it forwards;
+and when it reached the server."""
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,3 +49,15 @@ def client_address(environ: dict[str, Any], trusted: Networks) -> str:
         if not _trusted(hop, trusted):
             return hop
     return peer
+
+
+def request_arrival(environ: dict[str, Any]) -> float:
+    """When the request's first bytes reached this host, on the ``time.monotonic()`` clock: the
+    kernel's receive timestamp that our gunicorn worker keeps on the connection
+    (config/gunicorn_worker.py), so that a request kept waiting while the worker's event loop
+    was busy counts that wait; now when there is none (another server, the test client)."""
+    now = time.monotonic()
+    arrived_at = getattr(environ.get("gunicorn.socket"), "arrived_at", None)
+    if arrived_at is None:
+        return now
+    return now - min(60.0, max(0.0, time.time() - arrived_at))  # a clock step cannot make it absurd

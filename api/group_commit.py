@@ -4,14 +4,14 @@ A flusher greenlet per worker drains a bounded queue of concurrent heartbeats in
 multi-row statement on its own connection (db.ingest.IngestConnection, in autocommit), then
 wakes every waiting request; under moderate load it lingers a few milliseconds for a bigger
 batch. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
-bound, before any work: a growing share of requests while what was admitted waits longer than
-INGEST_SHED_TARGET_MS (the event loop late: CPU; queued heartbeats unwritten: database), see
-api/shedding.py, and every request while the queue is full.
+bound, before any work: a growing share of requests while what was admitted spends longer than
+INGEST_SHED_TARGET_MS in the server (from its arrival to its answer: waiting for the CPU or for
+the database), see api/shedding.py, and every request while the queue is full.
 
 The same writer serves gunicorn's gevent workers and the in-process tests (Flask's test client
 in a plain thread: its greenlets run while the request waits for its batch). Only the shedder's
-sojourn probe needs gevent's monkey-patching: without it, blocking calls do not yield, so the
-loop's lateness would measure the caller's own work.
+sojourn samples need gevent's monkey-patching: without it, blocking calls do not yield, so the
+loop's lateness and a heartbeat's wait would measure the caller's own work.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class GroupCommitWriter:
     pooled connection, the insert PREPAREd on it once unless DB_PREPARED_STATEMENTS is off);
     ``close`` stops the greenlets and closes those connections.
 
-    ``shed``: run the shedder's sojourn probe; by default only when gevent has patched the
-    standard library (see the module docstring). Without it only a full queue is refused.
+    ``shed``: feed the shedder (each answered heartbeat's sojourn, and the probe); by default
+    only when gevent has patched the standard library (see the module docstring). Without it
+    only a full queue is refused.
     """
 
     def __init__(
@@ -69,16 +70,19 @@ class GroupCommitWriter:
         ]
         self._flushers = [gevent.spawn(self._run, i) for i in range(flushers)]
         self._linger_s = settings.ingest_linger_ms / 1000
-        self.shedder = CoDelShedder(settings.ingest_shed_target_ms / 1000, settings.ingest_shed_interval_ms / 1000)
+        self.shedder = CoDelShedder(settings.ingest_shed_target_ms / 1000, settings.ingest_shed_interval_ms / 1000,
+                                    retry_after_max_s=settings.ingest_shed_retry_after_max_s)
         self.loop_lag_s = 0.0  # how late the last sojourn probe woke up
-        probe = gevent_active() if shed is None else shed
-        self._prober = gevent.spawn(self._probe_sojourn) if probe else None
+        self._sampling = gevent_active() if shed is None else shed
+        self._prober = gevent.spawn(self._probe_sojourn) if self._sampling else None
         self.flushes = 0
         self.rows = 0
         self.shed = 0
 
-    def write(self, row: HeartbeatRow) -> bool:
-        """Queue one heartbeat and wait until its batch has committed."""
+    def write(self, row: HeartbeatRow, arrived: float | None = None) -> bool:
+        """Queue one heartbeat and wait until its batch has committed. ``arrived``: when its
+        request reached the server (``time.monotonic()``, api/clients.py request_arrival); its
+        time from then to now is the shedder's sojourn sample."""
         result = AsyncResult()
         now = time.monotonic()
         try:
@@ -90,13 +94,16 @@ class GroupCommitWriter:
             return result.get(timeout=self._settings.ingest_timeout_s)
         except Timeout:
             raise DatabaseUnavailable("the write did not complete in time; retry (it is deduplicated)") from None
+        finally:
+            if self._sampling:
+                done = time.monotonic()
+                self.shedder.observe(done - (now if arrived is None else arrived), done)
 
-    def check_admission(self, now: float | None = None) -> None:
+    def check_admission(self) -> None:
         """Raise Overloaded (503 + Retry-After) for the share of new heartbeats the CoDel-style
-        shedder refuses (api/shedding.py): it grows while what was admitted waits longer than
-        INGEST_SHED_TARGET_MS for a whole INGEST_SHED_INTERVAL_MS, because the event loop runs
-        late (CPU) or queued heartbeats are not written (database). Cheap; called before a
-        request does any work."""
+        shedder refuses (api/shedding.py): it grows while what was admitted spends longer than
+        INGEST_SHED_TARGET_MS in the server for a whole INGEST_SHED_INTERVAL_MS (waiting for the
+        CPU or the database). Cheap; called before a request does any work."""
         shedder = self.shedder
         if not shedder.admit():
             self.shed += 1
@@ -108,9 +115,9 @@ class GroupCommitWriter:
         return self.shedder.shed_fraction
 
     def _probe_sojourn(self) -> None:
-        """Every 10 ms, one sojourn sample for the shedder: the worse of how late this greenlet
-        woke up (a runnable request waits as long for the CPU) and how long the oldest queued
-        heartbeat has waited to be written."""
+        """Every 10 ms, a probe sample for the shedder (used in an interval in which no heartbeat
+        was answered): the worse of how late this greenlet woke up (a runnable request waits as
+        long for the CPU) and how long the oldest queued heartbeat has waited to be written."""
         shedder = self.shedder
         queue = self._queue
         while True:
@@ -119,7 +126,7 @@ class GroupCommitWriter:
             now = time.monotonic()
             self.loop_lag_s = now - started - _SOJOURN_PROBE_S
             head_wait = now - queue.peek_nowait()[2] if queue.qsize() else 0.0
-            shedder.observe(max(self.loop_lag_s, head_wait), now)
+            shedder.observe_probe(max(self.loop_lag_s, head_wait), now)
 
     def _run(self, index: int) -> None:
         while True:

@@ -66,7 +66,8 @@ REJECT_REASONS = (
 # The metrics clients decode are named in api/contract.py.
 HEARTBEAT_WRITE_SECONDS = Histogram(
     contract.HEARTBEAT_WRITE_SECONDS,
-    "Time to handle an acknowledged heartbeat: authenticate, validate, write, COMMIT.",
+    "Time to handle an acknowledged heartbeat, from its request's arrival at the server (when "
+    "the worker knows it) to its COMMIT: wait for the worker, authenticate, validate, write.",
     buckets=LATENCY_BUCKETS_S,
 )
 HEARTBEATS_ACCEPTED = Counter(contract.HEARTBEATS_ACCEPTED, "Heartbeats stored (new rows).")

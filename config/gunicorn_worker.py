@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -100,12 +101,28 @@ class CoalescingSocket:
 # What a guarded connection is doing. Only the first three can be shed.
 FIRST_REQUEST, KEEP_ALIVE, HEADERS, BUSY = "first_request", "keep_alive", "headers", "busy"
 
+# Linux's SO_TIMESTAMPNS (also the ancillary message's type; Python does not name it): the
+# kernel stamps each received segment with its arrival time (CLOCK_REALTIME, a timespec).
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def arrival_time(ancdata: list[tuple[int, int, bytes]]) -> float:
+    """When the data just read reached this host (epoch seconds): the kernel's receive
+    timestamp, or now when there is none."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return sec + nsec * 1e-9
+    return time.time()
+
 
 class GuardedSocket:
     """A client connection under a ConnectionGuard: every read has a deadline that depends on
     what the connection is doing, and the guard can shed it (see ConnectionGuard)."""
 
-    __slots__ = ("_sock", "_guard", "state", "deadline", "shed_reason")
+    __slots__ = ("_sock", "_guard", "state", "deadline", "shed_reason", "arrived_at")
 
     def __init__(self, sock: socket.socket, guard: ConnectionGuard) -> None:
         self._sock = sock
@@ -113,7 +130,13 @@ class GuardedSocket:
         self.state = FIRST_REQUEST
         self.deadline = guard.now() + guard.header_timeout_s
         self.shed_reason: str | None = None
+        # When the current request's first bytes reached this host (epoch seconds, the kernel's
+        # timestamp): the application reads it (api/clients.py request_arrival) to count the
+        # time a request waited before this worker got to it (event loop busy) as server time.
+        self.arrived_at: float | None = None
         sock.settimeout(guard.send_timeout_s)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 
     def recv(self, size: int) -> bytes:
         """Read, but never past this connection's deadline: an expired deadline reads as the
@@ -124,8 +147,13 @@ class GuardedSocket:
             guard.timed_out(self)
             return b""
         self._sock.settimeout(remaining)
+        starting = self.state in (FIRST_REQUEST, KEEP_ALIVE)
         try:
-            data = self._sock.recv(size)
+            if starting:  # a request's first bytes: when did they arrive?
+                data, ancdata, _, _ = self._sock.recvmsg(size, _TIMESTAMP_SPACE)
+                self.arrived_at = arrival_time(ancdata)
+            else:
+                data = self._sock.recv(size)
         except TimeoutError:
             guard.timed_out(self)
             return b""
@@ -135,7 +163,7 @@ class GuardedSocket:
             return b""  # shed: gevent cancels the wait on shutdown (EBADF); the end of the stream
         finally:
             self._sock.settimeout(guard.send_timeout_s)
-        if data and self.state in (FIRST_REQUEST, KEEP_ALIVE):
+        if data and starting:
             # The request has begun: its headers must all arrive within the header timeout.
             self.state = HEADERS
             self.deadline = min(self.deadline, guard.now() + guard.header_timeout_s)

@@ -107,6 +107,9 @@ class Settings:
     # a growing share of new heartbeats is refused (503 + Retry-After) before any work.
     ingest_shed_target_ms: int = 100
     ingest_shed_interval_ms: int = 200
+    # The longest Retry-After a refusal gives: it grows while the refused share stays high, so
+    # that the devices refused come back seldom enough for refusals to cost little (api/shedding.py).
+    ingest_shed_retry_after_max_s: int = 60
     scheduler_enabled: bool = True
     nightly_cron: str = "0 3 * * *"
     partitions_cron: str = "5 * * * *"

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, request
 
 from api.auth import bearer_token_from
 from api.body import read_json_body_from
-from api.clients import client_address
+from api.clients import client_address, request_arrival
 from api.errors import ApiError
 from api.heartbeat_parsing import parse_heartbeat
 from api.metrics import observe_heartbeat, reject_heartbeat
@@ -32,7 +32,7 @@ def accept_heartbeat(state: AppState, environ: dict[str, Any]) -> dict[str, Any]
     authentication, body, validation, the group-commit write and its metrics. Returns the
     acknowledgement (after COMMIT); raises ApiError or a domain error otherwise. Both the
     Flask route and the lean WSGI path (api/heartbeat_wsgi.py) run it."""
-    started = time.perf_counter()
+    arrived = request_arrival(environ)
     state.writer.check_admission()  # shed before doing any work when the worker is behind
     source = client_address(environ, state.trusted_proxies)
     try:
@@ -49,8 +49,8 @@ def accept_heartbeat(state: AppState, environ: dict[str, Any]) -> dict[str, Any]
         raise
     body = read_json_body_from(environ, state.settings.max_body_bytes)
     row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))
-    stored = state.writer.write(row)
-    observe_heartbeat(stored, time.perf_counter() - started)
+    stored = state.writer.write(row, arrived)
+    observe_heartbeat(stored, time.monotonic() - arrived)
     return {
         "status": "stored" if stored else "duplicate",
         "device_id": device_id,

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+from api.clients import request_arrival
 from config.gunicorn_worker import CoalescingGeventWorker, CoalescingSocket, ConnectionGuard, GuardedSocket
 
 
@@ -172,3 +173,31 @@ def test_at_the_limit_the_longest_waiting_connection_is_shed_never_a_busy_one():
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_a_requests_arrival_is_when_its_bytes_reached_the_host_not_when_it_was_read():
+    """A request the worker reads late (its event loop busy elsewhere) carries the kernel's
+    receive time, for every request of a kept-alive connection; the application counts the wait."""
+    guard = _guard(header_timeout_s=5.0, idle_timeout_s=5.0)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+        with server, client:
+            guarded = guard.admit(server)
+            assert guarded is not None
+            # (Linux turns receive timestamps on for the whole host a moment after the first
+            # socket asks; a worker's connections keep them on)
+            time.sleep(0.1)
+            for _ in range(2):
+                sent = time.time()
+                client.sendall(b"POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\n\r\n")
+                time.sleep(0.3)  # the loop is busy: the bytes wait in the socket
+                assert guarded.recv(4096)
+                assert abs(guarded.arrived_at - sent) < 0.1, guarded.arrived_at - sent
+                waited = time.monotonic() - request_arrival({"gunicorn.socket": CoalescingSocket(guarded)})
+                assert waited >= 0.25, waited
+                guard.busy(guarded)
+                guard.idle(guarded)  # answered; the next request is timed afresh
+            guard.closed(guarded)
+    # without a guarded socket (another server, the test client) the request arrives now
+    assert abs(request_arrival({}) - time.monotonic()) < 0.01
