@@ -5,7 +5,7 @@ multi-row statement on its own connection (db.ingest.IngestConnection, in autoco
 wakes every waiting request; under moderate load it lingers a few milliseconds for a bigger
 batch. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
 bound, before any work: a growing share of requests while what was admitted spends longer than
-INGEST_SHED_TARGET_MS in the server (from its arrival to its answer: waiting for the CPU or for
+INGEST_SHED_TARGET_MS in the server (from its arrival to its acknowledgement: waiting for the CPU or for
 the database), see api/shedding.py, and every request while the queue is full.
 
 The same writer serves gunicorn's gevent workers and the in-process tests (Flask's test client
@@ -81,8 +81,8 @@ class GroupCommitWriter:
 
     def write(self, row: HeartbeatRow, arrived: float | None = None) -> bool:
         """Queue one heartbeat and wait until its batch has committed. ``arrived``: when its
-        request reached the server (``time.monotonic()``, api/clients.py request_arrival); its
-        time from then to now is the shedder's sojourn sample."""
+        request reached the server (``time.monotonic()``, api/clients.py request_arrival); once
+        acknowledged, its time from then to now is the shedder's sojourn sample."""
         result = AsyncResult()
         now = time.monotonic()
         try:
@@ -91,13 +91,15 @@ class GroupCommitWriter:
             self.shed += 1
             raise Overloaded("the ingest queue is full; retry shortly", retry_after_s=1) from None
         try:
-            return result.get(timeout=self._settings.ingest_timeout_s)
+            stored = result.get(timeout=self._settings.ingest_timeout_s)
         except Timeout:
             raise DatabaseUnavailable("the write did not complete in time; retry (it is deduplicated)") from None
-        finally:
-            if self._sampling:
-                done = time.monotonic()
-                self.shedder.observe(done - (now if arrived is None else arrived), done)
+        # Only what was acknowledged is a sample: a write the database refused (a statement
+        # timeout, a lost connection) says nothing of a queue, and its error is answered at once.
+        if self._sampling:
+            done = time.monotonic()
+            self.shedder.observe(done - (now if arrived is None else arrived), done)
+        return stored
 
     def check_admission(self) -> None:
         """Raise Overloaded (503 + Retry-After) for the share of new heartbeats the CoDel-style

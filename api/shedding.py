@@ -7,7 +7,7 @@ for a whole interval, the queue is standing and only refusing work shrinks it.
 
 The sojourn is each admitted heartbeat's time in the server, from the arrival of its first
 bytes (the kernel's timestamp: a request kept waiting while the event loop was busy counts)
-to its answer. An interval in which no heartbeat was answered is judged by the writer's probe
+to its acknowledgement. An interval in which no heartbeat was answered is judged by the writer's probe
 instead: the worse of how late the worker's event loop runs and how long the oldest heartbeat
 still queued for the writer has waited (a database that stopped answering, a starved loop).
 The probe alone would not do: a heartbeat goes through the loop several times (read, write,
