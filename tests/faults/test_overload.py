@@ -11,6 +11,7 @@ import psutil
 import pytest
 from sqlalchemy import text
 
+from api.contract import HEARTBEAT_WRITE_SECONDS
 from api.pool_health import local_postgres_cpu
 from tests.faults.conftest import enroll_fleet, stop_server
 from tests.faults.loadgen import LoadDriver, LoadResult
@@ -18,7 +19,7 @@ from tests.faults.report import ScenarioRow, record
 from tests.faults.test_faults import assert_nothing_lost, http_status
 from tests.metrics_scrape import bucket_delta, histogram_quantile, scrape
 
-ACK_SECONDS = "nexmdm_heartbeat_write_duration_seconds"
+ACK_SECONDS = HEARTBEAT_WRITE_SECONDS
 CALIBRATION_S = 4.0
 WARMUP_S = 3.0  # connections being opened; left out of the latency bound
 
