@@ -62,7 +62,7 @@ define apt_install
 	  fi; }
 endef
 
-# PgBouncer 1.18 (Debian 12) for the transaction-pooling tests (tests/integration/test_pgbouncer.py).
+# PgBouncer 1.18 (Debian 12) for the transaction-pooling tests (tests/db/test_pgbouncer.py).
 pgbouncer:
 	$(call apt_install,pgbouncer,pgbouncer,the PgBouncer tests will skip)
 

@@ -91,7 +91,7 @@ class OutageResult:
 def run_outage(engine: Engine, settings: Settings, devices: int = 150_000, share_pct: int = 10) -> OutageResult:
     """Seed, time a quiet run, silence ``share_pct`` %, time the run that records the outage, and
     deliver it to a webhook on 127.0.0.1."""
-    from tests.receiver import Receiver
+    from tests.support.receiver import Receiver
 
     now = datetime.now(UTC)
     seed_fleet(engine, devices, now)

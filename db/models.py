@@ -1,7 +1,7 @@
 """The schema, in SQLAlchemy 2.0 style. This file doubles as the schema document.
 
 The migrations in ``migrations/versions`` create exactly this (plus the partitioning DDL that
-SQLAlchemy cannot express); ``tests/integration/test_schema.py`` checks they agree.
+SQLAlchemy cannot express); ``tests/db/test_schema.py`` checks they agree.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Device(Base):
 
 class HeartbeatColumns:
     """The columns of a heartbeat, as both heartbeats and device_last_status keep them (mirroring
-    db.heartbeats.HeartbeatRow; tests/unit/test_heartbeat_columns.py checks they agree)."""
+    db.heartbeats.HeartbeatRow; tests/db/test_heartbeat_columns.py checks they agree)."""
 
     device_id: Mapped[int] = mapped_column(BigInteger)
     bucket_ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -89,7 +89,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         db_max_overflow=5,
         scheduler_enabled=False,
         # Tests post many heartbeats per device and many bad tokens; the limits have their own
-        # tests (tests/integration/test_attacks.py).
+        # tests (tests/api/test_attacks.py).
         device_max_per_minute=0,
         auth_failure_limit=0,
     )
@@ -173,7 +173,7 @@ def admin() -> dict[str, str]:
 
 @pytest.fixture
 def live_server(database_url: str, engine: Engine, tmp_path: Path):
-    from tests.live import start_server
+    from tests.support.live import start_server
 
     server = start_server(database_url, ADMIN_KEY, tmp_path)
     yield server

@@ -20,8 +20,8 @@ from console.widgets.pool import PoolPanel
 from console.widgets.simulator import FINISHED, RUNNING, SimulatorPanel
 from console.widgets.traffic import TrafficPanel
 from tests.conftest import ADMIN_KEY
-from tests.helpers import heartbeat_body
-from tests.live import free_port
+from tests.support.helpers import heartbeat_body
+from tests.support.live import free_port
 
 SIZE = (100, 32)
 

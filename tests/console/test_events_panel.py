@@ -10,7 +10,7 @@ from console.widgets.events import feed_markup
 from db.heartbeats import insert_heartbeats
 from scheduler.service import run_job
 from tests.console.test_app import SIZE, events_text, make_app, pilot_test, wait_for
-from tests.jobdata import make_devices, row
+from tests.support.jobdata import make_devices, row
 
 
 def test_a_burst_is_one_line_and_the_rest_one_line_each():

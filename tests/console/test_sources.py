@@ -17,8 +17,8 @@ from console.sources.metrics import bucket_delta, diff_metrics, parse_metrics, q
 from console.sources.server import ServerPoller, parse_fleet, parse_jobs, parse_pool_health
 from console.sources.simulator import SimExited, SimOutput, SimParams, SimProgress, SimReport, live_verdict, parse_line
 from tests.console.scenes import metrics_text
-from tests.helpers import bearer, heartbeat_body
-from tests.live import free_port
+from tests.support.helpers import bearer, heartbeat_body
+from tests.support.live import free_port
 
 
 def test_sources_import_no_textual_and_no_flask():

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import ADMIN_KEY
 from tests.faults.loadgen import Device
 from tests.faults.report import ROWS, render
-from tests.live import LiveServer, start_server
+from tests.support.live import LiveServer, start_server
 
 
 def kill_server(server: LiveServer) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy import text
 from tests.faults.conftest import enroll_fleet, kill_server
 from tests.faults.loadgen import LoadDriver, LoadResult, verify_against_db
 from tests.faults.report import ScenarioRow, record
-from tests.live import ROOT
+from tests.support.live import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -255,7 +255,7 @@ def test_runbook_recovery_commands_mid_load(tmp_path):
     from db.partitions import ensure_partitions
     from tests.conftest import ADMIN_KEY
     from tests.faults.conftest import stop_server
-    from tests.live import start_server
+    from tests.support.live import start_server
 
     var_dir = tmp_path / "var"
     cluster = EmbeddedCluster(var_dir / "pg")

@@ -27,7 +27,7 @@ import pytest
 
 from config.settings import PROJECT_ROOT
 from tests.conftest import ADMIN_KEY
-from tests.live import free_port
+from tests.support.live import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.config.test_monitoring import dashboard_expressions
 from tests.conftest import ADMIN_KEY
 from tests.faults.conftest import enroll_fleet, stop_server
-from tests.helpers import heartbeat_body
-from tests.integration.test_monitoring import dashboard_expressions
-from tests.live import ROOT, free_port, start_server
+from tests.support.helpers import heartbeat_body
+from tests.support.live import ROOT, free_port, start_server
 
 pytestmark = [
     pytest.mark.slow,

@@ -18,9 +18,9 @@ import pytest
 
 from tests.faults.conftest import enroll_fleet
 from tests.faults.report import ScenarioRow, record
-from tests.helpers import heartbeat_body
-from tests.live import ROOT
-from tests.metrics_scrape import parse
+from tests.support.helpers import heartbeat_body
+from tests.support.live import ROOT
+from tests.support.metrics_scrape import parse
 
 pytestmark = pytest.mark.slow
 
