@@ -391,8 +391,8 @@ def test_a_flooding_device_is_slowed_to_a_request_a_second_per_connection(databa
     import http.client
 
     from tests.conftest import ADMIN_KEY
-    from tests.faults.conftest import enroll_fleet, stop_server
-    from tests.support.live import start_server
+    from tests.faults.conftest import enroll_fleet
+    from tests.support.live import start_server, stop_server
 
     server = start_server(database_url, ADMIN_KEY, tmp_path, workers=1, DEVICE_MAX_PER_MINUTE="30")
     try:

@@ -147,8 +147,8 @@ def test_revoked_token_stops_on_every_worker_within_the_sync_interval(database_u
     import urllib.request
 
     from tests.conftest import ADMIN_KEY
-    from tests.faults.conftest import enroll_fleet, stop_server
-    from tests.support.live import start_server
+    from tests.faults.conftest import enroll_fleet
+    from tests.support.live import start_server, stop_server
 
     server = start_server(database_url, ADMIN_KEY, tmp_path, workers=2, TOKEN_CACHE_TTL_S="900",
                           TOKEN_SYNC_INTERVAL_S=str(sync_s))

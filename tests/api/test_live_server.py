@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.support.helpers import heartbeat_body
-
-
-def call(url: str, method: str = "GET", body=None, headers=None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+from tests.support.live import call
 
 
 def test_concurrent_heartbeats_through_gunicorn_are_all_stored(live_server, engine):

@@ -16,10 +16,9 @@ import psutil
 
 from api.app import create_app
 from config.settings import Settings
-from tests.api.test_live_server import call
 from tests.conftest import ADMIN_KEY
 from tests.support.helpers import heartbeat_body
-from tests.support.live import ROOT, free_port, start_server
+from tests.support.live import ROOT, call, free_port, start_server
 
 DEVICE_ONLY = [("POST", "/v1/heartbeat")]
 OPERATOR_ONLY = [

@@ -9,9 +9,9 @@ import urllib.request
 
 from tests.api.test_auth import admin_routes
 from tests.conftest import ADMIN_KEY
-from tests.faults.conftest import enroll_fleet, stop_server
+from tests.faults.conftest import enroll_fleet
 from tests.support.helpers import heartbeat_body
-from tests.support.live import start_server
+from tests.support.live import start_server, stop_server
 
 
 def call(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None) -> tuple[int, str]:

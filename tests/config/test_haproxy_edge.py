@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from bench.cluster import HAPROXY_CFG, ApiNode, Haproxy, Processes, start_haproxy
-from tests.api.test_live_server import call
 from tests.support.helpers import heartbeat_body
-from tests.support.live import ROOT
+from tests.support.live import ROOT, call
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy not installed (make test-faults / drill-cluster install it as root)")

@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 from config.settings import Settings
-from tests.api.test_live_server import call
 from tests.conftest import ADMIN_KEY
 from tests.support.helpers import heartbeat_body
-from tests.support.live import ROOT, start_server
+from tests.support.live import ROOT, call, start_server
 from tests.support.metrics_scrape import scrape
 
 MONITORING = ROOT / "config" / "monitoring"

@@ -25,10 +25,9 @@ from db.embedded import EmbeddedCluster
 from db.reads import ReadRouter
 from db.replica import ReplicaCluster
 from simulator.server import AdminApi, verify_no_loss
-from tests.api.test_live_server import call
 from tests.conftest import ADMIN_KEY, link_test_cluster
 from tests.support.helpers import heartbeat_body
-from tests.support.live import LiveServer, start_server
+from tests.support.live import LiveServer, call, start_server
 from tests.support.metrics_scrape import scrape
 
 MAX_LAG_S = 1.0

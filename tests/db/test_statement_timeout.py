@@ -13,9 +13,9 @@ import urllib.request
 from datetime import UTC, datetime
 
 from tests.conftest import ADMIN_KEY
-from tests.faults.conftest import enroll_fleet, stop_server
+from tests.faults.conftest import enroll_fleet
 from tests.support.helpers import heartbeat_body
-from tests.support.live import start_server
+from tests.support.live import start_server, stop_server
 from tests.support.metrics_scrape import scrape
 
 

@@ -4,48 +4,16 @@ started and stopped by PID (workers included), an enrolled fleet, and the closin
 from __future__ import annotations
 
 import json
-import signal
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import ADMIN_KEY
 from tests.faults.loadgen import Device
 from tests.faults.report import ROWS, render
-from tests.support.live import LiveServer, start_server
-
-
-def kill_server(server: LiveServer) -> None:
-    """SIGKILL the gunicorn master and every worker, as a crash of the whole server would."""
-    try:
-        procs = [psutil.Process(server.proc.pid)]
-        procs += procs[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        procs = []
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    server.proc.wait(timeout=10)
-
-
-def stop_server(server: LiveServer) -> None:
-    """Stop a server by PID; SIGKILL what is left of it (workers included)."""
-    try:
-        children = psutil.Process(server.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    server.stop()
-    for child in children:
-        try:
-            child.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
+from tests.support.live import LiveServer, start_server, stop_server
 
 
 @pytest.fixture

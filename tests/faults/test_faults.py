@@ -20,10 +20,10 @@ import psutil
 import pytest
 from sqlalchemy import text
 
-from tests.faults.conftest import enroll_fleet, kill_server
+from tests.faults.conftest import enroll_fleet
 from tests.faults.loadgen import LoadDriver, LoadResult, verify_against_db
 from tests.faults.report import ScenarioRow, record
-from tests.support.live import ROOT
+from tests.support.live import ROOT, kill_server
 
 pytestmark = pytest.mark.slow
 
@@ -254,8 +254,7 @@ def test_runbook_recovery_commands_mid_load(tmp_path):
     from db.migrate import upgrade
     from db.partitions import ensure_partitions
     from tests.conftest import ADMIN_KEY
-    from tests.faults.conftest import stop_server
-    from tests.support.live import start_server
+    from tests.support.live import start_server, stop_server
 
     var_dir = tmp_path / "var"
     cluster = EmbeddedCluster(var_dir / "pg")

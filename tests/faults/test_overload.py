@@ -13,11 +13,12 @@ from sqlalchemy import text
 
 from api.contract import HEARTBEAT_WRITE_SECONDS
 from api.pool_health import local_postgres_cpu
-from tests.faults.conftest import enroll_fleet, stop_server
+from tests.faults.conftest import enroll_fleet
 from tests.faults.loadgen import LoadDriver, LoadResult
 from tests.faults.report import ScenarioRow, record
 from tests.faults.test_faults import assert_nothing_lost, http_status
-from tests.metrics_scrape import bucket_delta, histogram_quantile, scrape
+from tests.support.live import stop_server
+from tests.support.metrics_scrape import bucket_delta, histogram_quantile, scrape
 
 ACK_SECONDS = HEARTBEAT_WRITE_SECONDS
 CALIBRATION_S = 4.0

@@ -20,9 +20,9 @@ import yaml
 
 from tests.config.test_monitoring import dashboard_expressions
 from tests.conftest import ADMIN_KEY
-from tests.faults.conftest import enroll_fleet, stop_server
+from tests.faults.conftest import enroll_fleet
 from tests.support.helpers import heartbeat_body
-from tests.support.live import ROOT, free_port, start_server
+from tests.support.live import ROOT, free_port, start_server, stop_server
 
 pytestmark = [
     pytest.mark.slow,

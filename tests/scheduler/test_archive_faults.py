@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from db.partitions import list_partitions, partition_name
-from tests.api.test_live_server import call
 from tests.conftest import ADMIN_KEY
 from tests.support.jobdata import fill_day, make_devices, scalar
-from tests.support.live import start_server
+from tests.support.live import call, start_server
 
 FAILED_RUNS = re.compile(r'nexmdm_job_runs_total\{job_name="nightly",outcome="failed"\} (\d+)')
 

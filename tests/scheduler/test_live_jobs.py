@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 from db.partitions import list_partitions, partition_name
 from scheduler.jobs.archive import Manifest, verify_archive
-from tests.api.test_live_server import call
 from tests.support.jobdata import fill_day, make_devices, scalar
+from tests.support.live import call
 
 
 def test_nightly_and_reconcile_inside_the_gevent_server(engine, tmp_path):

@@ -3,14 +3,18 @@ gunicorn with gevent workers exactly as ``make run`` starts them, stopped by PID
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from api.metrics import PREFIX, live_gauge_values, prepare_multiproc_dir
 from api.supervisor import gunicorn_command
@@ -130,3 +134,46 @@ def start_server(
 def _ready(url: str) -> bool:
     with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
         return resp.status == 200
+
+
+def call(url: str, method: str = "GET", body=None, headers=None) -> tuple[int, dict]:
+    """One JSON request; (status, decoded body), error answers included."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def kill_server(server: LiveServer) -> None:
+    """SIGKILL the gunicorn master and every worker, as a crash of the whole server would."""
+    try:
+        procs = [psutil.Process(server.proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    server.proc.wait(timeout=10)
+
+
+def stop_server(server: LiveServer) -> None:
+    """Stop a server by PID; SIGKILL what is left of it (workers included)."""
+    try:
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    server.stop()
+    for child in children:
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
