@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
+import pytest
 
 from api.app import create_app
 from db.engine import make_engine
@@ -137,11 +138,11 @@ def test_readyz_tells_an_outsider_nothing_about_the_database(settings, caplog):
     assert str(port) in caplog.text  # the detail is in the log, for the operator
 
 
-def test_revocation_refuses_every_token_the_device_ever_had_on_every_worker(settings, engine, admin):
+def test_revocation_refuses_every_token_the_device_ever_had_on_every_worker(apps, engine, admin):
     """Rotate, use the old token on another worker, rotate again, revoke: the token
     from two rotations back stayed cached there for up to the overlap (1 h) and was accepted."""
-    worker_a = create_app(settings, engine=engine)
-    worker_b = create_app(settings, engine=engine)  # a second worker: its own token cache
+    worker_a = apps()
+    worker_b = apps()  # a second worker: its own token cache
     a, b = worker_a.test_client(), worker_b.test_client()
     (device,) = enroll(a, admin, 1)
     first = device["token"]
@@ -276,19 +277,30 @@ def test_scheduler_verify_reads_only_regular_files_beside_the_manifest(tmp_path)
         assert "Traceback" not in result.stderr and good["sha256"] not in result.stdout, name
 
 
-def _app(settings, engine, **overrides):
-    app = create_app(settings.with_overrides(**overrides), engine=engine)
-    app.testing = True
-    return app
+@pytest.fixture
+def apps(settings, engine):
+    """Build apps on the test engine (``apps(**overrides)``), each closed afterwards: an app's
+    heartbeat writer holds a connection of the shared engine until it is closed."""
+    made = []
+
+    def make(**overrides):
+        app = create_app(settings.with_overrides(**overrides), engine=engine)
+        app.testing = True
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        app.extensions["nexmdm"].close()
 
 
-def test_unknown_tokens_never_enter_the_token_cache(settings, engine, admin, monkeypatch):
+def test_unknown_tokens_never_enter_the_token_cache(apps, engine, admin, monkeypatch):
     """Each bogus token stayed cached (~47,000 -> 5-8 MB a worker), evicted only at
     1,000,000 entries, valid tokens included."""
     from api.auth import TokenCache
 
     monkeypatch.setattr(TokenCache, "NEGATIVE_MAX_ENTRIES", 100, raising=False)
-    app = _app(settings, engine)
+    app = apps()
     client = app.test_client()
     (device,) = enroll(client, admin, 1)
     assert client.post("/v1/heartbeat", json=heartbeat_body(), headers=bearer(device["token"])).status_code == 200
@@ -302,9 +314,9 @@ def test_unknown_tokens_never_enter_the_token_cache(settings, engine, admin, mon
     assert resp.status_code == 200
 
 
-def test_repeated_auth_failures_from_one_source_get_429(settings, engine, admin):
+def test_repeated_auth_failures_from_one_source_get_429(apps, engine, admin):
     """2,000 bad tokens in 2 s got no 429; wrong operator keys neither."""
-    app = _app(settings, engine, auth_failure_limit=5, auth_failure_window_s=60.0)
+    app = apps(auth_failure_limit=5, auth_failure_window_s=60.0)
     client = app.test_client()
     (device,) = enroll(client, admin, 1)
     attacker = {"REMOTE_ADDR": "10.0.0.1"}
@@ -330,9 +342,9 @@ def test_repeated_auth_failures_from_one_source_get_429(settings, engine, admin)
     assert client.get("/v1/fleet/summary", headers=admin).status_code == 200
 
 
-def test_forwarded_for_counts_only_from_a_trusted_proxy(settings, engine):
+def test_forwarded_for_counts_only_from_a_trusted_proxy(apps, engine):
     """Behind a proxy the client is X-Forwarded-For, but only when the peer is trusted."""
-    app = _app(settings, engine, auth_failure_limit=3, trusted_proxies="127.0.0.1, 10.8.0.0/16")
+    app = apps(auth_failure_limit=3, trusted_proxies="127.0.0.1, 10.8.0.0/16")
     client = app.test_client()
 
     def bad(peer: str, forwarded: str) -> int:
@@ -346,13 +358,13 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy(settings, engine):
     assert [bad("198.51.100.7", f"192.0.2.{i}") for i in range(4)] == [401, 401, 401, 429]
 
 
-def test_one_device_over_its_limit_gets_429_before_any_database_work(settings, engine, admin):
+def test_one_device_over_its_limit_gets_429_before_any_database_work(apps, engine, admin):
     """One token at 1,730 heartbeats/s was answered in full."""
     from sqlalchemy import event
 
     from api.throttle import DeviceRateLimit
 
-    app = _app(settings, engine, device_max_per_minute=30, token_sync_interval_s=3600.0)
+    app = apps(device_max_per_minute=30, token_sync_interval_s=3600.0)
     # The limiter's clock stands still: the burst and the refusals do not depend on how fast
     # this machine runs the requests.
     app.extensions["nexmdm"].device_limit = DeviceRateLimit(30, clock=lambda: 1000.0)
