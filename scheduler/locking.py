@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from db.errors import DatabaseUnavailable, domain_error
 from db.job_runs import close_abandoned, finish_run, insert_run, succeeded_in_period
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,10 @@ def run_locked(
                 error = f"{type(exc).__name__}: {exc}"
                 extra = getattr(exc, "detail", None)
                 detail = {**base, **(extra if isinstance(extra, dict) else {})}
-                log.exception("job %s (%s): failed", job, trigger)
+                if isinstance(domain_error(exc), DatabaseUnavailable):
+                    log.warning("job %s (%s): failed, the database is unavailable: %s", job, trigger, error)
+                else:
+                    log.exception("job %s (%s): failed", job, trigger)
                 with engine.begin() as conn:
                     finish_run(conn, run_id, "failed", None, detail, error)
                 report = JobReport(job, "failed", trigger, started_at, datetime.now(UTC),

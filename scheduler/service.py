@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from config.settings import Settings
+from db.errors import DatabaseUnavailable, domain_error
 from db.job_runs import SCHEDULED_JOBS
 from scheduler.locking import JobListener, JobOutcome, JobReport, Progress, run_locked
 
@@ -86,8 +87,14 @@ def scheduled_run(
     """What the scheduler calls (by dotted path)."""
     try:
         run_job(job, engine, settings, trigger=trigger, scheduled=True, on_report=on_report)
-    except Exception:  # the database is down, say: log it; the next period tries again
-        log.exception("scheduled run of %s could not be recorded", job)
+    except Exception as exc:  # the next period tries again
+        if isinstance(domain_error(exc), DatabaseUnavailable):
+            # An outage (a restart, a failover) is expected and said in one line; the service
+            # recovers by itself, so no traceback for an operator to chase.
+            log.warning("scheduled run of %s not made, the database is unavailable: %s",
+                        job, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        else:
+            log.exception("scheduled run of %s could not be recorded", job)
 
 
 def add_jobs(

@@ -96,3 +96,28 @@ def _settings():
     from config.settings import Settings
 
     return Settings(database_url="unused", scheduler_enabled=False)
+
+
+def test_a_scheduled_run_during_an_outage_is_one_warning_line_not_a_traceback(caplog, tmp_path) -> None:
+    """The database down (a restart, a failover) when a scheduled job fires: the run is not
+    made, and the log says so in one line; a traceback would read as a bug (and the fault drills
+    forbid them in the server's log)."""
+    import logging
+
+    from config.settings import Settings
+    from db.engine import make_engine
+    from scheduler.service import scheduled_run
+    from tests.support.live import free_port
+
+    url = f"postgresql://nexmdm:x@127.0.0.1:{free_port()}/nexmdm"
+    settings = Settings(database_url=url, archive_dir=tmp_path)
+    engine = make_engine(settings, url)
+    try:
+        with caplog.at_level(logging.INFO):
+            scheduled_run("reconcile", engine, settings)
+    finally:
+        engine.dispose()
+    said = [r for r in caplog.records if "reconcile" in r.getMessage()]
+    assert said and all(r.levelno == logging.WARNING and r.exc_info is None for r in said), \
+        [(r.levelname, r.getMessage(), r.exc_info is not None) for r in said]
+    assert "the database is unavailable" in said[0].getMessage()
