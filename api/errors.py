@@ -26,6 +26,7 @@ from db.errors import (
     Overloaded,
     WebhookNotFound,
     domain_error,
+    fault_summary,
 )
 from db.operator_keys import KeyNameTaken, KeyNotFound
 
@@ -84,10 +85,6 @@ _HTTP_CODES = {
 }
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
 
 
 # Domain errors answered with their message as the detail: (status, code).
@@ -138,7 +135,7 @@ def configure_errors(app: Flask) -> None:
         # db.errors.domain_error says what it means; none is a bug (500, re-raised under testing).
         error = domain_error(exc)
         if isinstance(error, DatabaseUnavailable):
-            log.warning("database unavailable: %s", _first_line(exc))
+            log.warning("database unavailable: %s", fault_summary(exc))
             return _retry_later(error)
         return _unexpected(exc)
 

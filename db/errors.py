@@ -120,3 +120,12 @@ def translated_faults() -> Iterator[None]:
         if error is None:
             raise
         raise error from exc
+
+
+def fault_summary(exc: BaseException) -> str:
+    """One line saying what a fault was, for a log line or a status field: the driver's own
+    first line when a domain error wraps one (it says more), else the error's, else its type."""
+    if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

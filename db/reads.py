@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 
 from config.settings import Settings
 from db.engine import make_engine, reading
-from db.errors import DatabaseUnavailable, DeviceNotFound
+from db.errors import DatabaseUnavailable, DeviceNotFound, fault_summary
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class ReadRouter:
                     "extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8"
                 ).one()
         except (DatabaseUnavailable, DBAPIError) as exc:
-            return self._set(ReplicaState(False, None, now, _first_line(exc)))
+            return self._set(ReplicaState(False, None, now, fault_summary(exc)))
         if not in_recovery:
             return self._set(ReplicaState(False, None, now, "READ_DATABASE_URL is not a standby (not in recovery)"))
         lag_s = self._lag_bound(now, primary_lsn, replay, receive, replay_age_s)
@@ -131,7 +131,7 @@ class ReadRouter:
             with reading(self.probe_primary) as conn:
                 return parse_lsn(conn.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar_one())
         except (DatabaseUnavailable, DBAPIError) as exc:
-            log.warning("replica lag guard: the primary's WAL position is unavailable: %s", _first_line(exc))
+            log.warning("replica lag guard: the primary's WAL position is unavailable: %s", fault_summary(exc))
             return None
 
     def _lag_bound(self, now: float, primary_lsn: int | None, replay: str | None, receive: str | None,
@@ -206,17 +206,11 @@ class ReadRouter:
                 if missing_on_replica_ok:
                     raise
             except _REPLICA_FAULTS as exc:
-                log.warning("read from the replica failed, answering from the primary: %s", _first_line(exc))
-                self.mark_down(_first_line(exc))
+                log.warning("read from the replica failed, answering from the primary: %s", fault_summary(exc))
+                self.mark_down(fault_summary(exc))
         with reading(self.primary) as conn:
             return query(conn), ReadSource(PRIMARY, self.lag_bound_s())
 
-
-def _first_line(exc: BaseException) -> str:
-    if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None:
-        exc = exc.__cause__  # the driver's own words say more than the domain error's
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def make_read_router(

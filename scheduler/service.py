@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from config.settings import Settings
-from db.errors import DatabaseUnavailable, domain_error
+from db.errors import DatabaseUnavailable, domain_error, fault_summary
 from db.job_runs import SCHEDULED_JOBS
 from scheduler.locking import JobListener, JobOutcome, JobReport, Progress, run_locked
 
@@ -91,8 +91,7 @@ def scheduled_run(
         if isinstance(domain_error(exc), DatabaseUnavailable):
             # An outage (a restart, a failover) is expected and said in one line; the service
             # recovers by itself, so no traceback for an operator to chase.
-            log.warning("scheduled run of %s not made, the database is unavailable: %s",
-                        job, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            log.warning("scheduled run of %s not made, the database is unavailable: %s", job, fault_summary(exc))
         else:
             log.exception("scheduled run of %s could not be recorded", job)
 

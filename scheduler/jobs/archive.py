@@ -374,19 +374,24 @@ def _copy_out(
     return copied, sink, hashing, schema_version
 
 
+def _export_paths(name: str, archive_dir: Path, archive_format: str) -> tuple[PartitionSpec, Path, Path]:
+    """The partition's spec, its archive file and the temporary name it is written under
+    (``archive_dir`` created); refuses a name that is no day partition, or a gevent process."""
+    day = day_of(name)
+    if day is None:
+        raise ArchiveError(f"{name!r} is not a heartbeats_pYYYYMMDD partition")
+    _require_plain_psycopg2("export")
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    final = archive_dir / data_file_name(name, archive_format)
+    return PartitionSpec(name, day), final, archive_dir / f".{final.name}.tmp"
+
+
 def export_partition(
     dsn: str, name: str, archive_dir: Path, *, gzip_level: int, statement_timeout_ms: int, progress: Progress
 ) -> Manifest:
     """COPY one partition to ``archive_dir``, verify the file by reading it back, write the
     manifest; returns it. Plain psycopg2: not for use inside the gevent server."""
-    day = day_of(name)
-    if day is None:
-        raise ArchiveError(f"{name!r} is not a heartbeats_pYYYYMMDD partition")
-    _require_plain_psycopg2("export")
-    spec = PartitionSpec(name, day)
-    archive_dir.mkdir(parents=True, exist_ok=True)
-    final = archive_dir / data_file_name(name)
-    tmp = archive_dir / f".{final.name}.tmp"
+    spec, final, tmp = _export_paths(name, archive_dir, "copy")
     progress(f"{name}: exporting to {final}")
     conn = psycopg2.connect(dsn, application_name="nexmdm-archive")
     try:
@@ -425,14 +430,8 @@ def export_partition_parquet(
     use inside the gevent server. A file that does not verify is deleted, never kept."""
     from scheduler.jobs.cold_export import copy_to_parquet, source_checksums, verify_against_source
 
-    day = day_of(name)
-    if day is None:
-        raise ArchiveError(f"{name!r} is not a heartbeats_pYYYYMMDD partition")
-    _require_plain_psycopg2("export")
-    spec = PartitionSpec(name, day)
-    archive_dir.mkdir(parents=True, exist_ok=True)
-    final = archive_dir / data_file_name(name, PARQUET)
-    tmp = archive_dir / f".{final.name}.tmp"
+    spec, final, tmp = _export_paths(name, archive_dir, PARQUET)
+    day = spec.day
     progress(f"{name}: exporting to {final}")
     conn = psycopg2.connect(dsn, application_name="nexmdm-archive")
     try:
