@@ -6,7 +6,8 @@ wakes every waiting request; under moderate load it lingers a few milliseconds f
 batch. Under overload it sheds (503 + Retry-After) instead of letting latency grow without
 bound, before any work: a growing share of requests while what was admitted spends longer than
 INGEST_SHED_TARGET_MS in the server (from its arrival to its acknowledgement: waiting for the CPU or for
-the database), see api/shedding.py, and every request while the queue is full.
+the database), those that would find more heartbeats in flight than the worker acknowledges in
+that time (see api/shedding.py), and every request while the queue is full.
 
 The same writer serves gunicorn's gevent workers and the in-process tests (Flask's test client
 in a plain thread: its greenlets run while the request waits for its batch). Only the shedder's
@@ -71,7 +72,9 @@ class GroupCommitWriter:
         self._flushers = [gevent.spawn(self._run, i) for i in range(flushers)]
         self._linger_s = settings.ingest_linger_ms / 1000
         self.shedder = CoDelShedder(settings.ingest_shed_target_ms / 1000, settings.ingest_shed_interval_ms / 1000,
-                                    retry_after_max_s=settings.ingest_shed_retry_after_max_s)
+                                    retry_after_max_s=settings.ingest_shed_retry_after_max_s,
+                                    limit_max=settings.ingest_queue_max)
+        self.in_flight = 0  # admitted heartbeats not yet answered (check_admission .. release)
         self.loop_lag_s = 0.0  # how late the last sojourn probe woke up
         self._sampling = gevent_active() if shed is None else shed
         self._prober = gevent.spawn(self._probe_sojourn) if self._sampling else None
@@ -102,19 +105,25 @@ class GroupCommitWriter:
         return stored
 
     def check_admission(self) -> None:
-        """Raise Overloaded (503 + Retry-After) for the share of new heartbeats the CoDel-style
-        shedder refuses (api/shedding.py): it grows while what was admitted spends longer than
-        INGEST_SHED_TARGET_MS in the server for a whole INGEST_SHED_INTERVAL_MS (waiting for the
-        CPU or the database). Cheap; called before a request does any work."""
+        """Raise Overloaded (503 + Retry-After) for a new heartbeat the shedder refuses
+        (api/shedding.py): while what was admitted spends longer than INGEST_SHED_TARGET_MS in the
+        server for a whole INGEST_SHED_INTERVAL_MS (waiting for the CPU or the database), those
+        that would find more in flight than the worker acknowledges in that time. Cheap; called
+        before a request does any work. Each admission is paired with one ``release``."""
         shedder = self.shedder
-        if not shedder.admit():
+        if not shedder.admit(self.in_flight):
             self.shed += 1
             raise Overloaded("the server is busy; retry later", retry_after_s=shedder.retry_after_s)
+        self.in_flight += 1
+
+    def release(self) -> None:
+        """An admitted heartbeat was answered (acknowledged or not)."""
+        self.in_flight -= 1
 
     @property
     def shed_fraction(self) -> float:
-        """The share of new heartbeats refused now."""
-        return self.shedder.shed_fraction
+        """The share of new heartbeats refused in the last second."""
+        return self.shedder.refused_share
 
     def _probe_sojourn(self) -> None:
         """Every 10 ms, a probe sample for the shedder (used in an interval in which no heartbeat
@@ -197,6 +206,9 @@ class GroupCommitWriter:
             "shed": self.shed,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 1),
             "shed_fraction": round(self.shed_fraction, 2),
+            "overloaded": self.shedder.overloaded,
+            "in_flight": self.in_flight,
+            "in_flight_limit": self.shedder.limit,
             "sojourn_min_ms": round(self.shedder.last_min_s * 1000, 1),
             "connections": sum(c.open for c in self._connections),
         }

@@ -1,35 +1,40 @@
-"""Admission control by the queueing delay of admitted work, CoDel-style.
+"""Admission control by the queueing delay of admitted work: CoDel to tell a standing queue,
+then a limit on heartbeats in flight sized by Little's law.
 
-CoDel (Nichols and Jacobson, "Controlling Queue Delay", 2012) tells a burst from a standing
-queue by the *minimum* sojourn time over an interval: a burst drains within the interval, so
-some item in it waited little; when even the least-delayed item waited longer than the target
-for a whole interval, the queue is standing and only refusing work shrinks it.
+Detecting overload (CoDel: Nichols and Jacobson, "Controlling Queue Delay", 2012). A burst drains
+within an interval, so some heartbeat in it waited little; when even the least-delayed one
+waited longer than the target for a whole interval, the queue is standing. The sojourn is each
+admitted heartbeat's time in the server, from the arrival of its first bytes (the kernel's
+timestamp: a request kept waiting while the event loop was busy counts) to its acknowledgement.
+An interval in which no heartbeat was answered is judged by the writer's probe instead: the
+worse of how late the worker's event loop runs and how long the oldest heartbeat still queued
+for the writer has waited (a database that stopped answering, a starved loop). The probe alone
+would not do: a heartbeat goes through the loop several times (read, write, wake-up, answer),
+so its time in the server is a multiple of the loop's lateness.
 
-The sojourn is each admitted heartbeat's time in the server, from the arrival of its first
-bytes (the kernel's timestamp: a request kept waiting while the event loop was busy counts)
-to its acknowledgement. An interval in which no heartbeat was answered is judged by the writer's probe
-instead: the worse of how late the worker's event loop runs and how long the oldest heartbeat
-still queued for the writer has waited (a database that stopped answering, a starved loop).
-The probe alone would not do: a heartbeat goes through the loop several times (read, write,
-wake-up, answer), so its time in the server is a multiple of the loop's lateness.
+What is refused while overloaded. Not a random share of new heartbeats (that refuses as many
+when the worker has room as when it has none, and leaves it idle while the refused are away),
+but only those that would wait: a new heartbeat is admitted while fewer than ``limit`` admitted
+ones are in flight in this worker. By Little's law, in-flight = throughput x time in the server,
+so the limit is the acknowledgements per second (measured each interval, smoothed) times the
+target: what the worker sustains, waiting about the target. It tracks the worker's capacity as
+the CPU it gets or the database's pace changes; a database that stops answering takes it to its
+floor. Refusing only the excess keeps the worker busy (work-conserving), and the admitted ones
+wait about the target. The overload ends after a second in which the admitted heartbeats stayed
+under the target and fewer than half the limit were in flight (what arrives fits again).
 
-At the end of each interval whose minimum exceeded the target, the share of new heartbeats
-refused (503 + Retry-After, before any work) rises by one or two steps (by how far above the
-target); each interval under the target takes half a step off, so it is 0 again within 19
-intervals (4 s at the defaults) of the queue draining. The share never reaches 1: under a
-retry storm the refusals alone can keep the loop late, and refusing everything would then never
-admit anything again.
-
-Retry-After: a refusal costs the worker nearly what an acknowledgement costs (gunicorn's
-parsing and answering are most of both), so refusals must stay a small share of what arrives,
-or they eat the goodput (at twice the sustainable rate, refusing every second request would
-leave next to nothing for the admitted). Devices honour Retry-After, so how long they are told
-to wait decides how often the refused ones come back: once a second, while the refused share
-stays above twice REFUSAL_BUDGET the Retry-After doubles (from 1 s, up to the configured
-maximum), and while it is under half of it, it shrinks by a tenth. How long is long enough
-depends on the fleet (the more devices, the more come back each second), which the server
-does not know; this finds it. It shrinks slowly: devices told to wait long are still away, and
-giving the next ones a short wait would bring them all back together.
+Retry-After. A refusal costs the worker nearly what an acknowledgement costs (gunicorn's parsing
+and answering are most of both), so refusals must stay a small share of what arrives, or they
+eat the goodput. Devices honour Retry-After, so how long they are told to wait decides how often
+the refused ones come back. Once a second, while the refused share is above twice
+REFUSAL_BUDGET, Retry-After grows by that share over the budget (2x to 4x, from 1 s up to the
+configured maximum); while it is under half of it, it shrinks by a tenth. How long is long
+enough depends on the fleet (the more devices, the more come back each second), which the
+server does not know; this finds it. It shrinks slowly: devices told to wait long are still
+away, and giving the next ones a short wait would bring them all back together. Each refusal
+names a whole number of seconds drawn evenly from 1 to that Retry-After: the refused come back
+spread out, some soon, so the worker is not left idle while all of them wait out the same long
+delay (the devices' own jitter alone still leaves a gap of half of it).
 """
 
 from __future__ import annotations
@@ -38,38 +43,52 @@ import math
 import random
 from collections.abc import Callable
 
-SHED_STEP = 0.1  # added to the refused share per interval above the target (1-2 steps), half off per one under
-SHED_MAX = 0.95
+LIMIT_FLOOR = 8  # heartbeats in flight admitted while overloaded, however slow the worker is now
+EXIT_INTERVALS = 5  # intervals under the target with the limit far from reached that end an overload
+RATE_SMOOTHING = 0.5  # weight of the last interval in the acknowledgement rate
 REFUSAL_BUDGET = 0.05  # the refused share the Retry-After aims for
-RETRY_AFTER_GROWTH = 2.0  # its factor once a second while the refused share is above twice the budget
-RETRY_AFTER_DECAY = 0.9  # ... and while it is under half of it
+RETRY_AFTER_GROWTH_MAX = 4.0  # its largest factor in one second
+RETRY_AFTER_DECAY = 0.9  # its factor once a second while under half the budget
 
 
 class CoDelShedder:
-    """The refused share of new heartbeats, steered by the interval-minimum sojourn time.
-    Pure: the caller feeds samples and times (monotonic seconds)."""
+    """Admission of new heartbeats (see the module docstring). Pure: the caller feeds samples,
+    times (monotonic seconds) and the number in flight."""
 
-    __slots__ = ("target_s", "interval_s", "shed_fraction", "intervals_above", "_window_min", "_probe_min",
-                 "_window_end", "_random", "last_min_s", "retry_after_max_s", "retry_after", "_retry_adjust_at")
+    __slots__ = ("target_s", "interval_s", "limit_max", "limit", "overloaded", "intervals_above", "last_min_s",
+                 "rate_per_s", "refused_share", "retry_after_max_s", "retry_after", "_window_min", "_probe_min",
+                 "_window_start", "_window_end", "_acks", "_peak", "_quiet", "_second_end", "_admitted",
+                 "_refused", "_random")
 
-    def __init__(self, target_s: float, interval_s: float, rng: Callable[[], float] = random.random,
-                 retry_after_max_s: float = 60.0) -> None:
+    def __init__(self, target_s: float, interval_s: float, retry_after_max_s: float = 60.0,
+                 limit_max: int = 5_000, rng: Callable[[], float] = random.random) -> None:
         self.target_s = target_s
         self.interval_s = interval_s
-        self.retry_after_max_s = retry_after_max_s
-        self.retry_after = 1.0  # seconds (see the module docstring)
-        self._retry_adjust_at: float | None = None
-        self.shed_fraction = 0.0
+        self.limit_max = limit_max
+        self.limit = limit_max  # heartbeats in flight admitted (the limit binds only while overloaded)
+        self.overloaded = False
         self.intervals_above = 0  # consecutive intervals whose minimum exceeded the target
         self.last_min_s = 0.0  # the minimum sojourn of the last closed interval
+        self.rate_per_s = 0.0  # acknowledgements per second, smoothed over intervals
+        self.refused_share = 0.0  # of the admission decisions in the last second
+        self.retry_after_max_s = retry_after_max_s
+        self.retry_after = 1.0  # seconds (see the module docstring)
         self._window_min = math.inf  # of the admitted heartbeats answered in this interval
         self._probe_min = math.inf  # of the probe's samples in this interval
-        self._window_end: float | None = None
+        self._window_start: float | None = None
+        self._window_end = math.inf
+        self._acks = 0  # answered in this interval
+        self._peak = 0  # most in flight at an admission decision in this interval
+        self._quiet = 0  # consecutive intervals that would end the overload
+        self._second_end: float | None = None
+        self._admitted = 0  # in this second
+        self._refused = 0
         self._random = rng
 
     def observe(self, sojourn_s: float, now: float) -> None:
         """An admitted heartbeat was answered at ``now``, ``sojourn_s`` after it arrived."""
         self._tick(now)
+        self._acks += 1
         if sojourn_s < self._window_min:
             self._window_min = sojourn_s
 
@@ -80,38 +99,63 @@ class CoDelShedder:
         if sojourn_s < self._probe_min:
             self._probe_min = sojourn_s
 
+    def admit(self, in_flight: int) -> bool:
+        """Whether to take one more heartbeat now, ``in_flight`` admitted ones being unanswered
+        (False: refuse it with 503 + Retry-After)."""
+        if in_flight > self._peak:
+            self._peak = in_flight
+        if in_flight < self.limit:
+            self._admitted += 1
+            return True
+        self._refused += 1
+        return False
+
+    @property
+    def retry_after_s(self) -> int:
+        """The Retry-After of one refusal: whole seconds, drawn evenly from 1 to the current
+        Retry-After (see the module docstring)."""
+        return 1 + int(self._random() * round(self.retry_after))
+
     def _tick(self, now: float) -> None:
-        if self._window_end is None:
-            self._window_end = now + self.interval_s
+        if self._window_start is None:
+            self._window_start, self._window_end = now, now + self.interval_s
+            self._second_end = now + 1.0
         elif now >= self._window_end and (self._window_min != math.inf or self._probe_min != math.inf):
             # (an interval without a sample is judged by the next one: a probe starved of the
             # CPU for a whole interval reports how late it ran when it finally runs)
             self._close_interval(now)
 
     def _close_interval(self, now: float) -> None:
+        elapsed = max(now - self._window_start, 1e-6)
+        self.rate_per_s += RATE_SMOOTHING * (self._acks / elapsed - self.rate_per_s)
         low = self._window_min if self._window_min != math.inf else self._probe_min
         self.last_min_s = low
         if low > self.target_s:
             self.intervals_above += 1
-            # how far above the target decides how fast the share rises (1 to 2 steps)
-            self.shed_fraction = min(SHED_MAX, self.shed_fraction + SHED_STEP * min(2.0, low / self.target_s))
+            self.overloaded = True
+            self._quiet = 0
         else:
             self.intervals_above = 0
-            self.shed_fraction = max(0.0, round(self.shed_fraction - SHED_STEP / 2, 6))
+            self._quiet = self._quiet + 1 if self._peak < self.limit / 2 else 0
+            if self._quiet >= EXIT_INTERVALS:
+                self.overloaded = False
+        if self.overloaded:
+            self.limit = max(LIMIT_FLOOR, min(self.limit_max, int(self.rate_per_s * self.target_s)))
+        else:
+            self.limit = self.limit_max
         self._window_min = self._probe_min = math.inf
-        self._window_end = now + self.interval_s
-        if self._retry_adjust_at is None or now >= self._retry_adjust_at:
-            self._retry_adjust_at = now + 1.0
-            if self.shed_fraction > 2 * REFUSAL_BUDGET:
-                self.retry_after = min(self.retry_after_max_s, self.retry_after * RETRY_AFTER_GROWTH)
-            elif self.shed_fraction < REFUSAL_BUDGET / 2:
-                self.retry_after = max(1.0, self.retry_after * RETRY_AFTER_DECAY)
+        self._acks = self._peak = 0
+        self._window_start, self._window_end = now, now + self.interval_s
+        if now >= self._second_end:
+            self._close_second(now)
 
-    def admit(self) -> bool:
-        """Whether to take one more heartbeat now (False: refuse it with 503)."""
-        return not self.shed_fraction or self._random() >= self.shed_fraction
-
-    @property
-    def retry_after_s(self) -> int:
-        """The Retry-After of a refusal, whole seconds (see the module docstring)."""
-        return round(self.retry_after)
+    def _close_second(self, now: float) -> None:
+        decided = self._admitted + self._refused
+        self.refused_share = self._refused / decided if decided else 0.0
+        if self.refused_share > 2 * REFUSAL_BUDGET:
+            growth = min(RETRY_AFTER_GROWTH_MAX, max(2.0, self.refused_share / REFUSAL_BUDGET))
+            self.retry_after = min(self.retry_after_max_s, self.retry_after * growth)
+        elif self.refused_share < REFUSAL_BUDGET / 2:
+            self.retry_after = max(1.0, self.retry_after * RETRY_AFTER_DECAY)
+        self._admitted = self._refused = 0
+        self._second_end = now + 1.0

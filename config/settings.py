@@ -102,9 +102,10 @@ class Settings:
     ingest_linger_ms: float = 5.0
     ingest_linger_rows: int = 16
     ingest_timeout_s: float = 10.0
-    # Load shedding, CoDel-style (api/shedding.py): while what was admitted has waited longer than
+    # Load shedding (api/shedding.py): once what was admitted has waited longer than
     # INGEST_SHED_TARGET_MS (for the CPU, or to be written) throughout an INGEST_SHED_INTERVAL_MS,
-    # a growing share of new heartbeats is refused (503 + Retry-After) before any work.
+    # new heartbeats are admitted only while fewer are in flight than the worker acknowledges in
+    # INGEST_SHED_TARGET_MS; the rest are refused (503 + Retry-After) before any work.
     ingest_shed_target_ms: int = 100
     ingest_shed_interval_ms: int = 200
     # The longest Retry-After a refusal gives: it grows while the refused share stays high, so

@@ -33,24 +33,22 @@ def accept_heartbeat(state: AppState, environ: dict[str, Any]) -> dict[str, Any]
     acknowledgement (after COMMIT); raises ApiError or a domain error otherwise. Both the
     Flask route and the lean WSGI path (api/heartbeat_wsgi.py) run it."""
     arrived = request_arrival(environ)
-    state.writer.check_admission()  # shed before doing any work when the worker is behind
-    source = client_address(environ, state.trusted_proxies)
+    writer = state.writer
+    writer.check_admission()  # shed before doing any work when the worker is behind
     try:
-        state.auth_failures.check(source)  # 429 for a source that keeps failing, before any look-up
-        try:
-            device_id = state.tokens.authenticate(bearer_token_from(environ))
-        except ApiError:
-            state.auth_failures.failed(source)
-            raise
-        state.device_limit.admit(device_id)  # 429 over DEVICE_MAX_PER_MINUTE, before any database work
-    except ApiError as exc:
-        if exc.status == 429:
+        device_id = _authenticated(state, environ)
+    except BaseException as exc:
+        writer.release()  # (a 429 is held outside the in-flight count)
+        if isinstance(exc, ApiError) and exc.status == 429:
             hold_refusal(state.settings.limit_refusal_delay_s)
         raise
-    body = read_json_body_from(environ, state.settings.max_body_bytes)
-    row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))
-    stored = state.writer.write(row, arrived)
-    observe_heartbeat(stored, time.monotonic() - arrived)
+    try:
+        body = read_json_body_from(environ, state.settings.max_body_bytes)
+        row, corrected = parse_heartbeat(body, device_id, state.settings, datetime.now(UTC))
+        stored = writer.write(row, arrived)
+        observe_heartbeat(stored, time.monotonic() - arrived)
+    finally:
+        writer.release()
     return {
         "status": "stored" if stored else "duplicate",
         "device_id": device_id,
@@ -58,6 +56,20 @@ def accept_heartbeat(state: AppState, environ: dict[str, Any]) -> dict[str, Any]
         "clock_skew_s": row.clock_skew_s,
         "skew_corrected": corrected,
     }
+
+
+def _authenticated(state: AppState, environ: dict[str, Any]) -> int:
+    """The device of the request's token, within the failed-authentication and per-device
+    limits (429 before any look-up or database work)."""
+    source = client_address(environ, state.trusted_proxies)
+    state.auth_failures.check(source)  # 429 for a source that keeps failing, before any look-up
+    try:
+        device_id = state.tokens.authenticate(bearer_token_from(environ))
+    except ApiError:
+        state.auth_failures.failed(source)
+        raise
+    state.device_limit.admit(device_id)  # 429 over DEVICE_MAX_PER_MINUTE, before any database work
+    return device_id
 
 
 @bp.after_request

@@ -1,7 +1,7 @@
 """Load shedding of the group-commit writer, under gevent as in a gunicorn worker, against the
-real database, CoDel-style: a burst is absorbed; a standing queue (the database stalls, the
-worker's loop runs late for a whole interval) is shed at once (503 + Retry-After upstream);
-admitted again soon after the condition clears; nothing lost."""
+real database: a burst is absorbed; a standing queue (the database stalls, the worker's loop
+runs late for a whole interval) limits what is admitted at once (503 + Retry-After upstream for
+the rest); all admitted again soon after the condition clears; nothing lost."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+from api.shedding import LIMIT_FLOOR
 from tests.conftest import ADMIN_KEY  # noqa: F401  (same session database)
 from tests.support.helpers import enroll
 from tests.support.live import ROOT
@@ -24,18 +25,20 @@ def test_group_commit_sheds_quickly_and_recovers(client, admin, engine, database
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["idle"][0] == "stored"
     # A burst (one 300 ms stall of the loop) is not a standing queue: nothing refused.
-    assert out["burst_fraction"] == 0 and out["burst_admitted_of_100"] == 100, out
-    # Database stalled with writes queued: nearly every new heartbeat is refused ...
-    assert out["stalled_fraction"] >= 0.8 and out["stalled_admitted_of_100"] <= 30, out
+    assert not out["burst_overloaded"] and out["burst_admitted_of_100"] == 100, out
+    # Database stalled with writes queued: nothing is acknowledged, so the limit is at its floor
+    # and nearly every new heartbeat is refused ...
+    assert out["stalled"] == {"overloaded": True, "limit": LIMIT_FLOOR}, out
+    assert out["stalled_admitted_of_100"] == LIMIT_FLOOR, out
     # ... the queued ones were not dropped: they commit once the stall ends, and the refusals stop.
     assert [status for status, _ in out["stuck"]] == ["stored"] * 3, out
-    assert out["after_stall_fraction"] == 0 and out["after_stall"][0] == "stored", out
-    # CPU saturated for a second: a share of new heartbeats is refused at once (not all: under
-    # a retry storm refusing everything would starve the loop of useful work for good) ...
-    assert out["shed_fraction"] > 0, out
-    assert 0 < out["refused_of_400"] < 400, out
+    assert not out["after_stall_overloaded"] and out["after_stall"][0] == "stored", out
+    # CPU saturated for a second: those beyond the limit are refused at once (not all: refusing
+    # everything would starve the loop of useful work for good) ...
+    assert out["busy"]["overloaded"], out
+    assert out["refused_of_400"] == 400 - out["busy"]["limit"], out
     # ... and none once it keeps time again.
-    assert out["shed_fraction_after"] == 0, out
+    assert out["busy_after"] == {"overloaded": False, "refused_share": 0.0}, out
     assert out["after_busy"][0] == "stored", out
     assert out["stats"]["shed"] == (100 - out["stalled_admitted_of_100"]) + out["refused_of_400"]
     with engine.connect() as conn:

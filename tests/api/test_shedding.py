@@ -1,56 +1,76 @@
-"""The CoDel-style admission control: a burst is tolerated, a standing queue is shed, and the
-shedding ends soon after the queue does (samples and clock fed by the test)."""
+"""The admission control: a burst is tolerated; a standing queue makes it admit only as many
+heartbeats in flight as the worker acknowledges within the target (Little's law); the overload
+ends once what arrives fits again (samples, clock and in-flight counts fed by the test)."""
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
-from api.shedding import SHED_MAX, CoDelShedder
+from api.shedding import EXIT_INTERVALS, LIMIT_FLOOR, CoDelShedder
 
 
-def feed(shedder: CoDelShedder, samples_ms: list[float], start_s: float, step_s: float = 0.01) -> float:
-    """One sample every ``step_s``; returns the time after the last."""
+def feed(shedder: CoDelShedder, samples_ms: list[float], start_s: float, step_s: float = 0.001,
+         in_flight: int = 0) -> float:
+    """One acknowledged heartbeat every ``step_s`` (1,000/s by default), each after an admission
+    decision with ``in_flight`` unanswered; returns the time after the last."""
     now = start_s
     for ms in samples_ms:
+        shedder.admit(in_flight)
         shedder.observe(ms / 1000, now)
         now += step_s
     return now
 
 
-def test_a_burst_shorter_than_the_interval_sheds_nothing() -> None:
+def test_a_burst_shorter_than_the_interval_refuses_nothing() -> None:
     shedder = CoDelShedder(target_s=0.02, interval_s=0.1)
     # 80 ms of 150 ms waits, then the queue drains: every interval has a sample under the target
-    now = feed(shedder, [150] * 8 + [1] * 2, 0.0)
-    now = feed(shedder, [150] * 8 + [1] * 2 + [1] * 10, now)
-    assert shedder.shed_fraction == 0.0 and shedder.admit()
+    now = feed(shedder, [150] * 80 + [1] * 20, 0.0)
+    now = feed(shedder, [150] * 80 + [1] * 20 + [1] * 100, now)
+    assert not shedder.overloaded and shedder.limit == 5_000
+    assert shedder.admit(4_999)
 
 
-def test_a_standing_queue_is_shed_more_the_longer_it_stands_but_never_entirely() -> None:
-    shedder = CoDelShedder(target_s=0.02, interval_s=0.1)
-    now = feed(shedder, [40] * 12, 0.0)  # one full interval above the target
-    first = shedder.shed_fraction
-    assert first > 0 and shedder.intervals_above == 1
-    now = feed(shedder, [40] * 30, now)
-    assert shedder.shed_fraction > first
-    now = feed(shedder, [500] * 200, now)
-    assert shedder.shed_fraction == SHED_MAX < 1
+def test_a_standing_queue_limits_what_is_in_flight_to_what_is_acknowledged_within_the_target() -> None:
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1)
+    feed(shedder, [80] * 1_000, 0.0)  # 1 s at 1,000 acknowledgements/s, each 80 ms in the server
+    assert shedder.overloaded and shedder.intervals_above >= 9
+    # 1,000/s x 50 ms: 50 in flight wait about the target
+    assert 45 <= shedder.limit <= 50, shedder.limit
+    assert shedder.admit(shedder.limit - 1) and not shedder.admit(shedder.limit)
 
 
-def test_shedding_ends_within_two_seconds_of_the_queue_draining() -> None:
-    shedder = CoDelShedder(target_s=0.02, interval_s=0.1)
-    now = feed(shedder, [500] * 200, 0.0)
-    assert shedder.shed_fraction == SHED_MAX
-    now = feed(shedder, [1] * 220, now)  # 2.2 s under the target (19 intervals + the one it started in)
-    assert shedder.shed_fraction == 0.0 and shedder.intervals_above == 0
+def test_the_limit_follows_the_rate_the_worker_acknowledges() -> None:
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1)
+    now = feed(shedder, [80] * 1_000, 0.0)
+    fast = shedder.limit
+    feed(shedder, [80] * 500, now, step_s=0.002)  # the worker gets half the CPU: 500/s
+    assert abs(shedder.limit - fast / 2) <= 3, (fast, shedder.limit)
 
 
-def test_admission_refuses_about_the_shed_fraction() -> None:
-    rng = random.Random(5)
-    shedder = CoDelShedder(target_s=0.02, interval_s=0.1, rng=rng.random)
-    feed(shedder, [60] * 22, 0.0)  # two intervals at 3 x the target: 0.2 + 0.2
-    assert abs(shedder.shed_fraction - 0.4) < 1e-9
-    refused = sum(1 for _ in range(10_000) if not shedder.admit())
-    assert 3_700 <= refused <= 4_300
+def test_a_database_that_stops_answering_takes_the_limit_to_its_floor() -> None:
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1)
+    now = feed(shedder, [10] * 500, 0.0)
+    assert not shedder.overloaded
+    for _ in range(100):  # 1 s: nothing answered, the probe finds the queue's head ageing
+        shedder.observe_probe(0.3, now)
+        now += 0.01
+    assert shedder.overloaded and shedder.limit == LIMIT_FLOOR
+    assert not shedder.admit(LIMIT_FLOOR)
+
+
+def test_the_overload_ends_once_what_arrives_fits_and_not_before() -> None:
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1)
+    now = feed(shedder, [80] * 1_000, 0.0)
+    limit = shedder.limit
+    # Under the target, but only because the limit holds the queue: still overloaded
+    now = feed(shedder, [30] * 1_000, now, in_flight=limit - 1)
+    assert shedder.overloaded
+    # Under the target with few in flight: over after EXIT_INTERVALS intervals
+    now = feed(shedder, [5] * 100 * (EXIT_INTERVALS - 1), now, in_flight=2)
+    assert shedder.overloaded
+    feed(shedder, [5] * 200, now, in_flight=2)
+    assert not shedder.overloaded and shedder.limit == 5_000
 
 
 def test_intervals_the_probe_was_starved_through_are_judged_by_its_late_samples() -> None:
@@ -59,13 +79,13 @@ def test_intervals_the_probe_was_starved_through_are_judged_by_its_late_samples(
     shedder.observe_probe(0.3, 0.35)  # the probe ran 300 ms late: no sample in between
     shedder.observe_probe(0.001, 0.36)  # ... then kept time: a burst
     shedder.observe_probe(0.001, 0.5)
-    assert shedder.shed_fraction == 0
+    assert not shedder.overloaded
     shedder.observe_probe(0.3, 0.85)  # starved again, and again: each interval's only sample is late
     shedder.observe_probe(0.3, 1.2)
-    assert shedder.shed_fraction > 0 and shedder.intervals_above == 1
+    assert shedder.overloaded and shedder.intervals_above == 1
 
 
-def test_heartbeats_answered_late_are_shed_though_the_loop_is_late_by_less() -> None:
+def test_heartbeats_answered_late_decide_though_the_loop_is_late_by_less() -> None:
     """A heartbeat goes through the event loop several times (read, write, wake-up, answer): its
     time in the server can stand above the target while the loop runs late by less. The answered
     heartbeats decide; the probe decides only an interval in which none was answered."""
@@ -75,29 +95,45 @@ def test_heartbeats_answered_late_are_shed_though_the_loop_is_late_by_less() -> 
         shedder.observe_probe(0.04, now)
         shedder.observe(0.16, now + 0.005)
         now += 0.01
-    assert shedder.shed_fraction > 0 and shedder.intervals_above >= 2
+    assert shedder.overloaded and shedder.intervals_above >= 2
     for _ in range(50):  # nothing answered (the database stalls): the probe finds the queue's head waiting
         shedder.observe_probe(0.3, now)
         now += 0.01
     assert shedder.intervals_above >= 4
-    for _ in range(50):  # answered quickly again, the loop still a little late: the share falls
+    for _ in range(50):  # answered quickly again, the loop still a little late
         shedder.observe_probe(0.15, now)
         shedder.observe(0.01, now + 0.005)
         now += 0.01
     assert shedder.intervals_above == 0
 
 
-def test_retry_after_grows_while_many_are_refused_and_shrinks_after() -> None:
-    """Refused devices come back after Retry-After: while the refused share stays high they come
-    back too often, so it doubles each second (up to its maximum); it shrinks slowly once few
-    are refused (those told to wait long are still away)."""
-    shedder = CoDelShedder(target_s=0.02, interval_s=0.1, retry_after_max_s=20)
-    assert shedder.retry_after_s == 1
-    now = feed(shedder, [500] * 300, 0.0)  # 3 s of a standing queue
-    assert 2 <= shedder.retry_after_s <= 8, shedder.retry_after
-    now = feed(shedder, [500] * 500, now)  # 5 s more: at its maximum
-    assert shedder.retry_after_s == 20
-    now = feed(shedder, [1] * 500, now)  # the queue drained: 5 s, the share back to none
-    assert shedder.shed_fraction == 0 and 10 <= shedder.retry_after_s < 20, shedder.retry_after
-    feed(shedder, [1] * 4000, now)
-    assert shedder.retry_after_s == 1
+def test_retry_after_grows_with_the_refused_share_and_shrinks_after() -> None:
+    """Refused devices come back after Retry-After: while many of those deciding are refused
+    they come back too often, so it grows by the share over the budget each second (up to its
+    maximum); it shrinks slowly once few are refused (those told to wait long are still away)."""
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1, retry_after_max_s=20)
+    assert shedder.retry_after == 1 and shedder.retry_after_s == 1
+    now = feed(shedder, [80] * 1_000, 0.0)  # overloaded, the limit about 50
+    for _ in range(3):  # 3 s: one refusal for every three admitted (a quarter refused)
+        for i in range(1_000):
+            shedder.admit(10)
+            if i % 3 == 0:
+                shedder.admit(1_000)
+            shedder.observe(0.08, now)
+            now += 0.001
+    assert shedder.refused_share > 0.2 and shedder.retry_after >= 16, shedder.retry_after
+    now = feed(shedder, [80] * 3_000, now)  # 3 s without a refusal
+    assert shedder.refused_share == 0 and 10 <= shedder.retry_after < 20, shedder.retry_after
+    feed(shedder, [1] * 40_000, now)
+    assert shedder.retry_after == 1
+
+
+def test_each_refusal_names_a_retry_after_drawn_evenly_up_to_the_current_one() -> None:
+    """The refused come back spread out, some soon: none waits longer than the current
+    Retry-After, and every whole second from 1 to it is named about as often."""
+    rng = random.Random(7)
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1, rng=rng.random)
+    shedder.retry_after = 10.0
+    counts = Counter(shedder.retry_after_s for _ in range(10_000))
+    assert set(counts) == set(range(1, 11))
+    assert all(800 <= n <= 1_200 for n in counts.values()), counts

@@ -21,7 +21,6 @@ from tests.support.live import stop_server
 from tests.support.metrics_scrape import bucket_delta, histogram_quantile, scrape
 
 ACK_SECONDS = HEARTBEAT_WRITE_SECONDS
-CALIBRATION_S = 4.0
 WARMUP_S = 3.0  # connections being opened; left out of the latency bound
 
 
@@ -90,7 +89,24 @@ class CpuMeter:
                 f"{cores['worker_waiting']:.2f} waiting for a CPU), postgres {cores['postgres']:.2f}")
 
 
-def overload(fault_servers, engine, duration_s: float, label: str, drain_s: float = 10) -> None:
+def sustainable(server, engine, devices, calibration_s: float, skip_rounds: int) -> tuple[float, dict, int]:
+    """(heartbeats/s, CPU cores by role, requests sent) of ``server`` (one worker that never
+    sheds) saturated by 1,000 concurrent clients for ``calibration_s``; stops it after. Counted
+    after the first 2 s (connections and token look-ups): over 2 s, in 4 runs on 2026-12-01 the
+    same server gave 2,325 to 3,113/s."""
+    cpu = CpuMeter(server, engine)
+    cpu0 = cpu.read()
+    calibration = LoadDriver(server.url, devices, duration_s=calibration_s, concurrency=1000, drain_s=2,
+                             skip_rounds=skip_rounds).run()
+    cores = CpuMeter.cores(cpu0, cpu.read())
+    stop_server(server)
+    assert not calibration.statuses().get(503), calibration.statuses()
+    rate = sum(1 for t in calibration.ack_times if 2.0 <= t < calibration_s) / (calibration_s - 2.0)
+    return rate, cores, calibration.sent
+
+
+def overload(fault_servers, engine, duration_s: float, label: str, drain_s: float = 10,
+             calibration_s: float = 10.0, after: bool = True) -> None:
     # The server's own latency histogram gives its view of the admitted heartbeats; the
     # client's view also carries the load driver's CPU starvation on a shared 2-core machine.
     # One worker: on a 2-core machine the load driver needs the other core to offer twice what
@@ -101,21 +117,13 @@ def overload(fault_servers, engine, duration_s: float, label: str, drain_s: floa
     # that shedding (and the Retry-After it makes clients wait) cannot lower it.
     calibration_server = fault_servers(workers=1, INGEST_SHED_TARGET_MS="3600000")
     devices = enroll_fleet(calibration_server, 3000)
-    cpu = CpuMeter(calibration_server, engine)
-    cpu0 = cpu.read()
-    calibration = LoadDriver(calibration_server.url, devices, duration_s=CALIBRATION_S, concurrency=1000,
-                             drain_s=2).run()
-    calibration_cores = CpuMeter.cores(cpu0, cpu.read())
-    stop_server(calibration_server)
-    # Counted over the second half only: the first one is connections and token look-ups.
-    rate = sum(1 for t in calibration.ack_times if CALIBRATION_S / 2 <= t < CALIBRATION_S) / (CALIBRATION_S / 2)
-    assert not calibration.statuses().get(503), calibration.statuses()
+    rate, calibration_cores, calibration_sent = sustainable(calibration_server, engine, devices, calibration_s, 0)
     # The server under test, its token cache warmed (one heartbeat per device, at a concurrency
     # it serves without a queue) as a fleet's steady state has it.
     server = fault_servers(workers=1)
     warm = LoadDriver(server.url, devices, duration_s=3, concurrency=100, drain_s=2,
-                      skip_rounds=calibration.sent // len(devices) + 1).run()
-    rounds = (calibration.sent + warm.sent) // len(devices) + 2
+                      skip_rounds=calibration_sent // len(devices) + 1).run()
+    rounds = (calibration_sent + warm.sent) // len(devices) + 2
     cpu = CpuMeter(server, engine)
     # New heartbeats at twice that rate, whatever the answers; each device sends its own one at
     # a time and, told to retry after N s, sends nothing for N s (see LoadDriver._device).
@@ -140,6 +148,14 @@ def overload(fault_servers, engine, duration_s: float, label: str, drain_s: floa
             recovered = driver.now() - t_end
             break
         time.sleep(0.2)
+    # The machine's speed moves (a shared host: the same calibration gave 2,873 to 4,154/s within
+    # 20 minutes on 2026-12-01), so the 60 s run measures the sustainable rate again after the
+    # overload and compares against the mean of the two.
+    rate_after = None
+    if after:
+        rate_after, _, _ = sustainable(fault_servers(workers=1, INGEST_SHED_TARGET_MS="3600000"), engine, devices,
+                                       calibration_s, rounds + 500)
+    rate_before, rate = rate, (rate + rate_after) / 2 if rate_after else rate
     statuses = result.statuses()
     shed = statuses.get(503, 0)
     during = result.statuses(until=duration_s)
@@ -158,10 +174,11 @@ def overload(fault_servers, engine, duration_s: float, label: str, drain_s: floa
     goodput_pct = 100 * acked_per_s / rate if rate else 0.0
     # The same per CPU-second of the worker: on a shared machine the worker's share of a CPU
     # moves between the two phases; this says how much of what it did was acknowledging.
-    calibration_per_cpu_s = rate / calibration_cores["worker"] if calibration_cores["worker"] else 0.0
+    calibration_per_cpu_s = rate_before / calibration_cores["worker"] if calibration_cores["worker"] else 0.0
     per_cpu_s = acked_per_s / overload_cores["worker"] if overload_cores["worker"] else 0.0
     efficiency_pct = 100 * per_cpu_s / calibration_per_cpu_s if calibration_per_cpu_s else 0.0
-    note = (f"1 worker: sustainable {rate:.0f}/s ({CpuMeter.text(calibration_cores)}); "
+    measured = f"{rate_before:.0f}/s before, {rate_after:.0f}/s after" if rate_after else f"{rate:.0f}/s"
+    note = (f"1 worker: sustainable {rate:.0f}/s ({measured}; {CpuMeter.text(calibration_cores)}); "
             f"offered {result.created / duration_s:.0f} new heartbeats/s for {duration_s:.0f} s "
             f"({attempts_per_s:.0f} requests/s incl. retries, {refused_per_s:.0f}/s refused; "
             f"{CpuMeter.text(overload_cores)}); acknowledged {acked_per_s:.0f}/s = {goodput_pct:.0f} % "
@@ -181,7 +198,7 @@ def overload(fault_servers, engine, duration_s: float, label: str, drain_s: floa
     assert server.proc.poll() is None and len(psutil.Process(server.proc.pid).children()) == 1
     assert set(statuses) <= {0, 200, 503}, statuses
     assert statuses.get(0, 0) < 0.02 * result.sent, note
-    assert shed > 0, f"nothing shed at {2 * rate:.0f}/s offered: {statuses}"
+    assert shed > 0, f"nothing shed at {2 * rate_before:.0f}/s offered: {statuses}"
     assert result.missing_retry_after() == 0
     # The server's own latency stays bounded (by the shedding thresholds plus the flush and CPU
     # waits of a shared 2-core machine: hence the generous p99).
@@ -194,7 +211,7 @@ def overload(fault_servers, engine, duration_s: float, label: str, drain_s: floa
 
 
 def test_overload_short_sheds_and_recovers(fault_servers, engine):
-    overload(fault_servers, engine, 5.0, "overload 2x, 5 s", drain_s=4)
+    overload(fault_servers, engine, 5.0, "overload 2x, 5 s", drain_s=4, calibration_s=4.0, after=False)
 
 
 @pytest.mark.slow
