@@ -97,7 +97,7 @@ def profile_under_simulator(server: BenchServer, seconds: int, interval_s: float
     on one device-plane worker over the middle half; the simulator's summary lines."""
     cmd = [sys.executable, "-m", "simulator", "--devices", "10000", "--duration", str(seconds),
            "--interval", f"{interval_s:g}", "--jitter", f"{interval_s / 4:g}", "--ramp-up", "5", "--quiet",
-           "--verify-sample", "200", "--admin-key", server.admin_key,
+           "--verify-sample", "200", f"--admin-key={server.admin_key}",
            "--url", server.url, "--admin-url", server.admin_url,
            "--token-cache", str(server.var_dir / "sim-tokens.json")]
     sim = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -209,7 +209,7 @@ class Drill:
         out = self.base / f"sim-{name}.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "simulator", "--devices", str(self.devices), "--duration", str(duration_s),
-               "--admin-key", self.admin_key, "--url", self.haproxy.url, "--admin-url", self.haproxy.operator_url,
+               f"--admin-key={self.admin_key}", "--url", self.haproxy.url, "--admin-url", self.haproxy.operator_url,
                "--interval", str(interval_s), "--jitter", str(interval_s / 4), "--ramp-up", "2",
                "--max-retries", "40", "--timeout", "10", "--connections", "256",
                "--token-cache", str(self.base / "tokens.json"), "--output", str(out), "--quiet"]

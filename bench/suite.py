@@ -149,7 +149,7 @@ def sim_run(server: BenchServer, args: argparse.Namespace, var_dir: Path, label:
     rss_start = worker_rss_mb(server)
     rejected0 = scrape(server, "nexmdm_heartbeats_rejected_total{")
     common = ["--devices", str(args.sim_devices), "--quiet",
-              "--admin-key", server.admin_key, "--url", server.url, "--admin-url", server.admin_url]
+              f"--admin-key={server.admin_key}", "--url", server.url, "--admin-url", server.admin_url]
     sim_cmd = [sys.executable, "-m", "simulator", *common,
                "--duration", str(args.sim_duration), "--interval", str(args.sim_interval),
                "--jitter", str(args.sim_interval / 4), "--ramp-up", str(args.sim_ramp_up),
@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                    DEDUP_BUCKET_SECONDS=str(args.dedup_bucket_s))
     cluster = EmbeddedCluster(var_dir / "pg")
     results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0],
-                                           "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
+                                           "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+                                           "python_loop_s_at_start": python_loop_s()},
                                "args": vars(args)}
     try:
         bystanders = max(0, args.fleet - args.sim_devices)
@@ -420,12 +421,27 @@ def _run_row(run: dict[str, Any]) -> tuple[str, str, bool]:
     return text, _pick(rep, "config.connection_mode") or run.get("mode") or "?", ok
 
 
+def python_loop_s() -> float:
+    """Seconds for ten million additions in a pure-Python loop, the best of three: the speed of
+    this machine's cores for the figures beside it. A shared host's speed moves: 0.89 to 1.42 s
+    within one hour on 2026-12-01, and absolute rates move with it."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return round(best, 3)
+
+
 def print_table(r: dict[str, Any]) -> None:
     """The summary table, with each target: every run, then the spread over the runs."""
     rounds, runs = r["ab_rounds"], r["c_runs"]
     print()
     print(f"machine: {r['machine']['cores']} cores, load average {r['machine']['load_avg_1m_at_start']} at start "
-          "(anything above 0 means other work shared the cores)")
+          "(anything above 0 means other work shared the cores); a pure-Python loop of 10 million additions "
+          f"{r['machine'].get('python_loop_s_at_start', '?')} s (the cores' speed: compare runs by it)")
     print("\n(a) heartbeats/s at saturation (wrk), (b) GET /healthz, and their ratio, alternated:")
     for k, rd in enumerate(rounds, 1):
         a, b = rd["a"], rd["b"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 import psutil
 
 from bench.cluster import ROOT, ApiNode, Processes, free_port, start_api_node
+from config.admin_key import new_key
 from db.embedded import EmbeddedCluster
 from db.migrate import upgrade
 
@@ -89,7 +89,7 @@ def run_phase(label: str, procs: Processes, nodes: list[ApiNode], cluster: Embed
     per_node = devices // len(nodes)
     for i, node in enumerate(nodes):
         cmd = [sys.executable, "-m", "simulator", "--devices", str(per_node), "--duration", str(duration_s),
-               "--admin-key", admin_key, "--url", node.url, "--admin-url", node.admin_url,
+               f"--admin-key={admin_key}", "--url", node.url, "--admin-url", node.admin_url,
                "--interval", str(interval_s),
                "--jitter", str(interval_s / 4), "--ramp-up", "5", "--progress-jsonl", "--quiet",
                "--verify-sample", "200", "--token-cache", str(base / f"tokens-{label}-{i}.json"),
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(parents=True, exist_ok=True)
     procs = Processes(base / "logs")
     cluster = EmbeddedCluster(base / "pg")
-    admin_key = secrets.token_urlsafe(24)
+    admin_key = new_key()
     try:
         url = cluster.start()
         procs.extra_stops.append(cluster.stop)

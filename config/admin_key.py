@@ -13,6 +13,15 @@ def admin_key_path(settings: Settings) -> Path:
     return settings.var_dir / "admin_key"
 
 
+def new_key() -> str:
+    """A random key (256 bits, URL-safe) that does not begin with "-": one that did would be
+    read as an option where it follows ``--admin-key`` on a command line (one key in 64 did)."""
+    while True:
+        key = secrets.token_urlsafe(32)
+        if not key.startswith("-"):
+            return key
+
+
 def ensure_admin_key(settings: Settings) -> tuple[str, bool]:
     """The admin key and whether it came from a file under var/ (created if missing, mode 600)."""
     if settings.admin_key:
@@ -21,7 +30,7 @@ def ensure_admin_key(settings: Settings) -> tuple[str, bool]:
     if path.exists():
         return path.read_text().strip(), True
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
+    key = new_key()
     path.write_text(key + "\n")
     path.chmod(0o600)
     return key, True

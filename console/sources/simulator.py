@@ -225,7 +225,7 @@ class SimulatorProcess:
                 "--output", str(self.report_path), "--progress-jsonl"]
         shown = list(argv)
         if self.admin_key:
-            argv += ["--admin-key", self.admin_key]
+            argv += [f"--admin-key={self.admin_key}"]
             shown += ["--admin-key", "***"]
         self._stopped = False
         with self.log_path.open("wb") as log:
