@@ -29,7 +29,7 @@ from gevent.timeout import Timeout
 from sqlalchemy import Engine
 
 from api.concurrency import gevent_active
-from api.shedding import CoDelShedder
+from api.shedding import CoDelShedder, run_delay_s
 from config.settings import Settings
 from db.errors import DatabaseUnavailable, Overloaded
 from db.heartbeats import HeartbeatRow
@@ -73,7 +73,7 @@ class GroupCommitWriter:
         self._linger_s = settings.ingest_linger_ms / 1000
         self.shedder = CoDelShedder(settings.ingest_shed_target_ms / 1000, settings.ingest_shed_interval_ms / 1000,
                                     retry_after_max_s=settings.ingest_shed_retry_after_max_s,
-                                    limit_max=settings.ingest_queue_max)
+                                    limit_max=settings.ingest_queue_max, run_delay=run_delay_s)
         self.in_flight = 0  # admitted heartbeats not yet answered (check_admission .. release)
         self.loop_lag_s = 0.0  # how late the last sojourn probe woke up
         self._sampling = gevent_active() if shed is None else shed
@@ -210,5 +210,6 @@ class GroupCommitWriter:
             "in_flight": self.in_flight,
             "in_flight_limit": self.shedder.limit,
             "sojourn_min_ms": round(self.shedder.last_min_s * 1000, 1),
+            "cpu_wait_share": round(self.shedder.starved_share, 2),
             "connections": sum(c.open for c in self._connections),
         }

@@ -12,6 +12,14 @@ for the writer has waited (a database that stopped answering, a starved loop). T
 would not do: a heartbeat goes through the loop several times (read, write, wake-up, answer),
 so its time in the server is a multiple of the loop's lateness.
 
+A queue from a CPU taken by other work. When another program takes the cores (a test suite, a
+backup, a noisy neighbour), the worker waits to run and its heartbeats wait with it, though it
+has room for what arrives: refusing then helps little (a refusal costs nearly an acknowledgement)
+and every refused heartbeat comes back seconds later. So in an interval in which the worker
+waited for a CPU for more than STARVED_SHARE of it (the kernel's run delay, /proc's schedstat),
+the standing queue must exceed STARVED_TARGET_FACTOR times the target to count as overload; a
+longer wait still sheds, since the CPU left may be too little for what arrives.
+
 What is refused while overloaded. Not a random share of new heartbeats (that refuses as many
 when the worker has room as when it has none, and leaves it idle while the refused are away),
 but only those that would wait: a new heartbeat is admitted while fewer than ``limit`` admitted
@@ -49,6 +57,18 @@ RATE_SMOOTHING = 0.5  # weight of the last interval in the acknowledgement rate
 REFUSAL_BUDGET = 0.05  # the refused share the Retry-After aims for
 RETRY_AFTER_GROWTH_MAX = 4.0  # its largest factor in one second
 RETRY_AFTER_DECAY = 0.9  # its factor once a second while under half the budget
+STARVED_SHARE = 0.25  # of an interval spent waiting for a CPU: the queue is the machine's, not ours
+STARVED_TARGET_FACTOR = 4.0  # the target is this many times longer in such an interval
+
+
+def run_delay_s() -> float:
+    """Seconds this thread has waited, runnable, for a CPU since it started (the kernel's run
+    delay: the second field of /proc/thread-self/schedstat); 0.0 where the kernel keeps none."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class CoDelShedder:
@@ -58,10 +78,11 @@ class CoDelShedder:
     __slots__ = ("target_s", "interval_s", "limit_max", "limit", "overloaded", "intervals_above", "last_min_s",
                  "rate_per_s", "refused_share", "retry_after_max_s", "retry_after", "_window_min", "_probe_min",
                  "_window_start", "_window_end", "_acks", "_peak", "_quiet", "_second_end", "_admitted",
-                 "_refused", "_random")
+                 "_refused", "_random", "_run_delay", "_delay_at_start", "starved_share")
 
     def __init__(self, target_s: float, interval_s: float, retry_after_max_s: float = 60.0,
-                 limit_max: int = 5_000, rng: Callable[[], float] = random.random) -> None:
+                 limit_max: int = 5_000, rng: Callable[[], float] = random.random,
+                 run_delay: Callable[[], float] | None = None) -> None:
         self.target_s = target_s
         self.interval_s = interval_s
         self.limit_max = limit_max
@@ -84,6 +105,9 @@ class CoDelShedder:
         self._admitted = 0  # in this second
         self._refused = 0
         self._random = rng
+        self._run_delay = run_delay  # seconds waited for a CPU so far (run_delay_s); None: not known
+        self._delay_at_start = 0.0
+        self.starved_share = 0.0  # of the last closed interval spent waiting for a CPU
 
     def observe(self, sojourn_s: float, now: float) -> None:
         """An admitted heartbeat was answered at ``now``, ``sojourn_s`` after it arrived."""
@@ -120,6 +144,8 @@ class CoDelShedder:
         if self._window_start is None:
             self._window_start, self._window_end = now, now + self.interval_s
             self._second_end = now + 1.0
+            if self._run_delay is not None:
+                self._delay_at_start = self._run_delay()
         elif now >= self._window_end and (self._window_min != math.inf or self._probe_min != math.inf):
             # (an interval without a sample is judged by the next one: a probe starved of the
             # CPU for a whole interval reports how late it ran when it finally runs)
@@ -130,13 +156,23 @@ class CoDelShedder:
         self.rate_per_s += RATE_SMOOTHING * (self._acks / elapsed - self.rate_per_s)
         low = self._window_min if self._window_min != math.inf else self._probe_min
         self.last_min_s = low
-        if low > self.target_s:
+        target = self.target_s
+        if self._run_delay is not None:
+            delay = self._run_delay()
+            self.starved_share = (delay - self._delay_at_start) / elapsed
+            self._delay_at_start = delay
+            if self.starved_share > STARVED_SHARE:
+                target *= STARVED_TARGET_FACTOR
+        if low > target:
             self.intervals_above += 1
             self.overloaded = True
             self._quiet = 0
         else:
             self.intervals_above = 0
-            self._quiet = self._quiet + 1 if self._peak < self.limit / 2 else 0
+            # (waiting between the target and a starved interval's longer one neither starts nor
+            # ends an overload)
+            quiet = low <= self.target_s and self._peak < self.limit / 2
+            self._quiet = self._quiet + 1 if quiet else 0
             if self._quiet >= EXIT_INTERVALS:
                 self.overloaded = False
         if self.overloaded:

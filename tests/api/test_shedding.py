@@ -4,10 +4,23 @@ ends once what arrives fits again (samples, clock and in-flight counts fed by th
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import time
 from collections import Counter
 
-from api.shedding import EXIT_INTERVALS, LIMIT_FLOOR, CoDelShedder
+import pytest
+
+from api.shedding import (
+    EXIT_INTERVALS,
+    LIMIT_FLOOR,
+    STARVED_SHARE,
+    STARVED_TARGET_FACTOR,
+    CoDelShedder,
+    run_delay_s,
+)
 
 
 def feed(shedder: CoDelShedder, samples_ms: list[float], start_s: float, step_s: float = 0.001,
@@ -137,3 +150,72 @@ def test_each_refusal_names_a_retry_after_drawn_evenly_up_to_the_current_one() -
     counts = Counter(shedder.retry_after_s for _ in range(10_000))
     assert set(counts) == set(range(1, 11))
     assert all(800 <= n <= 1_200 for n in counts.values()), counts
+
+
+class WaitClock:
+    """The worker's run delay (seconds waited for a CPU), advanced by the test."""
+
+    def __init__(self) -> None:
+        self.waited = 0.0
+
+    def __call__(self) -> float:
+        return self.waited
+
+
+def feed_starved(shedder: CoDelShedder, clock: WaitClock, samples_ms: list[float], start_s: float,
+                 wait_share: float, step_s: float = 0.001) -> float:
+    """``feed``, the worker waiting ``wait_share`` of the time for a CPU."""
+    now = start_s
+    for ms in samples_ms:
+        shedder.admit(0)
+        clock.waited += wait_share * step_s
+        shedder.observe(ms / 1000, now)
+        now += step_s
+    return now
+
+
+def test_a_queue_from_a_cpu_taken_by_other_work_refuses_nothing_until_it_is_much_longer() -> None:
+    # A test suite takes the cores: heartbeats wait 150 ms (3x the target), the worker waits half
+    # the time for a CPU. Not an overload of ours: nothing refused.
+    clock = WaitClock()
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1, run_delay=clock)
+    now = feed_starved(shedder, clock, [150] * 2_000, 0.0, wait_share=0.5)
+    assert not shedder.overloaded and shedder.limit == 5_000
+    assert shedder.starved_share == pytest.approx(0.5, abs=0.01)
+    # The same wait without the CPU taken away is an overload.
+    unstarved = CoDelShedder(target_s=0.05, interval_s=0.1, run_delay=WaitClock())
+    feed(unstarved, [150] * 2_000, 0.0)
+    assert unstarved.overloaded
+    # Starved, but waiting past STARVED_TARGET_FACTOR x the target: too little CPU is left for
+    # what arrives, so it sheds.
+    feed_starved(shedder, clock, [50 * STARVED_TARGET_FACTOR + 20] * 300, now, wait_share=0.5)
+    assert shedder.overloaded and shedder.limit < 5_000
+
+
+def test_a_short_wait_for_the_cpu_does_not_hide_an_overload() -> None:
+    clock = WaitClock()
+    shedder = CoDelShedder(target_s=0.05, interval_s=0.1, run_delay=clock)
+    feed_starved(shedder, clock, [150] * 1_000, 0.0, wait_share=STARVED_SHARE / 2)
+    assert shedder.overloaded
+
+
+def test_the_run_delay_is_the_time_this_thread_waited_for_a_cpu() -> None:
+    # This thread and a busy process share one CPU for 0.4 s: it waits about half of it.
+    cpu = min(os.sched_getaffinity(0))
+    affinity = os.sched_getaffinity(0)
+    spinner = subprocess.Popen([sys.executable, "-c", "import os, time\n"
+                                f"os.sched_setaffinity(0, {{{cpu}}})\n"
+                                "t = time.monotonic() + 3\nwhile time.monotonic() < t: pass"])
+    try:
+        os.sched_setaffinity(0, {cpu})
+        time.sleep(0.3)  # the spinner is running
+        first = run_delay_s()
+        deadline = time.monotonic() + 0.4
+        while time.monotonic() < deadline:
+            pass
+        waited = run_delay_s() - first
+    finally:
+        os.sched_setaffinity(0, affinity)
+        spinner.kill()
+        spinner.wait()
+    assert 0.05 < waited < 0.4, waited
