@@ -105,7 +105,8 @@ class Settings:
     # Load shedding (api/shedding.py): once what was admitted has waited longer than
     # INGEST_SHED_TARGET_MS (for the CPU, or to be written) throughout an INGEST_SHED_INTERVAL_MS,
     # new heartbeats are admitted only while fewer are in flight than the worker acknowledges in
-    # INGEST_SHED_TARGET_MS; the rest are refused (503 + Retry-After) before any work.
+    # INGEST_SHED_TARGET_MS; the rest are refused (503 + Retry-After) before any work. While the
+    # worker waits for a CPU over a quarter of an interval, the target counts 4x.
     ingest_shed_target_ms: int = 100
     ingest_shed_interval_ms: int = 200
     # The longest Retry-After a refusal gives: it grows while the refused share stays high, so
