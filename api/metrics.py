@@ -205,6 +205,27 @@ EVENT_LOOP_LAG_SECONDS = Gauge(
     f"{PREFIX}_event_loop_lag_seconds", "How late the busiest worker's event loop runs a timer.",
     multiprocess_mode="livemax",
 )
+# The shedder of each live worker that has written a heartbeat (api/shedding.py), sampled every
+# 2 s; labelled by plane (no series until then, unlike an unlabelled gauge, which every worker
+# would show at 0).
+INGEST_OVERLOADED = Gauge(
+    f"{PREFIX}_ingest_overloaded", "1 while a worker's shedder finds a standing queue and limits what is in flight.",
+    labelnames=("plane",), multiprocess_mode="liveall",
+)
+INGEST_IN_FLIGHT = Gauge(
+    f"{PREFIX}_ingest_in_flight", "Admitted heartbeats not yet answered, in each worker.",
+    labelnames=("plane",), multiprocess_mode="liveall",
+)
+INGEST_IN_FLIGHT_LIMIT = Gauge(
+    f"{PREFIX}_ingest_in_flight_limit",
+    "Heartbeats in flight a worker admits (INGEST_QUEUE_MAX unless overloaded).",
+    labelnames=("plane",), multiprocess_mode="liveall",
+)
+INGEST_CPU_WAIT_SHARE = Gauge(
+    f"{PREFIX}_ingest_cpu_wait_share",
+    "Share of the shedder's last interval a worker waited, runnable, for a CPU.",
+    labelnames=("plane",), multiprocess_mode="liveall",
+)
 # Per worker (a pid label in multiprocess mode, where prometheus_client's process_* series are
 # not collected): memory, CPU time and file descriptors of each live worker.
 PROCESS_RSS_BYTES = Gauge(
@@ -232,13 +253,19 @@ class IngestFigures(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-def sample_worker(writer: IngestFigures | None, queue_capacity: int, loop_lag_s: float = 0.0) -> None:
+def sample_worker(writer: IngestFigures | None, queue_capacity: int, loop_lag_s: float = 0.0,
+                  plane: str = "all") -> None:
     """This worker's ingest queue, event-loop lag (the larger of ``loop_lag_s`` and the writer's
     own probe), memory, CPU time and open descriptors."""
     stats = writer.stats() if writer is not None else {}
     INGEST_QUEUE_DEPTH.set(stats.get("queued", 0))
     INGEST_QUEUE_CAPACITY.set(queue_capacity)
     EVENT_LOOP_LAG_SECONDS.set(max(loop_lag_s, stats.get("loop_lag_ms", 0.0) / 1000))
+    if "in_flight_limit" in stats:  # a worker that writes heartbeats
+        INGEST_OVERLOADED.labels(plane).set(1 if stats["overloaded"] else 0)
+        INGEST_IN_FLIGHT.labels(plane).set(stats["in_flight"])
+        INGEST_IN_FLIGHT_LIMIT.labels(plane).set(stats["in_flight_limit"])
+        INGEST_CPU_WAIT_SHARE.labels(plane).set(stats["cpu_wait_share"])
     with _SELF.oneshot():
         PROCESS_RSS_BYTES.set(_SELF.memory_info().rss)
         cpu = _SELF.cpu_times()
@@ -246,16 +273,17 @@ def sample_worker(writer: IngestFigures | None, queue_capacity: int, loop_lag_s:
         PROCESS_OPEN_FDS.set(_SELF.num_fds())
 
 
-def start_worker_sampler(writer: Callable[[], IngestFigures | None], queue_capacity: int) -> None:
-    """Sample this worker every WORKER_SAMPLE_INTERVAL_S in a greenlet (under gevent only); how
-    late its own timer fires is the event loop's lag."""
+def start_worker_sampler(writer: Callable[[], IngestFigures | None], queue_capacity: int,
+                         plane: str = "all") -> None:
+    """Sample this worker (of ``plane``) every WORKER_SAMPLE_INTERVAL_S in a greenlet (under
+    gevent only); how late its own timer fires is the event loop's lag."""
     import gevent
 
     def loop() -> None:
         lag_s = 0.0
         while True:
             try:
-                sample_worker(writer(), queue_capacity, lag_s)
+                sample_worker(writer(), queue_capacity, lag_s, plane)
             except Exception:  # a failed sample must not end the sampling
                 pass
             started = time.monotonic()

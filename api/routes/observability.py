@@ -75,7 +75,7 @@ def configure_metrics(app: Flask, plane: str = "all") -> None:
     mark_worker_ready(plane)
     state = app.extensions["nexmdm"]
     if gevent_active():  # a gunicorn worker: its queue, loop lag and process figures, all along
-        start_worker_sampler(lambda: state.started_writer, state.settings.ingest_queue_max)
+        start_worker_sampler(lambda: state.started_writer, state.settings.ingest_queue_max, plane)
 
 
 def seed_job_last_success(engine: Engine, job_metrics: JobMetrics) -> None:

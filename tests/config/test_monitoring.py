@@ -149,6 +149,22 @@ def test_dashboard_and_alerts_use_only_names_the_server_exports(database_url, en
             values = {dict(labels)["pid"]: v for (n, labels), v in m.samples.items() if n == name}
             assert set(values) == {str(pid) for pid in workers}, (name, values, workers)
             assert all(v >= low for v in values.values()), (name, values)
+        # The shedder of each device-plane worker that has written a heartbeat (its writer
+        # starts then), sampled every 2 s: not overloaded, the limit at its ceiling.
+        device_workers = {str(p.pid) for p in psutil.Process(server.proc.pid).children()}
+        deadline = time.monotonic() + 10
+        while not any(n == "nexmdm_ingest_overloaded" for n, _ in m.samples) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            m = scrape(server.admin_url, ADMIN_KEY)
+        for name, expected in (("nexmdm_ingest_overloaded", 0), ("nexmdm_ingest_in_flight", 0),
+                               ("nexmdm_ingest_in_flight_limit", Settings().ingest_queue_max)):
+            values = {dict(labels)["pid"]: v for (n, labels), v in m.samples.items()
+                      if n == name and dict(labels)["plane"] == "device"}
+            assert values and set(values) <= device_workers, (name, values, device_workers)
+            assert all(dict(labels)["pid"] in device_workers for (n, labels) in m.samples if n == name)
+            assert set(values.values()) == {expected}, (name, values)
+        waits = [v for (n, _), v in m.samples.items() if n == "nexmdm_ingest_cpu_wait_share"]
+        assert waits and all(0 <= v <= 1 for v in waits), waits
         assert m.value("nexmdm_database_up") == 1
         assert 0 < m.value("nexmdm_postgres_connections") < m.value("nexmdm_postgres_connections_limit")
         assert m.value("nexmdm_ingest_queue_capacity") == len(workers) * Settings().ingest_queue_max
