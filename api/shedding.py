@@ -61,14 +61,14 @@ STARVED_SHARE = 0.25  # of an interval spent waiting for a CPU: the queue is the
 STARVED_TARGET_FACTOR = 4.0  # the target is this many times longer in such an interval
 
 
-def run_delay_s() -> float:
+def run_delay_s() -> float | None:
     """Seconds this thread has waited, runnable, for a CPU since it started (the kernel's run
-    delay: the second field of /proc/thread-self/schedstat); 0.0 where the kernel keeps none."""
+    delay: the second field of /proc/thread-self/schedstat); None where the kernel keeps none."""
     try:
         with open("/proc/thread-self/schedstat", "rb") as f:
             return int(f.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return None
 
 
 class CoDelShedder:
@@ -82,7 +82,7 @@ class CoDelShedder:
 
     def __init__(self, target_s: float, interval_s: float, retry_after_max_s: float = 60.0,
                  limit_max: int = 5_000, rng: Callable[[], float] = random.random,
-                 run_delay: Callable[[], float] | None = None) -> None:
+                 run_delay: Callable[[], float | None] | None = None) -> None:
         self.target_s = target_s
         self.interval_s = interval_s
         self.limit_max = limit_max
@@ -105,7 +105,8 @@ class CoDelShedder:
         self._admitted = 0  # in this second
         self._refused = 0
         self._random = rng
-        self._run_delay = run_delay  # seconds waited for a CPU so far (run_delay_s); None: not known
+        # seconds waited for a CPU so far (run_delay_s); not called again once it answers None
+        self._run_delay = run_delay
         self._delay_at_start = 0.0
         self.starved_share = 0.0  # of the last closed interval spent waiting for a CPU
 
@@ -144,25 +145,28 @@ class CoDelShedder:
         if self._window_start is None:
             self._window_start, self._window_end = now, now + self.interval_s
             self._second_end = now + 1.0
-            if self._run_delay is not None:
-                self._delay_at_start = self._run_delay()
+            self._delay_at_start = self._read_run_delay()
         elif now >= self._window_end and (self._window_min != math.inf or self._probe_min != math.inf):
             # (an interval without a sample is judged by the next one: a probe starved of the
             # CPU for a whole interval reports how late it ran when it finally runs)
             self._close_interval(now)
+
+    def _read_run_delay(self) -> float:
+        delay = self._run_delay() if self._run_delay is not None else None
+        if delay is None:  # not known here: every interval counts as not starved
+            self._run_delay = None
+            return 0.0
+        return delay
 
     def _close_interval(self, now: float) -> None:
         elapsed = max(now - self._window_start, 1e-6)
         self.rate_per_s += RATE_SMOOTHING * (self._acks / elapsed - self.rate_per_s)
         low = self._window_min if self._window_min != math.inf else self._probe_min
         self.last_min_s = low
-        target = self.target_s
-        if self._run_delay is not None:
-            delay = self._run_delay()
-            self.starved_share = (delay - self._delay_at_start) / elapsed
-            self._delay_at_start = delay
-            if self.starved_share > STARVED_SHARE:
-                target *= STARVED_TARGET_FACTOR
+        delay = self._read_run_delay()
+        self.starved_share = (delay - self._delay_at_start) / elapsed
+        self._delay_at_start = delay
+        target = self.target_s * (STARVED_TARGET_FACTOR if self.starved_share > STARVED_SHARE else 1.0)
         if low > target:
             self.intervals_above += 1
             self.overloaded = True

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from api.shedding import run_delay_s
 from simulator.devices import CONNECTION_MODES, POOLED
 
 ACK = (b'{"status":"stored","device_id":1,"bucket_ts":"2026-01-01T00:00:00Z",'
@@ -95,14 +96,6 @@ def start_sink(delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("the sink did not start")
 
 
-def runqueue_wait_s() -> float | None:
-    """Seconds this process's main thread has spent runnable but waiting for a CPU (Linux)."""
-    try:
-        return int(Path("/proc/self/schedstat").read_text().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def bench(devices: int, rate: float, duration_s: float, client: str, connections: int, sink_delay_ms: float = 0.0,
           connection_mode: str = "pooled") -> dict:
     """One paced run against the sink; the figures."""
@@ -114,7 +107,7 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
     proc, port = start_sink(sink_delay_ms)
     try:
         rss_before = psutil.Process().memory_info().rss
-        waited_before = runqueue_wait_s()
+        waited_before = run_delay_s()
         cfg = SimConfig(url=f"http://127.0.0.1:{port}", admin_key="bench", devices=devices, duration_s=duration_s,
                         interval_s=devices / rate, jitter_s=devices / rate / 4, client=client,
                         max_connections=connections, drain_s=5, show_progress=False,
@@ -122,7 +115,7 @@ def bench(devices: int, rate: float, duration_s: float, client: str, connections
         fleet = [EnrolledDevice(i + 1, f"bench-{i}", f"token-{i:032d}") for i in range(devices)]
         run = LoadRun(cfg, fleet, emit=lambda snap: None).run()
         rss_after = psutil.Process().memory_info().rss
-        waited_after = runqueue_wait_s()
+        waited_after = run_delay_s()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)

@@ -201,8 +201,8 @@ def test_a_short_wait_for_the_cpu_does_not_hide_an_overload() -> None:
 
 def test_the_run_delay_is_the_time_this_thread_waited_for_a_cpu() -> None:
     # This thread and a busy process share one CPU for 0.4 s: it waits about half of it.
-    cpu = min(os.sched_getaffinity(0))
     affinity = os.sched_getaffinity(0)
+    cpu = min(affinity)
     spinner = subprocess.Popen([sys.executable, "-c", "import os, time\n"
                                 f"os.sched_setaffinity(0, {{{cpu}}})\n"
                                 "t = time.monotonic() + 3\nwhile time.monotonic() < t: pass"])

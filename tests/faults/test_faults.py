@@ -135,10 +135,8 @@ def test_worker_sigkill_mid_load(fault_servers, engine):
     # fork, seconds on a slow machine, and until then the survivor accepts every connection).
     replacement = new.pop()
     deadline = time.monotonic() + 30
-    served = established_per_worker(server, after)
-    while served[replacement] == 0 and time.monotonic() < deadline:
+    while (served := established_per_worker(server, after))[replacement] == 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-        served = established_per_worker(server, after)
     assert served[replacement] > 0, served
     check = assert_nothing_lost(engine, result)
     assert result.unacked == 0
